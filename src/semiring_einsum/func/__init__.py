@@ -1,0 +1,41 @@
+"""Functional core: pure semiring einsum functions that compose with torch.func.
+
+Every function here is stateless (apart from a bounded plan cache, see
+:func:`clear_caches`), never modifies its inputs, returns fresh tensors, and
+works under ``torch.func`` transforms and ordinary autograd.
+"""
+
+from ._api import (
+    einsum,
+    log_einsum,
+    max_einsum,
+    min_einsum,
+    plan,
+    semiring_einsum,
+    viterbi_einsum,
+)
+from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
+from ._errors import EquationError
+from ._plan import Plan, Step, clear_caches
+from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+
+__all__ = [
+    "einsum",
+    "log_einsum",
+    "max_einsum",
+    "min_einsum",
+    "viterbi_einsum",
+    "semiring_einsum",
+    "plan",
+    "Plan",
+    "Step",
+    "Semiring",
+    "REAL",
+    "LOG",
+    "MAX_PLUS",
+    "MIN_PLUS",
+    "AutomaticBlockSize",
+    "AUTOMATIC_BLOCK_SIZE",
+    "EquationError",
+    "clear_caches",
+]

@@ -1,0 +1,401 @@
+"""The public pure functions: parse, plan and execute, thinly wrapped."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+
+from . import _kernels as K
+from ._autograd import apply
+from ._budget import BlockSize, resolve_budget
+from ._parse import Contraction, Equation, canonicalize
+from ._plan import Plan, Step, make_plan
+from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
+from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+
+Tensor = torch.Tensor
+Optimize = Union[str, bool, Sequence[Sequence[int]]]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class _Prepared:
+    """A canonicalized call: clean operands, their plan, and how to finish."""
+
+    __slots__ = ("equation", "contraction", "operands", "plan", "spec", "out_dtype")
+
+    def __init__(
+        self,
+        semiring: Semiring,
+        equation: str,
+        operands: Sequence[Tensor],
+        block_size: BlockSize,
+        optimize: Optimize,
+        *,
+        blas: bool = False,
+        joint: bool = False,
+        neg_inf: object = math.nan,
+        extras: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        eq, clean, xs = canonicalize(equation, operands)
+        dtype = xs[0].dtype
+        if semiring is not REAL and not dtype.is_floating_point:
+            raise TypeError(
+                f"the {semiring.name} semiring needs floating-point operands, got "
+                f"{dtype} (equation {eq.source!r})"
+            )
+        self.out_dtype = dtype
+        if dtype in _LOW_PRECISION:  # accumulate in float32
+            xs = [x.float() for x in xs]
+        device = device or xs[0].device
+        budget = resolve_budget(block_size, device, f" (equation {eq.source!r})")
+        itemsize = xs[0].element_size()
+        self.equation: Equation = eq
+        self.contraction: Contraction = clean
+        self.operands = xs
+        self.plan: Plan = make_plan(
+            eq.source,
+            clean,
+            semiring=semiring.name,
+            blas=blas,
+            joint=joint,
+            itemsize=itemsize,
+            budget=budget,
+            optimize=optimize,
+            device_type=device.type,
+        )
+        policy = neg_inf_policy(neg_inf)
+        self.spec: Callable[[Step], Spec] = lambda step: Spec(
+            step, budget, itemsize, device.type, policy, extras
+        )
+
+    def run(self, run_step: Callable[[Step, list[Tensor]], Tensor]) -> Tensor:
+        """Execute the plan's steps in order (opt_einsum's path convention)."""
+        ops = list(self.operands)
+        for step in self.plan.steps:
+            args = [ops[i] for i in step.operands]
+            for i in sorted(step.operands, reverse=True):
+                del ops[i]
+            ops.append(run_step(step, args))
+        return self.finish(ops[0])
+
+    def finish(self, out: Tensor) -> Tensor:
+        return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
+
+
+def _blas(step: Step, args: list[Tensor]) -> Tensor:
+    """A real step of at most two operands, on torch.einsum (BLAS)."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys("".join(step.inputs)))}
+    sublists: list[object] = []
+    for term, x in zip(step.inputs, args):
+        sublists += [x, [ids[c] for c in term]]
+    out = torch.einsum(*sublists, [ids[c] for c in step.output])
+    if len(args) == 1 and not step.windows:  # a pure permutation may be a view
+        out = out.clone()
+    return out
+
+
+def einsum(
+    equation: str,
+    *operands: Tensor,
+    block_size: BlockSize = None,
+    optimize: Optimize = "auto",
+) -> Tensor:
+    """Einsum in the real semiring (sum of products), like :func:`torch.einsum`.
+
+    Steps of at most two operands run on :func:`torch.einsum` (BLAS); a step
+    over three or more operands (``optimize=False``, or a budget too small for
+    pairwise intermediates) runs in windows bounded by ``block_size``.
+
+    Args:
+        equation: An einsum equation in :func:`torch.einsum` syntax.
+        *operands: The tensors.
+        block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
+            ``None`` for the default budget.
+        optimize: An opt_einsum strategy (``'auto'``, ``'greedy'``,
+            ``'optimal'``, ``'dp'``, ...), an explicit path, or ``False`` to
+            sum every index jointly in windows.
+
+    Returns:
+        The contraction, a new tensor.
+
+    Example:
+        >>> import torch
+        >>> from semiring_einsum import func
+        >>> a, b = torch.ones(2, 3), torch.ones(3, 4)
+        >>> func.einsum("ij,jk->ik", a, b)
+        tensor([[3., 3., 3., 3.],
+                [3., 3., 3., 3.]])
+    """
+    p = _Prepared(REAL, equation, operands, block_size, optimize, blas=True)
+
+    def step(s: Step, args: list[Tensor]) -> Tensor:
+        if s.blas:
+            return _blas(s, args)
+        return apply(REAL_RULE, p.spec(s), *args)[0]
+
+    return p.run(step)
+
+
+def log_einsum(
+    equation: str,
+    *operands: Tensor,
+    block_size: BlockSize = None,
+    optimize: Optimize = "auto",
+    grad_of_neg_inf: float | str = math.nan,
+) -> Tensor:
+    """Einsum in the log semiring: ``log Σ exp(Σ operands)``, computed stably.
+
+    Each step reduces its windows in one pass with a running maximum, so
+    entries of any magnitude (and -inf, meaning probability zero) are exact.
+
+    Args:
+        equation: An einsum equation in :func:`torch.einsum` syntax.
+        *operands: Log-space tensors.
+        block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
+            ``None`` for the default budget.
+        optimize: opt_einsum strategy, explicit path, or ``False``.
+        grad_of_neg_inf: The gradient weight of each term of an output cell
+            whose terms are all -inf: NaN (default, as :func:`torch.logsumexp`),
+            a float ``c`` (every term gets weight ``c``), or ``'uniform'``
+            (weight ``1/N`` for ``N`` terms).  Any value other than NaN sums
+            every index jointly, since the weights are defined on the terms of
+            the whole contraction.
+
+    Returns:
+        The contraction, a new tensor.
+
+    Example:
+        >>> import torch
+        >>> from semiring_einsum import func
+        >>> a = torch.zeros(2, 3)
+        >>> func.log_einsum("ij,jk->ik", a, a.T)  # log(3) everywhere
+        tensor([[1.0986, 1.0986],
+                [1.0986, 1.0986]])
+    """
+    policy = neg_inf_policy(grad_of_neg_inf)
+    p = _Prepared(
+        LOG, equation, operands, block_size, optimize, joint=policy != "nan", neg_inf=policy
+    )
+    return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), *args)[0])
+
+
+def log_einsum_with_extras(
+    equation: str, *operands: Tensor, block_size: BlockSize = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Joint log einsum that also returns each cell's largest term and scaled sum.
+
+    Returns ``(out, max, sumexpsub)`` with ``max`` clipped to the dtype's
+    finite range and ``sumexpsub = Σ exp(term - max)``; ``max`` and
+    ``sumexpsub`` are not differentiable.  (Used by the compatibility layer.)
+    """
+    p = _Prepared(LOG, equation, operands, block_size, False, extras=True)
+    (step,) = p.plan.steps
+    out, m, s = apply(LOG_RULE, p.spec(step), *p.operands)
+    return p.finish(out), p.finish(torch.nan_to_num(m, nan=math.nan)), p.finish(s)
+
+
+def max_einsum(
+    equation: str,
+    *operands: Tensor,
+    block_size: BlockSize = None,
+    optimize: Optimize = "auto",
+) -> Tensor:
+    """Einsum in the max-plus (tropical) semiring: ``max Σ operands``.
+
+    Differentiable: the gradient of each output cell goes to its maximising
+    term (the first in row-major order of the summed indices on ties).
+
+    Example:
+        >>> import torch
+        >>> from semiring_einsum import func
+        >>> a = torch.tensor([[0., 2.], [1., -1.]])
+        >>> func.max_einsum("ij,jk->ik", a, a)
+        tensor([[3., 1.],
+                [1., 3.]])
+    """
+    p = _Prepared(MAX_PLUS, equation, operands, block_size, optimize)
+    return p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0])
+
+
+def min_einsum(
+    equation: str,
+    *operands: Tensor,
+    block_size: BlockSize = None,
+    optimize: Optimize = "auto",
+) -> Tensor:
+    """Einsum in the min-plus semiring: ``min Σ operands`` (shortest paths).
+
+    Computed as ``-max_einsum(-operands)``, so ties and gradients follow
+    :func:`max_einsum` (first minimiser in row-major order).
+
+    Example:
+        >>> import torch
+        >>> from semiring_einsum import func
+        >>> d = torch.tensor([[0., 4.], [1., 0.]])
+        >>> func.min_einsum("ij,jk->ik", d, d)
+        tensor([[0., 4.],
+                [1., 0.]])
+    """
+    return -max_einsum(
+        equation, *(-_tensor(x, k, equation) for k, x in enumerate(operands)),
+        block_size=block_size, optimize=optimize,
+    )
+
+
+def _tensor(x: object, k: int, equation: str) -> Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"operand {k} must be a torch.Tensor, got {type(x).__name__} "
+            f"(equation {equation!r})"
+        )
+    return x
+
+
+def viterbi_einsum(
+    equation: str,
+    *operands: Tensor,
+    block_size: BlockSize = None,
+    optimize: Optimize = False,
+) -> tuple[Tensor, Tensor]:
+    """Max-plus einsum that also returns which summed indices achieved each max.
+
+    Returns:
+        ``(values, argmax)``.  ``values`` is :func:`max_einsum`'s result and is
+        differentiable.  ``argmax`` is an int64 tensor of shape
+        ``values.shape + (k,)`` holding, for each output cell, the values of
+        the ``k`` summed indices (in order of first appearance in the
+        equation; summed ``...`` dimensions stand where ``...`` stands) of the
+        first maximising term in row-major order.  All terms -inf gives
+        argmax zeros; a NaN term wins.
+
+    Example:
+        >>> import torch
+        >>> from semiring_einsum import func
+        >>> a = torch.tensor([[0., 2.], [1., -1.]])
+        >>> values, argmax = func.viterbi_einsum("ij,jk->ik", a, a)
+        >>> argmax[..., 0]  # the best j for each (i, k)
+        tensor([[1, 0],
+                [0, 1]])
+    """
+    if optimize is not False:
+        raise NotImplementedError(
+            "viterbi_einsum sums all indices jointly (optimize=False); pairwise "
+            "plans with backpointers are not implemented yet"
+        )
+    p = _Prepared(MAX_PLUS, equation, operands, block_size, False)
+    (step,) = p.plan.steps
+    values, linear = apply(MAX_RULE, p.spec(step), *p.operands)
+    coords = K.unravel(step, linear)
+    order = [step.summed.index(c) for c in p.equation.summed]
+    if order != list(range(len(order))):
+        coords = coords[..., order]
+    return p.finish(values), coords
+
+
+def semiring_einsum(
+    semiring: Semiring,
+    equation: str,
+    *operands: Tensor,
+    block_size: BlockSize = None,
+    optimize: Optimize = "auto",
+) -> Tensor:
+    """Einsum in any commutative semiring.
+
+    The built-in semirings (:data:`REAL`, :data:`LOG`, :data:`MAX_PLUS`,
+    :data:`MIN_PLUS`) go to their fast, custom-differentiated paths; any other
+    :class:`Semiring` runs the blocked loop with its own operations, and
+    autograd differentiates through them.
+
+    Example:
+        >>> import torch
+        >>> from semiring_einsum.func import LOG, semiring_einsum
+        >>> semiring_einsum(LOG, "i->", torch.zeros(4))  # log(4)
+        tensor(1.3863)
+    """
+    if not isinstance(semiring, Semiring):
+        raise TypeError(f"semiring must be a Semiring, got {type(semiring).__name__}")
+    builtin = {REAL: einsum, LOG: log_einsum, MAX_PLUS: max_einsum, MIN_PLUS: min_einsum}
+    for known, fn in builtin.items():
+        if semiring is known:
+            return fn(equation, *operands, block_size=block_size, optimize=optimize)
+    p = _Prepared(semiring, equation, operands, block_size, optimize)
+    return p.run(lambda s, args: K.contract(semiring, s, args))
+
+
+def plan(
+    equation: str,
+    *operands_or_shapes: Tensor | Sequence[int],
+    semiring: Semiring = REAL,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    block_size: BlockSize = None,
+    optimize: Optimize = "auto",
+) -> Plan:
+    """Inspect how a contraction would run, without running it.
+
+    Args:
+        equation: An einsum equation.
+        *operands_or_shapes: Tensors, or shapes (tuples of ints).
+        semiring: The semiring the plan is for (``REAL`` allows BLAS steps).
+        dtype: dtype for shapes (default: the tensors' dtype, else float32).
+        device: device for shapes (default: the tensors' device, else CPU).
+        block_size: As for the contraction functions.
+        optimize: As for the contraction functions.
+
+    Returns:
+        An immutable :class:`Plan`: ``path``, ``steps``, ``block_sizes`` and
+        ``peak_bytes``; ``print(plan)`` shows a table.
+
+    Example:
+        >>> from semiring_einsum import func
+        >>> p = func.plan("ab,bc,cd->ad", (8, 9), (9, 10), (10, 11), semiring=func.LOG)
+        >>> p.path
+        ((0, 1), (0, 1))
+    """
+    tensors = []
+    for k, x in enumerate(operands_or_shapes):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            continue
+        try:
+            shape = tuple(int(n) for n in x)  # type: ignore[union-attr]
+        except TypeError:
+            raise TypeError(
+                f"operand {k} must be a tensor or a shape, got {type(x).__name__} "
+                f"(equation {equation!r})"
+            ) from None
+        first = next((t for t in operands_or_shapes if isinstance(t, torch.Tensor)), None)
+        tensors.append(
+            torch.empty(
+                shape,
+                dtype=dtype or (first.dtype if first is not None else torch.float32),
+                device="meta",
+            )
+        )
+    target = torch.device(device) if device is not None else None
+    if target is None:
+        real = next((t for t in tensors if t.device.type != "meta"), None)
+        target = real.device if real is not None else torch.device("cpu")
+    meta = [t if t.device.type == "meta" else t.to("meta") for t in tensors]
+    if dtype is not None:
+        meta = [t.to(dtype) for t in meta]
+    p = _Prepared(
+        semiring, equation, meta, block_size, optimize, blas=semiring is REAL, device=target
+    )
+    return p.plan
+
+
+__all__ = [
+    "einsum",
+    "log_einsum",
+    "max_einsum",
+    "min_einsum",
+    "viterbi_einsum",
+    "semiring_einsum",
+    "plan",
+]

@@ -1,0 +1,113 @@
+"""The one helper that turns a :class:`~._rules.Rule` into autograd Functions.
+
+Following the findings recorded for torch 2.13 (``shared/notes/torch-func.md``):
+
+* ``forward(spec, x0, ..., xn)`` takes no ``ctx`` and has a fixed arity with
+  no defaults (Dynamo mis-binds ``*args`` and default values), so one class is
+  generated per arity, at import time for the common arities;
+* ``setup_context`` only saves (compute there is invisible to higher-order
+  autograd);
+* the forward is vmappable (``generate_vmap_rule=True``);
+* ``jvp`` raises instead of returning wrong numbers under forward-over-forward
+  (a PyTorch bug), and a jvp-less twin is used while Dynamo traces, because
+  Dynamo refuses Functions that define ``jvp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Rule, Spec
+
+Tensor = torch.Tensor
+
+PREBUILT_ARITY = 6
+
+
+def _forward_over_forward() -> bool:
+    """Whether two forward-mode (jvp) transforms are active at once."""
+    try:
+        stack = torch._C._functorch.get_interpreter_stack()
+        jvp = torch._C._functorch.TransformType.Jvp
+    except AttributeError:  # pragma: no cover - other torch versions
+        return False
+    return stack is not None and sum(1 for i in stack if i.key() == jvp) >= 2
+
+
+def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
+    params = ", ".join(f"x{i}" for i in range(n))
+    namespace: dict[str, Any] = {}
+    exec(  # fixed arity: see the module docstring
+        f"def forward(spec, {params}):\n    return _forward(spec, {params})\n",
+        {"_forward": rule.forward},
+        namespace,
+    )
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.spec = inputs[0]
+        ctx.save_for_backward(*inputs[1:], *output)
+        ctx.save_for_forward(*inputs[1:], *output)
+        if len(output) > rule.differentiable:
+            ctx.mark_non_differentiable(*output[rule.differentiable :])
+
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        gs = rule.vjp(ctx.spec, saved[:n], saved[n:], grads, needs)
+        return (None, *(g if need else None for g, need in zip(gs, needs)))
+
+    def jvp(ctx: Any, _spec_tangent: None, *tangents: Tensor) -> tuple[Tensor | None, ...]:
+        if _forward_over_forward():
+            raise NotImplementedError(
+                "forward-over-forward differentiation (jacfwd(jacfwd(...)), "
+                "jvp of jvp) through semiring_einsum returns wrong values in "
+                "PyTorch (pytorch/pytorch#197867); use torch.func.hessian or "
+                "jacrev(jacfwd(...)) / jacrev(jacrev(...)) instead"
+            )
+        saved = ctx.saved_tensors
+        out = rule.jvp(ctx.spec, saved[:n], saved[n:], tangents)
+        return out[0] if len(out) == 1 else out
+
+    attrs: dict[str, Any] = {
+        "forward": staticmethod(namespace["forward"]),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "generate_vmap_rule": True,
+    }
+    if with_jvp:
+        attrs["jvp"] = staticmethod(jvp)
+    suffix = "" if with_jvp else "NoJvp"
+    return type(f"{rule.name}{n}{suffix}", (torch.autograd.Function,), attrs)
+
+
+_FUNCTIONS: dict[tuple[str, int, bool], type[torch.autograd.Function]] = {
+    (rule.name, n, with_jvp): _build(rule, n, with_jvp)
+    for rule in (LOG_RULE, MAX_RULE, REAL_RULE)
+    for n in range(1, PREBUILT_ARITY + 1)
+    for with_jvp in (False, True)
+}
+
+
+def _function(rule: Rule, n: int) -> type[torch.autograd.Function]:
+    with_jvp = not torch.compiler.is_compiling()
+    key = (rule.name, n, with_jvp)
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        if not with_jvp:
+            raise NotImplementedError(
+                f"torch.compile supports steps of at most {PREBUILT_ARITY} operands "
+                f"(got {n}); use a pairwise plan (optimize='auto') or call it eagerly once first"
+            )
+        for twin in (False, True):
+            _FUNCTIONS[(rule.name, n, twin)] = _build(rule, n, twin)
+        fn = _FUNCTIONS[key]
+    return fn
+
+
+def apply(rule: Rule, spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
+    """Run ``rule`` on ``xs`` through its autograd Function; always a tuple."""
+    out = _function(rule, len(xs)).apply(spec, *xs)
+    return out if isinstance(out, tuple) else (out,)
+

@@ -1,0 +1,129 @@
+"""Memory budgets: how big a window tensor may be."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+
+class AutomaticBlockSize:
+    """Size windows automatically from a memory budget.
+
+    The budget caps the bytes of the largest temporary tensor that any step of
+    a contraction creates -- the window tensor together with the output
+    dimensions it carries -- in the forward and in the backward pass.  Tensors
+    the size of an input or of the output are not counted.  On CPU the budget
+    is ``max_cpu_bytes``; on CUDA it is ``max_cuda_bytes`` or, when that is
+    ``None``, a proportion of the free device memory (queried with
+    :func:`torch.cuda.mem_get_info`).  Within the budget, windows are kept
+    small enough to stay in cache on CPU, which is faster as well as leaner.
+
+    Args:
+        max_cpu_bytes: Budget on CPU, in bytes (default 1 GiB).
+        max_cuda_bytes: Budget on CUDA, in bytes; ``None`` means "derive it
+            from the free memory".
+        cache_available_cuda_memory: Query the free CUDA memory once per
+            device and reuse it (scaled by ``cuda_memory_proportion``).
+        cuda_memory_proportion: Fraction of the free CUDA memory to use when
+            the query is cached.
+        repr_string: What ``repr`` returns, if given.
+
+    Example:
+        >>> import torch
+        >>> from semiring_einsum.func import AutomaticBlockSize, log_einsum
+        >>> a = torch.zeros(3, 4)
+        >>> log_einsum("ij,jk->ik", a, a.T,
+        ...            block_size=AutomaticBlockSize(max_cpu_bytes=1 << 20)).shape
+        torch.Size([3, 3])
+    """
+
+    def __init__(
+        self,
+        max_cpu_bytes: int = 1 << 30,
+        max_cuda_bytes: int | None = None,
+        cache_available_cuda_memory: bool = True,
+        cuda_memory_proportion: float = 0.8,
+        repr_string: str | None = None,
+    ) -> None:
+        if not isinstance(max_cpu_bytes, int) or max_cpu_bytes <= 0:
+            raise ValueError(f"max_cpu_bytes must be a positive int, got {max_cpu_bytes!r}")
+        if max_cuda_bytes is not None and (
+            not isinstance(max_cuda_bytes, int) or max_cuda_bytes <= 0
+        ):
+            raise ValueError(
+                f"max_cuda_bytes must be None or a positive int, got {max_cuda_bytes!r}"
+            )
+        if not 0.0 < cuda_memory_proportion <= 1.0:
+            raise ValueError(
+                f"cuda_memory_proportion must be in (0, 1], got {cuda_memory_proportion!r}"
+            )
+        self.max_cpu_bytes = max_cpu_bytes
+        self.max_cuda_bytes = max_cuda_bytes
+        self.cache_available_cuda_memory = cache_available_cuda_memory
+        self.cuda_memory_proportion = cuda_memory_proportion
+        self.repr_string = repr_string
+        self.available_cuda_memory: dict[int | None, int] = {}
+
+    def __repr__(self) -> str:
+        if self.repr_string is not None:
+            return self.repr_string
+        return (
+            f"AutomaticBlockSize(max_cpu_bytes={self.max_cpu_bytes}, "
+            f"max_cuda_bytes={self.max_cuda_bytes})"
+        )
+
+    def budget_bytes(self, device: torch.device) -> int:
+        """The budget in bytes for tensors on ``device``."""
+        if device.type != "cuda":
+            return self.max_cpu_bytes
+        if self.max_cuda_bytes is not None:
+            return self.max_cuda_bytes
+        if not self.cache_available_cuda_memory:
+            return _free_cuda_bytes(device)
+        key = device.index
+        if key not in self.available_cuda_memory:
+            free = _free_cuda_bytes(device)
+            self.available_cuda_memory[key] = int(self.cuda_memory_proportion * free)
+        return self.available_cuda_memory[key]
+
+
+def _free_cuda_bytes(device: torch.device) -> int:
+    free, _total = torch.cuda.mem_get_info(device)
+    # Memory the caching allocator holds but does not use is free for us too.
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + cached)
+
+
+AUTOMATIC_BLOCK_SIZE = AutomaticBlockSize(repr_string="AUTOMATIC_BLOCK_SIZE")
+"""The default :class:`AutomaticBlockSize` (1 GiB on CPU, free memory on CUDA)."""
+
+BlockSize = Union[int, AutomaticBlockSize, None]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A resolved ``block_size``: either a fixed window extent or a byte cap.
+
+    Exactly one of the two fields is set.
+    """
+
+    extent: int | None = None
+    bytes: int | None = None
+
+
+def resolve_budget(block_size: object, device: torch.device, where: str = "") -> Budget:
+    """Validate ``block_size`` and turn it into a hashable :class:`Budget`."""
+    if block_size is None:
+        block_size = AUTOMATIC_BLOCK_SIZE
+    if isinstance(block_size, AutomaticBlockSize):
+        return Budget(bytes=block_size.budget_bytes(device))
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(
+            f"block_size must be a positive int or an AutomaticBlockSize, got "
+            f"{type(block_size).__name__}{where}"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size}{where}")
+    return Budget(extent=block_size)

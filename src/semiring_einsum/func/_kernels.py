@@ -1,0 +1,305 @@
+"""Execute stage: the blocked loop over windows of the summed indices.
+
+Every kernel works on one :class:`~._plan.Step`.  Operands are *aligned* first:
+permuted to ``step.output + step.summed`` order with size-1 dimensions for the
+indices they lack (views, no copies).  A window narrows each aligned operand
+along the summed indices it has; the ⊗-product of the narrowed operands is the
+window tensor (output dims first, window dims last) and is ⊕-reduced over its
+trailing dims.  The loop never branches on tensor values, so vmap, autograd and
+the compiler see ordinary torch operations.
+
+Kernels called from ``autograd.Function.forward`` (which autograd never
+records) may work in place on window tensors they created; the others are
+out of place so that autograd can differentiate them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._plan import Step
+from ._semiring import Semiring
+
+Tensor = torch.Tensor
+Range = tuple[tuple[int, int], ...]
+
+
+def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
+    """Permute each operand to ``output + summed`` order, size 1 where absent."""
+    order = step.output + step.summed
+    out = []
+    for term, x in zip(step.inputs, ops):
+        x = x.permute(sorted(range(len(term)), key=lambda i: order.index(term[i])))
+        for d, c in enumerate(order):
+            if c not in term:
+                x = x.unsqueeze(d)
+        out.append(x)
+    return out
+
+
+def narrow(step: Step, aligned: Sequence[Tensor], rng: Range) -> list[Tensor]:
+    """The parts of the aligned operands that fall in one window."""
+    nout = len(step.output)
+    views = []
+    for x in aligned:
+        for i, (lo, hi) in enumerate(rng):
+            if x.shape[nout + i] != 1:
+                x = x.narrow(nout + i, lo, hi - lo)
+        views.append(x)
+    return views
+
+
+def _reduce_dims(step: Step) -> tuple[int, ...]:
+    nout = len(step.output)
+    return tuple(range(nout, nout + len(step.windows)))
+
+
+def _out_shape(step: Step) -> list[int]:
+    size = step.size
+    return [size[c] for c in step.output]
+
+
+def _trailing(t: Tensor, n: int) -> Tensor:
+    """``t`` with ``n`` trailing size-1 dims, to broadcast against a window."""
+    return t.reshape(t.shape + (1,) * n)
+
+
+def _fresh(t: Tensor, shape: list[int]) -> Tensor:
+    """A new tensor of ``shape`` holding ``t`` (never a view of an operand)."""
+    if list(t.shape) == shape:
+        return t.clone()
+    return t.expand(shape).clone()
+
+
+def contract(semiring: Semiring, step: Step, ops: Sequence[Tensor]) -> Tensor:
+    """Contract one step in any semiring, out of place (differentiable)."""
+    aligned = align(step, ops)
+    dims = _reduce_dims(step)
+    shape = _out_shape(step)
+    acc: Tensor | None = None
+    for rng in step.ranges():
+        term = functools.reduce(semiring.mul, narrow(step, aligned, rng))
+        part = semiring.sum(term, dims)
+        acc = part if acc is None else semiring.add(acc, part)
+    if acc is None:  # a summed index of size 0: the empty sum
+        return aligned[0].new_full(shape, semiring.zero)
+    if len(ops) == 1 and not dims:
+        return _fresh(acc, shape)
+    return acc if list(acc.shape) == shape else acc.expand(shape).contiguous()
+
+
+def _term(views: list[Tensor], combine: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, bool]:
+    """The window tensor, and whether it is a fresh tensor we may overwrite."""
+    if len(views) == 1:
+        return views[0], False
+    return functools.reduce(combine, views), True
+
+
+def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-semiring step in one pass over the operands (online log-sum-exp).
+
+    Returns ``(out, m, s)`` with ``out = log(s) + m'`` where ``m`` is the
+    largest term of each output cell and ``s`` the sum of ``exp(term - m')``,
+    ``m'`` being ``m`` where finite and 0 elsewhere.
+
+    Each window updates a running maximum ``M`` and a running scaled sum ``S``
+    (as in streaming softmax): with ``M' = max(M, max(window))``,
+    ``S' = S·exp(M − M') + Σ exp(window − M')``.  Every exponent is ≤ 0, so
+    nothing overflows, and the largest term contributes exactly 1, so finite
+    cells never underflow to -inf.  Cells whose terms are all -inf keep
+    ``M = -inf``; the shift ``M'`` is then 0 and ``exp(-inf − 0) = 0`` leaves
+    ``S = 0``, so the output is ``log 0 = -inf`` without a NaN.
+    """
+    aligned = align(step, ops)
+    dims = _reduce_dims(step)
+    shape = _out_shape(step)
+    n = len(dims)
+    m_run: Tensor | None = None
+    s_run: Tensor | None = None
+    shift: Tensor | None = None
+    for rng in step.ranges():
+        t, owned = _term(narrow(step, aligned, rng), torch.add)
+        m = t.amax(dims) if dims else t.clone()  # t may be overwritten below
+        m_new = m if m_run is None else torch.maximum(m_run, m)
+        shift = torch.where(torch.isfinite(m_new), m_new, 0.0)
+        if owned:
+            e = t.sub_(_trailing(shift, n)).exp_()
+        else:
+            e = torch.exp(t - _trailing(shift, n))
+        s = e.sum(dims) if dims else e
+        s_run = s if s_run is None else s_run * torch.exp(m_run - shift) + s
+        m_run = m_new
+    if m_run is None or s_run is None or shift is None:  # a summed index of size 0
+        full = aligned[0].new_full(shape, -math.inf)
+        return full, full.clone(), torch.zeros_like(full)
+    out = torch.log(s_run).add_(shift)
+    return _sized(out, shape), _sized(m_run, shape), _sized(s_run, shape)
+
+
+def _sized(t: Tensor, shape: list[int]) -> Tensor:
+    return t if list(t.shape) == shape else t.expand(shape).contiguous()
+
+
+def _strides(step: Step) -> list[int]:
+    """Row-major strides of the summed indices (full sizes)."""
+    size = step.size
+    strides = []
+    acc = 1
+    for c, _ in reversed(step.windows):
+        strides.append(acc)
+        acc *= size[c]
+    return strides[::-1]
+
+
+def window_linear_index(step: Step, rng: Range, device: torch.device) -> Tensor:
+    """Row-major linear index of every term of a window, shaped like the window."""
+    nout = len(step.output)
+    n = len(rng)
+    grid = torch.zeros((1,) * (nout + n), dtype=torch.int64, device=device)
+    for i, ((lo, hi), stride) in enumerate(zip(rng, _strides(step))):
+        shape = [1] * (nout + n)
+        shape[nout + i] = hi - lo
+        grid = grid + (torch.arange(lo, hi, device=device) * stride).reshape(shape)
+    return grid
+
+
+def max_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Max-plus step: values and the row-major linear index of the argmax.
+
+    Ties go to the first maximiser in row-major order of the summed indices,
+    whatever the windows: inside a window ``torch.max`` returns the first
+    maximiser, and across windows a later window only wins on a strictly
+    larger value or, on a tie, a smaller linear index.  NaN beats everything
+    (the first NaN wins).  All terms -inf gives -inf with index 0.
+    """
+    aligned = align(step, ops)
+    shape = _out_shape(step)
+    if not step.windows:
+        t, _ = _term(narrow(step, aligned, ()), torch.add)
+        vals = _fresh(t, shape)
+        return vals, torch.zeros(shape, dtype=torch.int64, device=vals.device)
+    strides = _strides(step)
+    best: Tensor | None = None
+    where: Tensor | None = None
+    for rng in step.ranges():
+        t, _ = _term(narrow(step, aligned, rng), torch.add)
+        t = t.expand(shape + [hi - lo for lo, hi in rng])
+        m, local = torch.max(t.reshape(shape + [-1]), dim=-1)
+        lin = torch.zeros_like(local)
+        for (lo, hi), stride, inner in zip(rng, strides, _inner(rng)):
+            lin = lin + (local // inner % (hi - lo) + lo) * stride
+        if best is None or where is None:
+            best, where = m, lin
+            continue
+        m_nan, best_nan = torch.isnan(m), torch.isnan(best)
+        tie = (m == best) | (m_nan & best_nan)
+        better = (m > best) | (m_nan & ~best_nan) | (tie & (lin < where))
+        best = torch.where(better, m, best)
+        where = torch.where(better, lin, where)
+    if best is None or where is None:  # a summed index of size 0
+        device = aligned[0].device
+        return (
+            aligned[0].new_full(shape, -math.inf),
+            torch.zeros(shape, dtype=torch.int64, device=device),
+        )
+    return best, where
+
+
+def _inner(rng: Range) -> list[int]:
+    """Row-major strides inside one window."""
+    out = []
+    acc = 1
+    for lo, hi in reversed(rng):
+        out.append(acc)
+        acc *= hi - lo
+    return out[::-1]
+
+
+def unravel(step: Step, linear: Tensor) -> Tensor:
+    """Linear argmax indices to one coordinate per summed index (last dim)."""
+    size = step.size
+    coords = [linear // s % size[c] for (c, _), s in zip(step.windows, _strides(step))]
+    if not coords:
+        return linear.new_zeros(linear.shape + (0,))
+    return torch.stack(coords, dim=-1)
+
+
+def pullback(
+    step: Step,
+    ops: Sequence[Tensor],
+    needs: Sequence[bool],
+    weights: Callable[[list[Tensor], Range], Tensor],
+) -> list[Tensor | None]:
+    """Gradient of every operand from per-window weights (out of place).
+
+    ``weights(views, rng)`` returns, for one window, the tensor ``W`` of
+    d(output cell)/d(term) times the cotangent; the gradient of operand ``k``
+    is ``W`` summed over every dim that ``k`` lacks, and the per-window pieces
+    are summed (windows that differ only in indices ``k`` lacks) or
+    concatenated (windows along indices ``k`` has).
+    """
+    aligned = align(step, ops)
+    order = step.output + step.summed
+    pieces: list[dict[tuple[int, ...], Tensor]] = [{} for _ in ops]
+    for rng in step.ranges():
+        w = weights(narrow(step, aligned, rng), rng)
+        for k, term in enumerate(step.inputs):
+            if not needs[k]:
+                continue
+            lacks = tuple(d for d, c in enumerate(order) if c not in term)
+            piece = w.sum(lacks) if lacks else w
+            key = tuple(lo for (c, _), (lo, _) in zip(step.windows, rng) if c in term)
+            prev = pieces[k].get(key)
+            pieces[k][key] = piece if prev is None else prev + piece
+    grads: list[Tensor | None] = []
+    for k, (term, x) in enumerate(zip(step.inputs, ops)):
+        if not needs[k]:
+            grads.append(None)
+            continue
+        if not pieces[k]:  # nothing was summed: a size-0 index
+            grads.append(torch.zeros_like(x))
+            continue
+        kept = [c for c in order if c in term]
+        cat_dims = [kept.index(c) for c, _ in step.windows if c in term]
+        g = _assemble(pieces[k], cat_dims)
+        g = g.permute([kept.index(c) for c in term])
+        grads.append(g if g.shape == x.shape else g.expand(x.shape))
+    return grads
+
+
+def _assemble(pieces: dict[tuple[int, ...], Tensor], dims: list[int]) -> Tensor:
+    """Concatenate window pieces keyed by their start along ``dims``."""
+    if not dims:
+        return pieces[()]
+    groups: dict[int, dict[tuple[int, ...], Tensor]] = {}
+    for key, t in pieces.items():
+        groups.setdefault(key[0], {})[key[1:]] = t
+    parts = [_assemble(groups[lo], dims[1:]) for lo in sorted(groups)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dims[0])
+
+
+def tangent_sum(
+    step: Step,
+    ops: Sequence[Tensor],
+    tangents: Sequence[Tensor],
+    weights: Callable[[list[Tensor], Range], Tensor],
+) -> Tensor:
+    """Forward-mode: ``Σ_terms weight(term) · Σ_k tangent_k`` per output cell."""
+    aligned = align(step, ops)
+    t_aligned = align(step, tangents)
+    dims = _reduce_dims(step)
+    shape = _out_shape(step)
+    acc: Tensor | None = None
+    for rng in step.ranges():
+        w = weights(narrow(step, aligned, rng), rng)
+        tt = functools.reduce(torch.add, narrow(step, t_aligned, rng))
+        part = w * tt
+        part = part.sum(dims) if dims else part
+        acc = part if acc is None else acc + part
+    if acc is None:
+        return aligned[0].new_zeros(shape)
+    return acc if list(acc.shape) == shape else acc.expand(shape).contiguous()

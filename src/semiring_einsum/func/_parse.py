@@ -1,0 +1,276 @@
+"""Parse stage: einsum strings into immutable, hashable equations.
+
+Parsing happens in two cached steps, as in einops: the string alone
+(:func:`parse_subscripts`), then the string with the operand ranks, which
+resolves ``...`` into fresh index symbols (:func:`resolve`).  A third step,
+:func:`canonicalize`, looks at the operands themselves: it takes diagonals
+for repeated indices, broadcasts size-1 dimensions and promotes dtypes, so that
+the planner and the kernels only ever see a *clean* contraction in which every
+operand has distinct indices and every index one size.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from opt_einsum import get_symbol
+
+from ._errors import fail
+
+ELLIPSIS = "..."
+_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Symbols for the dimensions covered by '...': opt_einsum's symbols past the
+# 52 ASCII letters, so they can never clash with a user's index.
+_FIRST_ELLIPSIS_SYMBOL = 52
+
+
+@dataclass(frozen=True, slots=True)
+class Subscripts:
+    """An equation string parsed without looking at any operand.
+
+    Attributes:
+        source: The equation as the user wrote it.
+        inputs: One tuple of tokens per operand; a token is a letter or ``'...'``.
+        output: The output tokens, or ``None`` when the output is implicit.
+    """
+
+    source: str
+    inputs: tuple[tuple[str, ...], ...]
+    output: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Equation:
+    """An equation with ``...`` resolved: one symbol per operand dimension.
+
+    Operands may still repeat an index (a diagonal).  Output symbols are
+    distinct and each appears in some operand.
+    """
+
+    source: str
+    inputs: tuple[str, ...]
+    output: str
+
+    @property
+    def summed(self) -> str:
+        """Indices that are summed out, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for term in self.inputs:
+            for c in term:
+                if c not in self.output:
+                    seen.setdefault(c)
+        return "".join(seen)
+
+
+def _tokens(source: str, term: str, where: str) -> tuple[str, ...]:
+    tokens: list[str] = []
+    i = 0
+    while i < len(term):
+        c = term[i]
+        if c == ".":
+            if term[i : i + 3] != ELLIPSIS:
+                raise fail(source, f"a '.' in {where} that is not part of '...'")
+            if ELLIPSIS in tokens:
+                raise fail(source, f"'...' appears twice in {where}")
+            tokens.append(ELLIPSIS)
+            i += 3
+            continue
+        if c not in _LETTERS:
+            raise fail(
+                source,
+                f"invalid character {c!r} in {where}: indices must be ASCII letters",
+            )
+        tokens.append(c)
+        i += 1
+    return tuple(tokens)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_subscripts(equation: str) -> Subscripts:
+    """Parse an equation string (``torch.einsum`` syntax) without shapes.
+
+    Raises:
+        EquationError: on a syntax error, a repeated output index, or an
+            output index that appears in no operand.
+    """
+    if not isinstance(equation, str):
+        raise TypeError(f"the equation must be a str, got {type(equation).__name__}")
+    text = "".join(equation.split())
+    if text.count("->") > 1:
+        raise fail(equation, "'->' appears more than once")
+    lhs, arrow, rhs = text.partition("->")
+    inputs = tuple(
+        _tokens(equation, term, f"operand {k}") for k, term in enumerate(lhs.split(","))
+    )
+    if not arrow:
+        return Subscripts(equation, inputs, None)
+    output = _tokens(equation, rhs, "the output")
+    present = {t for term in inputs for t in term}
+    seen: set[str] = set()
+    for t in output:
+        if t in seen:
+            raise fail(equation, f"output index {t!r} is repeated")
+        seen.add(t)
+        if t not in present:
+            what = "'...'" if t == ELLIPSIS else f"index {t!r}"
+            raise fail(equation, f"output {what} appears in no operand")
+    return Subscripts(equation, inputs, output)
+
+
+@functools.lru_cache(maxsize=4096)
+def resolve(subscripts: Subscripts, ranks: tuple[int, ...]) -> Equation:
+    """Resolve ``...`` and the implicit output against the operand ranks."""
+    source = subscripts.source
+    if len(ranks) != len(subscripts.inputs):
+        raise fail(
+            source,
+            f"the equation has {len(subscripts.inputs)} operand(s) but "
+            f"{len(ranks)} were given",
+        )
+    ellipsis_rank = 0
+    for k, (term, rank) in enumerate(zip(subscripts.inputs, ranks)):
+        named = len(term) - (ELLIPSIS in term)
+        if ELLIPSIS in term:
+            if rank < named:
+                raise fail(
+                    source,
+                    f"operand {k} has {rank} dimension(s) but its subscripts name "
+                    f"at least {named}",
+                )
+            ellipsis_rank = max(ellipsis_rank, rank - named)
+        elif rank != named:
+            raise fail(
+                source,
+                f"operand {k} has {rank} dimension(s) but its subscripts name {named}",
+            )
+    dots = "".join(get_symbol(_FIRST_ELLIPSIS_SYMBOL + i) for i in range(ellipsis_rank))
+
+    def expand(term: tuple[str, ...], rank: int) -> str:
+        if ELLIPSIS not in term:
+            return "".join(term)
+        width = rank - (len(term) - 1)
+        return "".join(dots[ellipsis_rank - width :] if t == ELLIPSIS else t for t in term)
+
+    inputs = tuple(expand(term, rank) for term, rank in zip(subscripts.inputs, ranks))
+    if subscripts.output is None:
+        counts: dict[str, int] = {}
+        for term in subscripts.inputs:
+            for t in term:
+                if t != ELLIPSIS:
+                    counts[t] = counts.get(t, 0) + 1
+        output = dots + "".join(sorted(c for c, n in counts.items() if n == 1))
+    else:
+        output = "".join(dots if t == ELLIPSIS else t for t in subscripts.output)
+    return Equation(source, inputs, output)
+
+
+@dataclass(frozen=True, slots=True)
+class Contraction:
+    """A clean contraction: distinct indices per operand, one size per index.
+
+    Attributes:
+        inputs: Index string of each operand (no index repeated).
+        output: Output index string.
+        sizes: ``(index, size)`` pairs for every index, in first appearance order.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    sizes: tuple[tuple[str, int], ...]
+
+    @property
+    def size(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+    @property
+    def summed(self) -> str:
+        """Summed indices in order of first appearance."""
+        return "".join(c for c, _ in self.sizes if c not in self.output)
+
+
+def _check_operands(source: str, operands: Sequence[object]) -> None:
+    for k, x in enumerate(operands):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"operand {k} must be a torch.Tensor, got {type(x).__name__} "
+                f"(equation {source!r})"
+            )
+
+
+def canonicalize(
+    equation: str, operands: Sequence[torch.Tensor]
+) -> tuple[Equation, Contraction, list[torch.Tensor]]:
+    """Turn an equation and its operands into a clean contraction.
+
+    Diagonals (``ii->i``) are taken with :func:`torch.diagonal`, size-1
+    dimensions of an index that is larger elsewhere are expanded (a view, no
+    copy), and all operands are converted to their common dtype.  Every step is
+    an ordinary differentiable torch operation, so gradients flow back to the
+    user's tensors through autograd and ``torch.func`` unchanged.
+
+    Raises:
+        EquationError: for a wrong operand count, a rank mismatch, or sizes
+            that disagree.
+        TypeError: for an operand that is not a tensor.
+    """
+    _check_operands(equation if isinstance(equation, str) else "?", operands)
+    eq = resolve(parse_subscripts(equation), tuple(x.dim() for x in operands))
+    source = eq.source
+    sizes: dict[str, int] = {}
+    where: dict[str, int] = {}
+    terms: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for k, (term, x) in enumerate(zip(eq.inputs, operands)):
+        # Diagonals: torch.diagonal removes both dims and appends the diagonal.
+        while len(set(term)) < len(term):
+            c = next(c for c in term if term.count(c) > 1)
+            i = term.index(c)
+            j = term.index(c, i + 1)
+            if x.shape[i] != x.shape[j]:
+                raise fail(
+                    source,
+                    f"index {c!r} is repeated in operand {k} with different sizes "
+                    f"{x.shape[i]} and {x.shape[j]}",
+                )
+            x = torch.diagonal(x, dim1=i, dim2=j)
+            term = term[:i] + term[i + 1 : j] + term[j + 1 :] + c
+        for c, n in zip(term, x.shape):
+            if c not in sizes or (sizes[c] == 1 and n != 1):
+                sizes[c], where[c] = n, k
+            elif n not in (1, sizes[c]):
+                raise fail(
+                    source,
+                    f"index {_name(c)} has size {sizes[c]} in operand {where[c]} "
+                    f"but {n} in operand {k}",
+                )
+        terms.append(term)
+        tensors.append(x)
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in tensors])
+    if len(tensors) > 1:
+        devices = {x.device for x in tensors}
+        if len(devices) > 1:
+            raise RuntimeError(
+                f"Expected all operands to be on the same device, but found "
+                f"{sorted(map(str, devices))} (equation {source!r})"
+            )
+    out: list[torch.Tensor] = []
+    for term, x in zip(terms, tensors):
+        full = [sizes[c] for c in term]
+        if list(x.shape) != full:
+            x = x.expand(full)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        out.append(x)
+    order = [c for term in terms for c in term]
+    clean = Contraction(
+        tuple(terms), eq.output, tuple((c, sizes[c]) for c in dict.fromkeys(order))
+    )
+    return eq, clean, out
+
+
+def _name(c: str) -> str:
+    """Readable name of an index symbol (ellipsis symbols are not ASCII)."""
+    return repr(c) if c in _LETTERS else "'...'"

@@ -1,0 +1,317 @@
+"""Plan stage: contraction order, windows and byte estimates.
+
+A :class:`Plan` is immutable and hashable.  Plans are cached (bounded) on the
+clean contraction, the dtype's item size, the resolved budget and the
+``optimize`` option; :func:`clear_caches` empties every cache of the package.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import product
+
+import opt_einsum
+
+from ._budget import Budget
+from ._errors import fail
+from ._parse import Contraction, parse_subscripts, resolve
+
+# On CPU, a window tensor that stays well inside the cache hierarchy (and well
+# under glibc's 32 MiB mmap threshold, beyond which every fresh allocation is
+# returned to the OS and page-faulted back) is faster than a bigger one.
+CPU_WINDOW_TARGET_BYTES = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One contraction step: some operands in, one tensor out.
+
+    Attributes:
+        operands: Positions of the step's operands in the current operand list
+            (opt_einsum's path form: they are removed, the result is appended).
+        inputs: Index string of each operand of the step.
+        output: Index string of the result.
+        sizes: ``(index, size)`` for every index of the step.
+        windows: ``(index, extent)`` for every summed index, in order of first
+            appearance; the kernel loops over windows of these extents.
+        blas: Whether the step goes to ``torch.einsum`` (real semiring, at most
+            two operands) instead of the blocked loop.
+    """
+
+    operands: tuple[int, ...]
+    inputs: tuple[str, ...]
+    output: str
+    sizes: tuple[tuple[str, int], ...]
+    windows: tuple[tuple[str, int], ...]
+    blas: bool = False
+
+    @property
+    def size(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+    @property
+    def summed(self) -> str:
+        return "".join(c for c, _ in self.windows)
+
+    @property
+    def window_elements(self) -> int:
+        """Elements of the largest window tensor (output dims included)."""
+        size = self.size
+        return math.prod(size[c] for c in self.output) * math.prod(w for _, w in self.windows)
+
+    @property
+    def terms(self) -> int:
+        """Number of terms summed into each output cell."""
+        size = self.size
+        return math.prod(size[c] for c in self.summed)
+
+    def ranges(self) -> Iterator[tuple[tuple[int, int], ...]]:
+        """All windows, as ``(start, stop)`` per summed index, in row-major order."""
+        size = self.size
+        axes = [
+            [(lo, min(lo + w, size[c])) for lo in range(0, size[c], w)]
+            for c, w in self.windows
+        ]
+        return product(*axes)
+
+    def equation(self) -> str:
+        return ",".join(self.inputs) + "->" + self.output
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How a contraction will run: its steps, windows and estimated peak bytes.
+
+    Attributes:
+        equation: The equation as given.
+        semiring: Name of the semiring the plan was made for.
+        contraction: The clean contraction (after ``...``, diagonals, broadcasting).
+        path: The steps in opt_einsum's operand-index form.
+        steps: The steps themselves.
+        itemsize: Bytes per element of the accumulation dtype.
+        peak_bytes: Estimated bytes of the largest temporary tensor (a window
+            tensor, or an intermediate result); input- and output-sized tensors
+            are not counted.
+    """
+
+    equation: str
+    semiring: str
+    contraction: Contraction
+    path: tuple[tuple[int, ...], ...]
+    steps: tuple[Step, ...]
+    itemsize: int
+    peak_bytes: int
+
+    @property
+    def block_sizes(self) -> tuple[dict[str, int], ...]:
+        """Window extent per summed index, for each step."""
+        return tuple(dict(s.windows) for s in self.steps)
+
+    def __str__(self) -> str:
+        rows = [
+            f"  Equation:       {self.equation}",
+            f"  Semiring:       {self.semiring}",
+            f"  Steps:          {len(self.steps)}",
+            f"  Peak temporary: {self.peak_bytes} bytes (estimate)",
+            "-" * 78,
+            f"{'step':>4}  {'contraction':<30} {'kernel':<8} {'windows':<20} {'bytes':>10}",
+            "-" * 78,
+        ]
+        for i, s in enumerate(self.steps):
+            kernel = "blas" if s.blas else "blocked"
+            windows = ",".join(f"{_show(c)}:{w}" for c, w in s.windows) or "-"
+            nbytes = 0 if s.blas else s.window_elements * self.itemsize
+            rows.append(
+                f"{i:>4}  {_show_eq(s.equation()):<30} {kernel:<8} {windows:<20} {nbytes:>10}"
+            )
+        return "\n".join(rows)
+
+
+def _show(c: str) -> str:
+    return c if c.isascii() else "…"
+
+
+def _show_eq(eq: str) -> str:
+    return "".join(_show(c) for c in eq)
+
+
+def window_extents(
+    inputs: tuple[str, ...],
+    output: str,
+    sizes: tuple[tuple[str, int], ...],
+    budget: Budget,
+    itemsize: int,
+    device_type: str,
+) -> tuple[tuple[str, int], ...]:
+    """Choose the window extent of each summed index of one step.
+
+    With a fixed extent every summed index is cut at that extent.  With a
+    byte budget, the window tensor -- output dims times window extents --
+    stays within the budget (and within the CPU cache target); innermost
+    indices get full extents first, and an extent never drops below 1, so a
+    window can always be built (one that is output-sized is allowed).
+    """
+    return _window_extents(inputs, output, sizes, budget, itemsize, device_type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_extents(
+    inputs: tuple[str, ...],
+    output: str,
+    sizes: tuple[tuple[str, int], ...],
+    budget: Budget,
+    itemsize: int,
+    device_type: str,
+) -> tuple[tuple[str, int], ...]:
+    size = dict(sizes)
+    summed = [c for c in dict.fromkeys("".join(inputs)) if c not in output]
+    if budget.extent is not None:
+        return tuple((c, max(1, min(size[c], budget.extent))) for c in summed)
+    assert budget.bytes is not None
+    cap = budget.bytes
+    if device_type == "cpu":
+        cap = min(cap, CPU_WINDOW_TARGET_BYTES)
+    out_bytes = itemsize * math.prod(size[c] for c in output)
+    room = cap // max(out_bytes, 1)
+    extents: dict[str, int] = {}
+    for c in reversed(summed):
+        n = max(size[c], 1)
+        if room >= n:
+            extents[c] = n
+            room //= n
+        else:
+            extents[c] = max(room, 1)
+            room = 1
+    return tuple((c, extents[c]) for c in summed)
+
+
+def _optimize_key(optimize: object) -> object:
+    if isinstance(optimize, (list, tuple)):
+        return tuple(tuple(int(i) for i in step) for step in optimize)
+    return optimize
+
+
+def make_plan(
+    equation: str,
+    contraction: Contraction,
+    *,
+    semiring: str,
+    blas: bool,
+    joint: bool,
+    itemsize: int,
+    budget: Budget,
+    optimize: object,
+    device_type: str,
+) -> Plan:
+    """Plan a clean contraction (cached).
+
+    Args:
+        equation: The user's equation, for messages.
+        contraction: The clean contraction.
+        semiring: Semiring name (recorded in the plan).
+        blas: Whether steps of at most two operands may go to ``torch.einsum``.
+        joint: Force one step over all operands (``optimize=False``).
+        itemsize: Bytes per element of the accumulation dtype.
+        budget: The resolved block size.
+        optimize: opt_einsum strategy, explicit path, or ``False``.
+        device_type: ``'cpu'``, ``'cuda'``, ...
+    """
+    try:
+        key = _optimize_key(optimize)
+        hash(key)
+    except TypeError:
+        raise TypeError(
+            f"optimize must be a strategy name, a path (sequence of index tuples) or "
+            f"False, got {type(optimize).__name__} (equation {equation!r})"
+        ) from None
+    return _make_plan(
+        equation, contraction, semiring, blas, joint, itemsize, budget, key, device_type
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _make_plan(
+    equation: str,
+    contraction: Contraction,
+    semiring: str,
+    blas: bool,
+    joint: bool,
+    itemsize: int,
+    budget: Budget,
+    optimize: object,
+    device_type: str,
+) -> Plan:
+    n = len(contraction.inputs)
+    path = _path(equation, contraction, joint, itemsize, budget, optimize)
+    size = contraction.size
+    current = list(contraction.inputs)
+    steps: list[Step] = []
+    peak = 0
+    for k, ids in enumerate(path):
+        taken = [current[i] for i in ids]
+        for i in sorted(ids, reverse=True):
+            del current[i]
+        if k == len(path) - 1:
+            out = contraction.output
+        else:
+            later = set("".join(current)) | set(contraction.output)
+            out = "".join(c for c in dict.fromkeys("".join(taken)) if c in later)
+        step_sizes = tuple((c, size[c]) for c in dict.fromkeys("".join(taken)))
+        windows = window_extents(tuple(taken), out, step_sizes, budget, itemsize, device_type)
+        step = Step(tuple(ids), tuple(taken), out, step_sizes, windows, blas and len(ids) <= 2)
+        steps.append(step)
+        if not step.blas:
+            peak = max(peak, step.window_elements * itemsize)
+        if k < len(path) - 1:
+            peak = max(peak, itemsize * math.prod(size[c] for c in out))
+        current.append(out)
+    return Plan(
+        equation, semiring, contraction, tuple(path), tuple(steps), itemsize, peak
+    )
+
+
+def _path(
+    equation: str,
+    contraction: Contraction,
+    joint: bool,
+    itemsize: int,
+    budget: Budget,
+    optimize: object,
+) -> list[tuple[int, ...]]:
+    n = len(contraction.inputs)
+    if joint or optimize is False:
+        return [tuple(range(n))]
+    if isinstance(optimize, tuple):
+        used = sorted(i for step in optimize for i in step)
+        remaining = n
+        for step in optimize:
+            if not step or any(i < 0 or i >= remaining for i in step):
+                raise fail(equation, f"invalid contraction path {list(optimize)!r}")
+            remaining -= len(step) - 1
+        if remaining != 1 or not used:
+            raise fail(equation, f"contraction path {list(optimize)!r} does not end in one operand")
+        return [tuple(step) for step in optimize]
+    if n <= 2:
+        return [tuple(range(n))]
+    size = contraction.size
+    shapes = [tuple(size[c] for c in term) for term in contraction.inputs]
+    memory_limit = None if budget.bytes is None else max(budget.bytes // itemsize, 1)
+    spec = ",".join(contraction.inputs) + "->" + contraction.output
+    try:
+        path, _info = opt_einsum.contract_path(
+            spec, *shapes, shapes=True, optimize=optimize, memory_limit=memory_limit
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise fail(equation, f"opt_einsum could not plan optimize={optimize!r}: {e}") from e
+    return [tuple(step) for step in path]
+
+
+def clear_caches() -> None:
+    """Empty the parse, plan and window caches of the package."""
+    parse_subscripts.cache_clear()
+    resolve.cache_clear()
+    _make_plan.cache_clear()
+    _window_extents.cache_clear()
