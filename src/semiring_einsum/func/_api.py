@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 
@@ -17,7 +16,7 @@ from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
 Tensor = torch.Tensor
-Optimize = Union[str, bool, Sequence[Sequence[int]]]
+Optimize = str | bool | Sequence[Sequence[int]]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -72,6 +71,11 @@ class _Prepared:
         self.spec: Callable[[Step], Spec] = lambda step: Spec(
             step, budget, itemsize, device.type, policy, extras
         )
+
+    def canonical(self, operands: Sequence[Tensor]) -> list[Tensor]:
+        """The clean operands of ``operands`` (differentiably), as in ``__init__``."""
+        _, _, xs = canonicalize(self.equation.source, operands)
+        return [x.float() if x.dtype in _LOW_PRECISION else x for x in xs]
 
     def run(self, run_step: Callable[[Step, list[Tensor]], Tensor]) -> Tensor:
         """Execute the plan's steps in order (opt_einsum's path convention)."""
@@ -199,6 +203,32 @@ def log_einsum_with_extras(
     return p.finish(out), p.finish(torch.nan_to_num(m, nan=math.nan)), p.finish(s)
 
 
+def log_einsum_vjp(
+    equation: str,
+    operands: Sequence[Tensor],
+    cotangent: Tensor,
+    *,
+    out: Tensor | None = None,
+    block_size: BlockSize = None,
+    grad_of_neg_inf: float | str = math.nan,
+) -> tuple[Tensor, ...]:
+    """Gradients of the joint log einsum w.r.t. every operand.
+
+    ``out`` (the forward's result), when known, spares recomputing it.  The
+    result is differentiable: it is built from the same rule as the backward
+    of :func:`log_einsum`.  (Used by the compatibility layer.)
+    """
+    p = _Prepared(LOG, equation, operands, block_size, False, neg_inf=grad_of_neg_inf)
+    clean, pull = torch.func.vjp(lambda *xs: tuple(p.canonical(xs)), *operands)[:2]
+    (step,) = p.plan.steps
+    spec = p.spec(step)
+    if out is None:
+        out = apply(LOG_RULE, spec, *clean)[0]
+    dtype = clean[0].dtype
+    grads = LOG_RULE.vjp(spec, clean, (out.to(dtype),), (cotangent.to(dtype),), [True] * len(clean))
+    return tuple(pull(tuple(grads)))
+
+
 def max_einsum(
     equation: str,
     *operands: Tensor,
@@ -215,7 +245,7 @@ def max_einsum(
         >>> from semiring_einsum import func
         >>> a = torch.tensor([[0., 2.], [1., -1.]])
         >>> func.max_einsum("ij,jk->ik", a, a)
-        tensor([[3., 1.],
+        tensor([[3., 2.],
                 [1., 3.]])
     """
     p = _Prepared(MAX_PLUS, equation, operands, block_size, optimize)
@@ -242,16 +272,17 @@ def min_einsum(
                 [1., 0.]])
     """
     return -max_einsum(
-        equation, *(-_tensor(x, k, equation) for k, x in enumerate(operands)),
-        block_size=block_size, optimize=optimize,
+        equation,
+        *(-_tensor(x, k, equation) for k, x in enumerate(operands)),
+        block_size=block_size,
+        optimize=optimize,
     )
 
 
 def _tensor(x: object, k: int, equation: str) -> Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(
-            f"operand {k} must be a torch.Tensor, got {type(x).__name__} "
-            f"(equation {equation!r})"
+            f"operand {k} must be a torch.Tensor, got {type(x).__name__} (equation {equation!r})"
         )
     return x
 
@@ -280,7 +311,7 @@ def viterbi_einsum(
         >>> values, argmax = func.viterbi_einsum("ij,jk->ik", a, a)
         >>> argmax[..., 0]  # the best j for each (i, k)
         tensor([[1, 0],
-                [0, 1]])
+                [0, 0]])
     """
     if optimize is not False:
         raise NotImplementedError(
@@ -363,7 +394,7 @@ def plan(
             tensors.append(x)
             continue
         try:
-            shape = tuple(int(n) for n in x)  # type: ignore[union-attr]
+            shape = tuple(int(n) for n in x)
         except TypeError:
             raise TypeError(
                 f"operand {k} must be a tensor or a shape, got {type(x).__name__} "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Rule, Spec
+from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Rule
 
 Tensor = torch.Tensor
 
@@ -58,7 +58,7 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
         gs = rule.vjp(ctx.spec, saved[:n], saved[n:], grads, needs)
         return (None, *(g if need else None for g, need in zip(gs, needs)))
 
-    def jvp(ctx: Any, _spec_tangent: None, *tangents: Tensor) -> tuple[Tensor | None, ...]:
+    def jvp(ctx: Any, _spec_tangent: None, *tangents: Tensor) -> Any:
         if _forward_over_forward():
             raise NotImplementedError(
                 "forward-over-forward differentiation (jacfwd(jacfwd(...)), "
@@ -67,6 +67,7 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
                 "jacrev(jacfwd(...)) / jacrev(jacrev(...)) instead"
             )
         saved = ctx.saved_tensors
+        assert rule.jvp is not None
         out = rule.jvp(ctx.spec, saved[:n], saved[n:], tangents)
         return out[0] if len(out) == 1 else out
 
@@ -82,8 +83,8 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
     return type(f"{rule.name}{n}{suffix}", (torch.autograd.Function,), attrs)
 
 
-_FUNCTIONS: dict[tuple[str, int, bool], type[torch.autograd.Function]] = {
-    (rule.name, n, with_jvp): _build(rule, n, with_jvp)
+_FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
+    (rule, n, with_jvp): _build(rule, n, with_jvp)
     for rule in (LOG_RULE, MAX_RULE, REAL_RULE)
     for n in range(1, PREBUILT_ARITY + 1)
     for with_jvp in (False, True)
@@ -91,23 +92,22 @@ _FUNCTIONS: dict[tuple[str, int, bool], type[torch.autograd.Function]] = {
 
 
 def _function(rule: Rule, n: int) -> type[torch.autograd.Function]:
-    with_jvp = not torch.compiler.is_compiling()
-    key = (rule.name, n, with_jvp)
+    with_jvp = rule.jvp is not None and not torch.compiler.is_compiling()
+    key = (rule, n, with_jvp)
     fn = _FUNCTIONS.get(key)
     if fn is None:
-        if not with_jvp:
+        if torch.compiler.is_compiling():
             raise NotImplementedError(
                 f"torch.compile supports steps of at most {PREBUILT_ARITY} operands "
                 f"(got {n}); use a pairwise plan (optimize='auto') or call it eagerly once first"
             )
-        for twin in (False, True):
-            _FUNCTIONS[(rule.name, n, twin)] = _build(rule, n, twin)
+        for twin in (False, True) if rule.jvp is not None else (False,):
+            _FUNCTIONS[(rule, n, twin)] = _build(rule, n, twin)
         fn = _FUNCTIONS[key]
     return fn
 
 
-def apply(rule: Rule, spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
+def apply(rule: Rule, spec: object, *xs: Tensor) -> tuple[Tensor, ...]:
     """Run ``rule`` on ``xs`` through its autograd Function; always a tuple."""
     out = _function(rule, len(xs)).apply(spec, *xs)
     return out if isinstance(out, tuple) else (out,)
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -99,7 +98,7 @@ def _free_cuda_bytes(device: torch.device) -> int:
 AUTOMATIC_BLOCK_SIZE = AutomaticBlockSize(repr_string="AUTOMATIC_BLOCK_SIZE")
 """The default :class:`AutomaticBlockSize` (1 GiB on CPU, free memory on CUDA)."""
 
-BlockSize = Union[int, AutomaticBlockSize, None]
+BlockSize = int | AutomaticBlockSize | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,7 +131,7 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
         else:
             e = torch.exp(t - _trailing(shift, n))
         s = e.sum(dims) if dims else e
-        s_run = s if s_run is None else s_run * torch.exp(m_run - shift) + s
+        s_run = s if s_run is None or m_run is None else s_run * torch.exp(m_run - shift) + s
         m_run = m_new
     if m_run is None or s_run is None or shift is None:  # a summed index of size 0
         full = aligned[0].new_full(shape, -math.inf)

@@ -102,9 +102,7 @@ def parse_subscripts(equation: str) -> Subscripts:
     if text.count("->") > 1:
         raise fail(equation, "'->' appears more than once")
     lhs, arrow, rhs = text.partition("->")
-    inputs = tuple(
-        _tokens(equation, term, f"operand {k}") for k, term in enumerate(lhs.split(","))
-    )
+    inputs = tuple(_tokens(equation, term, f"operand {k}") for k, term in enumerate(lhs.split(",")))
     if not arrow:
         return Subscripts(equation, inputs, None)
     output = _tokens(equation, rhs, "the output")
@@ -127,8 +125,7 @@ def resolve(subscripts: Subscripts, ranks: tuple[int, ...]) -> Equation:
     if len(ranks) != len(subscripts.inputs):
         raise fail(
             source,
-            f"the equation has {len(subscripts.inputs)} operand(s) but "
-            f"{len(ranks)} were given",
+            f"the equation has {len(subscripts.inputs)} operand(s) but {len(ranks)} were given",
         )
     ellipsis_rank = 0
     for k, (term, rank) in enumerate(zip(subscripts.inputs, ranks)):
@@ -137,8 +134,7 @@ def resolve(subscripts: Subscripts, ranks: tuple[int, ...]) -> Equation:
             if rank < named:
                 raise fail(
                     source,
-                    f"operand {k} has {rank} dimension(s) but its subscripts name "
-                    f"at least {named}",
+                    f"operand {k} has {rank} dimension(s) but its subscripts name at least {named}",
                 )
             ellipsis_rank = max(ellipsis_rank, rank - named)
         elif rank != named:
@@ -195,8 +191,7 @@ def _check_operands(source: str, operands: Sequence[object]) -> None:
     for k, x in enumerate(operands):
         if not isinstance(x, torch.Tensor):
             raise TypeError(
-                f"operand {k} must be a torch.Tensor, got {type(x).__name__} "
-                f"(equation {source!r})"
+                f"operand {k} must be a torch.Tensor, got {type(x).__name__} (equation {source!r})"
             )
 
 
@@ -265,9 +260,7 @@ def canonicalize(
             x = x.to(dtype)
         out.append(x)
     order = [c for term in terms for c in term]
-    clean = Contraction(
-        tuple(terms), eq.output, tuple((c, sizes[c]) for c in dict.fromkeys(order))
-    )
+    clean = Contraction(tuple(terms), eq.output, tuple((c, sizes[c]) for c in dict.fromkeys(order)))
     return eq, clean, out
 
 

@@ -72,8 +72,7 @@ class Step:
         """All windows, as ``(start, stop)`` per summed index, in row-major order."""
         size = self.size
         axes = [
-            [(lo, min(lo + w, size[c])) for lo in range(0, size[c], w)]
-            for c, w in self.windows
+            [(lo, min(lo + w, size[c])) for lo in range(0, size[c], w)] for c, w in self.windows
         ]
         return product(*axes)
 
@@ -244,7 +243,6 @@ def _make_plan(
     optimize: object,
     device_type: str,
 ) -> Plan:
-    n = len(contraction.inputs)
     path = _path(equation, contraction, joint, itemsize, budget, optimize)
     size = contraction.size
     current = list(contraction.inputs)
@@ -268,9 +266,7 @@ def _make_plan(
         if k < len(path) - 1:
             peak = max(peak, itemsize * math.prod(size[c] for c in out))
         current.append(out)
-    return Plan(
-        equation, semiring, contraction, tuple(path), tuple(steps), itemsize, peak
-    )
+    return Plan(equation, semiring, contraction, tuple(path), tuple(steps), itemsize, peak)
 
 
 def _path(
@@ -315,3 +311,30 @@ def clear_caches() -> None:
     resolve.cache_clear()
     _make_plan.cache_clear()
     _window_extents.cache_clear()
+
+
+def joint_step(
+    contraction: Contraction,
+    budget: Budget,
+    itemsize: int,
+    device_type: str,
+    summed_order: str,
+) -> Step:
+    """One step over every operand, its windows listed in ``summed_order``."""
+    windows = dict(
+        window_extents(
+            contraction.inputs,
+            contraction.output,
+            contraction.sizes,
+            budget,
+            itemsize,
+            device_type,
+        )
+    )
+    return Step(
+        tuple(range(len(contraction.inputs))),
+        contraction.inputs,
+        contraction.output,
+        contraction.sizes,
+        tuple((c, windows[c]) for c in summed_order),
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -24,7 +23,7 @@ from ._plan import Step, window_extents
 from ._semiring import REAL
 
 Tensor = torch.Tensor
-NegInf = Union[float, str]  # a float, 'nan' or 'uniform'
+NegInf = float | str  # a float, 'nan' or 'uniform'
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +55,7 @@ class Rule:
     name: str
     forward: Callable[..., tuple[Tensor, ...]]
     vjp: Callable[..., Sequence[Tensor | None]]
-    jvp: Callable[..., tuple[Tensor | None, ...]]
+    jvp: Callable[..., tuple[Tensor | None, ...]] | None
     differentiable: int = 1
 
 
@@ -98,7 +97,11 @@ def _log_weights(spec: Spec, out: Tensor) -> Callable[[list[Tensor], K.Range], T
 
 
 def _log_vjp(
-    spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], gs: Sequence[Tensor], needs: Sequence[bool]
+    spec: Spec,
+    xs: Sequence[Tensor],
+    outs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    needs: Sequence[bool],
 ) -> list[Tensor | None]:
     weights = _log_weights(spec, outs[0])
     g_b = _trail(gs[0], spec)
@@ -132,7 +135,11 @@ def _argmax_mask(spec: Spec, linear: Tensor) -> Callable[[list[Tensor], K.Range]
 
 
 def _max_vjp(
-    spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], gs: Sequence[Tensor], needs: Sequence[bool]
+    spec: Spec,
+    xs: Sequence[Tensor],
+    outs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    needs: Sequence[bool],
 ) -> list[Tensor | None]:
     mask = _argmax_mask(spec, outs[1])
     g_b = _trail(gs[0], spec)
@@ -172,7 +179,11 @@ def _operand_grad_step(spec: Spec, k: int) -> tuple[Step, str]:
 
 
 def _real_vjp(
-    spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], gs: Sequence[Tensor], needs: Sequence[bool]
+    spec: Spec,
+    xs: Sequence[Tensor],
+    outs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    needs: Sequence[bool],
 ) -> list[Tensor | None]:
     grads: list[Tensor | None] = []
     for k, x in enumerate(xs):
@@ -207,13 +218,10 @@ def neg_inf_policy(grad_of_neg_inf: object) -> NegInf:
     if isinstance(grad_of_neg_inf, str):
         if grad_of_neg_inf in ("uniform", "nan"):
             return grad_of_neg_inf
-        raise ValueError(
-            f"grad_of_neg_inf must be a float or 'uniform', got {grad_of_neg_inf!r}"
-        )
+        raise ValueError(f"grad_of_neg_inf must be a float or 'uniform', got {grad_of_neg_inf!r}")
     if isinstance(grad_of_neg_inf, bool) or not isinstance(grad_of_neg_inf, (int, float)):
         raise TypeError(
-            f"grad_of_neg_inf must be a float or 'uniform', got "
-            f"{type(grad_of_neg_inf).__name__}"
+            f"grad_of_neg_inf must be a float or 'uniform', got {type(grad_of_neg_inf).__name__}"
         )
     value = float(grad_of_neg_inf)
     return "nan" if math.isnan(value) else value

@@ -1,0 +1,458 @@
+"""Adapters from torch-semiring-einsum 1.2.0's API to the functional core.
+
+Nothing here computes a contraction: every function adapts its arguments and
+calls :mod:`semiring_einsum.func`.  What the reference returns, we return
+(including its flag-dependent tuples); where the reference is wrong or
+unimplemented, we are right instead (see each docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from . import func
+from .func import _kernels as K
+from .func._api import log_einsum_vjp, log_einsum_with_extras
+from .func._autograd import apply
+from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, resolve_budget
+from .func._parse import ELLIPSIS, canonicalize, parse_subscripts, resolve
+from .func._plan import joint_step
+from .func._rules import Rule
+
+Tensor = torch.Tensor
+BlockSize = int | AutomaticBlockSize
+
+
+@dataclass(frozen=True)
+class Equation:
+    """A pre-compiled einsum equation (see :func:`compile_equation`).
+
+    The attribute names are those of torch-semiring-einsum.  Indices are
+    numbered in order of first appearance.  For an equation with ``...``, the
+    lists hold the named indices only and a position after ``...`` is counted
+    from the end of the operand (a negative dim), since the number of
+    dimensions ``...`` covers is only known once tensors are given.
+
+    Attributes:
+        source: The equation string.
+        variable_locations: For each index, the ``(operand, dim)`` pairs where
+            it appears.
+        input_variables: For each operand, the index numbers of its dims.
+        output_variables: The index numbers of the output's dims.
+        num_variables: How many distinct indices there are.
+    """
+
+    source: str
+    variable_locations: Sequence[Sequence[tuple[int, int]]] = field(repr=False)
+    input_variables: Sequence[Sequence[int]] = field(repr=False)
+    output_variables: Sequence[int] = field(repr=False)
+    num_variables: int = field(repr=False)
+
+
+def compile_equation(equation: str) -> Equation:
+    """Parse and validate an einsum equation once, for reuse.
+
+    Any :func:`torch.einsum` equation is accepted, including implicit outputs
+    and ``...``.  Passing the string itself to the einsum functions works
+    equally well (parsing is cached).
+
+    Example:
+        >>> import semiring_einsum
+        >>> eq = semiring_einsum.compile_equation("ij,jk->ik")
+        >>> eq.input_variables, eq.output_variables, eq.num_variables
+        (((0, 1), (1, 2)), (0, 2), 3)
+    """
+    sub = parse_subscripts(equation)
+    numbers: dict[str, int] = {}
+    locations: list[list[tuple[int, int]]] = []
+    inputs: list[tuple[int, ...]] = []
+    for k, term in enumerate(sub.inputs):
+        ids = []
+        after = ELLIPSIS in term
+        for d, t in enumerate(term):
+            if t == ELLIPSIS:
+                continue
+            if t not in numbers:
+                numbers[t] = len(numbers)
+                locations.append([])
+            dim = d - len(term) if after and d > term.index(ELLIPSIS) else d
+            locations[numbers[t]].append((k, dim))
+            ids.append(numbers[t])
+        inputs.append(tuple(ids))
+    if sub.output is None:
+        output = [c for c in resolve_implicit(sub) if c in numbers]
+    else:
+        output = [t for t in sub.output if t != ELLIPSIS]
+    return Equation(
+        equation,
+        tuple(tuple(loc) for loc in locations),
+        tuple(inputs),
+        tuple(numbers[c] for c in output),
+        len(numbers),
+    )
+
+
+def resolve_implicit(sub: Any) -> str:
+    """The implicit output letters of an equation (ranks do not matter here)."""
+    ranks = tuple(len([t for t in term if t != ELLIPSIS]) for term in sub.inputs)
+    return resolve(sub, ranks).output
+
+
+def _source(equation: Equation | str) -> str:
+    if isinstance(equation, Equation):
+        return equation.source
+    if isinstance(equation, str):
+        return equation
+    raise TypeError(f"equation must be an Equation or a str, got {type(equation).__name__}")
+
+
+def einsum(
+    equation: Equation | str, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE
+) -> Tensor:
+    """Differentiable real einsum (sum of products).
+
+    Same results as :func:`torch.einsum`; differentiable with autograd and
+    ``torch.func``.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> semiring_einsum.einsum("ij,jk->ik", torch.ones(2, 3), torch.ones(3, 2))
+        tensor([[3., 3.],
+                [3., 3.]])
+    """
+    return func.einsum(_source(equation), *args, block_size=block_size)
+
+
+def real_einsum_forward(
+    equation: Equation | str, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE
+) -> Tensor:
+    """Real einsum (the forward of :func:`einsum`; also differentiable here).
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> semiring_einsum.real_einsum_forward("i,i->", torch.ones(3), torch.ones(3))
+        tensor(3.)
+    """
+    return func.einsum(_source(equation), *args, block_size=block_size)
+
+
+def _needs(needs_grad: Sequence[bool], args: Sequence[Tensor]) -> list[bool]:
+    needs = [bool(n) for n in needs_grad]
+    if len(needs) != len(args):
+        raise ValueError(f"needs_grad has {len(needs)} entries but there are {len(args)} args")
+    return needs
+
+
+def real_einsum_backward(
+    equation: Equation | str,
+    args: Sequence[Tensor],
+    needs_grad: Sequence[bool],
+    grad: Tensor,
+    block_size: BlockSize = AUTOMATIC_BLOCK_SIZE,
+) -> list[Tensor | None]:
+    """Gradients of :func:`real_einsum_forward` w.r.t. each arg.
+
+    Returns:
+        One gradient per arg, ``None`` where ``needs_grad`` is false.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> a, b = torch.ones(2, 3), torch.ones(3)
+        >>> semiring_einsum.real_einsum_backward("ij,j->i", [a, b], [False, True],
+        ...                                      torch.ones(2))
+        [None, tensor([2., 2., 2.])]
+    """
+    source = _source(equation)
+    needs = _needs(needs_grad, args)
+    pull = torch.func.vjp(lambda *xs: func.einsum(source, *xs, block_size=block_size), *args)[1]
+    grads = pull(grad)
+    return [g if n else None for g, n in zip(grads, needs)]
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def log_einsum(
+    equation: Equation | str,
+    *args: Tensor,
+    block_size: BlockSize = AUTOMATIC_BLOCK_SIZE,
+    save_max: bool = True,
+    save_sumexpsub: bool = True,
+    grad_of_neg_inf: float | Literal["uniform"] = math.nan,
+) -> Tensor:
+    """Differentiable log-space einsum (``log Σ exp``).
+
+    ``save_max`` and ``save_sumexpsub`` are accepted for compatibility: the
+    backward here needs only the output, which is always kept (one
+    output-sized tensor instead of the reference's two).  ``grad_of_neg_inf``
+    supports NaN, any float and ``'uniform'`` (see
+    :func:`semiring_einsum.func.log_einsum`).
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> semiring_einsum.log_einsum("i->", torch.zeros(2))  # log 2
+        tensor(0.6931)
+    """
+    _check_flag("save_max", save_max)
+    _check_flag("save_sumexpsub", save_sumexpsub)
+    return func.log_einsum(
+        _source(equation), *args, block_size=block_size, grad_of_neg_inf=grad_of_neg_inf
+    )
+
+
+def log_einsum_forward(
+    equation: Equation | str,
+    *args: Tensor,
+    block_size: BlockSize = AUTOMATIC_BLOCK_SIZE,
+    return_max: bool = False,
+    return_sumexpsub: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
+    """Log-space einsum, optionally with each cell's max term and scaled sum.
+
+    Returns:
+        The output alone, or ``(output, max?, sumexpsub?)`` when
+        ``return_max`` / ``return_sumexpsub`` is set: ``max`` is each output
+        cell's largest term (clipped to the dtype's finite range) and
+        ``sumexpsub`` is ``Σ exp(term - max)``.  Both can be passed to
+        :func:`log_einsum_backward`.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> out, m = semiring_einsum.log_einsum_forward(
+        ...     "i->", torch.tensor([0.0, 1.0]), return_max=True)
+        >>> m
+        tensor(1.)
+    """
+    _check_flag("return_max", return_max)
+    _check_flag("return_sumexpsub", return_sumexpsub)
+    source = _source(equation)
+    if not (return_max or return_sumexpsub):
+        return func.log_einsum(source, *args, block_size=block_size)
+    out, m, s = log_einsum_with_extras(source, *args, block_size=block_size)
+    return (out,) + ((m,) if return_max else ()) + ((s,) if return_sumexpsub else ())
+
+
+def log_einsum_backward(
+    equation: Equation | str,
+    args: Sequence[Tensor],
+    needs_grad: Sequence[bool],
+    grad: Tensor,
+    block_size: BlockSize = AUTOMATIC_BLOCK_SIZE,
+    grad_of_neg_inf: float | Literal["uniform"] = math.nan,
+    saved_max: Tensor | None = None,
+    saved_sumexpsub: Tensor | None = None,
+) -> list[Tensor | None]:
+    """Gradients of :func:`log_einsum_forward` w.r.t. each arg.
+
+    When both ``saved_max`` and ``saved_sumexpsub`` are given (from
+    :func:`log_einsum_forward`), the forward is not recomputed.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> semiring_einsum.log_einsum_backward("i->", [torch.zeros(2)], [True],
+        ...                                     torch.tensor(1.0))
+        [tensor([0.5000, 0.5000])]
+    """
+    source = _source(equation)
+    needs = _needs(needs_grad, args)
+    out = None
+    if saved_max is not None and saved_sumexpsub is not None:
+        out = saved_max + torch.log(saved_sumexpsub)
+    grads = log_einsum_vjp(
+        source, args, grad, out=out, block_size=block_size, grad_of_neg_inf=grad_of_neg_inf
+    )
+    return [g if n else None for g, n in zip(grads, needs)]
+
+
+def log_viterbi_einsum_forward(
+    equation: Equation | str, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE
+) -> tuple[Tensor, Tensor]:
+    """Max-plus einsum with the argmax of the summed indices.
+
+    Returns:
+        ``(max, argmax)``; ``argmax`` has shape ``max.shape + (k,)`` for ``k``
+        summed indices, in order of first appearance.  Ties go to the first
+        maximiser in row-major order, whatever ``block_size`` is.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> semiring_einsum.log_viterbi_einsum_forward("i->", torch.tensor([0., 2., 1.]))
+        (tensor(2.), tensor([1]))
+    """
+    return func.viterbi_einsum(_source(equation), *args, block_size=block_size)
+
+
+Window = tuple[slice, ...]
+
+
+def semiring_einsum_forward(
+    equation: Equation | str,
+    args: Sequence[Tensor],
+    block_size: BlockSize,
+    func: Callable[[Callable[..., Any]], Any],
+) -> Any:
+    """Run a user-defined einsum through the ``compute_sum`` callback protocol.
+
+    ``func(compute_sum)`` is called once and its result returned.  Each call
+    ``compute_sum(add_in_place, sum_block, multiply_in_place,
+    include_indexes=False, output_dtypes=(None,))`` makes one pass over the
+    windows of the summed indices: for each window it builds a fresh term
+    tensor -- output dims (in output order) then the window's summed dims (in
+    order of first appearance) -- by starting from a copy of the first
+    operand's slice and calling ``multiply_in_place(term, factor)`` with each
+    other slice; then ``sum_block(term, dims)`` (or ``sum_block(term, dims,
+    var_values)`` with ``include_indexes=True``, where ``var_values`` holds one
+    ``slice`` per summed index) reduces the window, and
+    ``add_in_place(acc, part)`` accumulates it into the first window's part,
+    which is returned.  When a summed index has size 0, ``sum_block`` is
+    called once on the empty window, so it defines the empty sum.
+    ``output_dtypes`` is accepted for compatibility; the budget here bounds
+    the window tensor itself, so it is not needed.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> def max_plus(compute_sum):
+        ...     def add(a, b):
+        ...         torch.maximum(a, b, out=a)
+        ...     def reduce(a, dims):
+        ...         return a.amax(dims) if dims else a
+        ...     def mul(a, b):
+        ...         a += b
+        ...     return compute_sum(add, reduce, mul)
+        >>> x = torch.tensor([[0., 5.], [2., 1.]])
+        >>> semiring_einsum.semiring_einsum_forward("ij,jk->ik", [x, x], 1, max_plus)
+        tensor([[7., 6.],
+                [3., 7.]])
+    """
+    source = _source(equation)
+    eq, clean, xs = canonicalize(source, list(args))
+    budget = resolve_budget(block_size, xs[0].device, f" (equation {source!r})")
+    step = joint_step(clean, budget, xs[0].element_size(), xs[0].device.type, eq.summed)
+    size = step.size
+    nout = len(step.output)
+
+    def compute_sum(
+        add_in_place: Callable[[Any, Any], object],
+        sum_block: Callable[..., Any],
+        multiply_in_place: Callable[[Tensor, Tensor], object],
+        include_indexes: bool = False,
+        output_dtypes: Sequence[torch.dtype | None] = (None,),
+    ) -> Any:
+        for dtype in output_dtypes:
+            if dtype is not None and not isinstance(dtype, torch.dtype):
+                raise TypeError(f"output_dtypes must hold torch dtypes or None, got {dtype!r}")
+        aligned = K.align(step, xs)
+        dims = tuple(range(nout, nout + len(step.windows)))
+        ranges = list(step.ranges())
+        empty = not ranges
+        if empty:
+            ranges = [tuple((0, 0) for _ in step.windows)]
+        acc: Any = None
+        for rng in ranges:
+            shape = [size[c] for c in step.output] + [hi - lo for lo, hi in rng]
+            views = K.narrow(step, aligned, rng) if not empty else _empty(aligned, nout, rng)
+            term = views[0].expand(shape).clone()
+            for factor in views[1:]:
+                multiply_in_place(term, factor)
+            if include_indexes:
+                part = sum_block(term, dims, tuple(slice(lo, hi) for lo, hi in rng))
+            else:
+                part = sum_block(term, dims)
+            if acc is None:
+                acc = part
+            else:
+                add_in_place(acc, part)
+        return acc
+
+    return func(compute_sum)
+
+
+def _empty(aligned: Sequence[Tensor], nout: int, rng: tuple[tuple[int, int], ...]) -> list[Tensor]:
+    """Slices of zero extent along every summed dim (the empty window)."""
+    out = []
+    for x in aligned:
+        for i in range(len(rng)):
+            if x.shape[nout + i] != 1:
+                x = x.narrow(nout + i, 0, 0)
+        out.append(x)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class _CombinedSpec:
+    equation: Any
+    forward_kwargs: dict[str, Any]
+    backward_kwargs: dict[str, Any]
+
+
+def combine(
+    forward: Callable[..., Tensor],
+    backward: Callable[..., Sequence[Tensor | None]],
+    forward_options: Sequence[str] = (),
+    backward_options: Sequence[str] = (),
+) -> Callable[..., Tensor]:
+    """Join an einsum forward and its backward into one differentiable function.
+
+    ``forward(equation, *args, block_size=..., **forward_options)`` computes
+    the output; ``backward(equation, args, needs_grad, grad, block_size=...,
+    **backward_options)`` returns one gradient per arg (``None`` where
+    ``needs_grad`` is false).  The result is called as ``f(equation, *args,
+    block_size=..., **options)``; each keyword in ``forward_options`` /
+    ``backward_options`` is routed to the function that names it.  The
+    function is an ``autograd.Function`` in the ``setup_context`` style, so it
+    also works under ``torch.func.grad`` and ``vmap`` when ``forward`` and
+    ``backward`` are written with vmappable torch operations.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> f = semiring_einsum.combine(semiring_einsum.real_einsum_forward,
+        ...                             semiring_einsum.real_einsum_backward)
+        >>> x = torch.ones(3, requires_grad=True)
+        >>> f("i->", x, block_size=2).backward()
+        >>> x.grad
+        tensor([1., 1., 1.])
+    """
+    forward_options = tuple(forward_options)
+    backward_options = tuple(backward_options)
+
+    def forward_rule(spec: _CombinedSpec, *xs: Tensor) -> tuple[Tensor]:
+        return (forward(spec.equation, *xs, **spec.forward_kwargs),)
+
+    def vjp_rule(
+        spec: _CombinedSpec,
+        xs: Sequence[Tensor],
+        outs: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        needs: Sequence[bool],
+    ) -> Sequence[Tensor | None]:
+        result = list(
+            backward(spec.equation, tuple(xs), tuple(needs), grads[0], **spec.backward_kwargs)
+        )
+        if len(result) != len(xs):
+            raise ValueError(
+                f"the backward given to combine() returned {len(result)} gradients "
+                f"for {len(xs)} args"
+            )
+        return result
+
+    rule = Rule(f"Combined_{getattr(forward, '__name__', 'einsum')}", forward_rule, vjp_rule, None)
+
+    def combined(
+        equation: Any, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE, **kwargs: Any
+    ) -> Tensor:
+        unknown = set(kwargs) - set(forward_options) - set(backward_options)
+        if unknown:
+            raise TypeError(f"got an unexpected keyword argument {sorted(unknown)[0]!r}")
+        fwd = {k: kwargs[k] for k in forward_options if k in kwargs}
+        bwd = {k: kwargs[k] for k in backward_options if k in kwargs}
+        fwd["block_size"] = bwd["block_size"] = block_size
+        return apply(rule, _CombinedSpec(equation, fwd, bwd), *args)[0]
+
+    return combined
