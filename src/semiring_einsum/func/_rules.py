@@ -191,7 +191,9 @@ def _real_vjp(
             grads.append(None)
             continue
         step, kept = _operand_grad_step(spec, k)
-        g = K.contract(REAL, step, [gs[0], *xs[:k], *xs[k + 1 :]])
+        # conj() is a no-op view for real dtypes; for complex it gives d/dz̄.
+        others = [x.conj() for x in (*xs[:k], *xs[k + 1 :])]
+        g = K.contract(REAL, step, [gs[0], *others])
         term = spec.step.inputs[k]
         if kept != term:  # indices only this operand has: the gradient is constant along them
             g = g.reshape([x.shape[i] if c in kept else 1 for i, c in enumerate(term)])

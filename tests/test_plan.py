@@ -1,0 +1,102 @@
+"""The plan stage: contraction order, windows, byte estimates and caching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from semiring_einsum import func
+from semiring_einsum.func import AutomaticBlockSize
+
+
+def test_pairwise_path_follows_opt_einsum() -> None:
+    import opt_einsum
+
+    shapes = [(8, 9), (9, 10), (10, 11)]
+    p = func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG)
+    expected, _ = opt_einsum.contract_path("ab,bc,cd->ad", *shapes, shapes=True)
+    assert p.path == tuple(tuple(s) for s in expected)
+    assert len(p.steps) == 2
+    assert p.steps[-1].output == "ad"
+
+
+def test_optimize_false_is_one_joint_step() -> None:
+    p = func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7), optimize=False, semiring=func.LOG)
+    assert p.path == ((0, 1, 2),)
+    assert p.block_sizes[0].keys() == {"b", "c"}
+
+
+def test_explicit_path_is_honoured() -> None:
+    p = func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7), optimize=[(1, 2), (0, 1)])
+    assert p.path == ((1, 2), (0, 1))
+    assert p.steps[0].inputs == ("bc", "cd")
+
+
+def test_real_steps_go_to_blas_and_others_are_blocked() -> None:
+    real = func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7))
+    log = func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7), semiring=func.LOG)
+    assert all(s.blas for s in real.steps)
+    assert not any(s.blas for s in log.steps)
+
+
+def test_int_block_size_caps_every_window() -> None:
+    p = func.plan("abc,cd->ad", (3, 7, 9), (9, 2), block_size=4, semiring=func.LOG)
+    assert p.block_sizes == ({"b": 4, "c": 4},)
+
+
+@pytest.mark.parametrize("budget", [64, 1024, 1 << 14])
+def test_automatic_budget_bounds_window_bytes(budget: int) -> None:
+    p = func.plan(
+        "bij,bjk->bik",
+        (4, 16, 32),
+        (4, 32, 8),
+        semiring=func.LOG,
+        block_size=AutomaticBlockSize(max_cpu_bytes=budget),
+    )
+    out_bytes = 4 * 16 * 8 * 4
+    (step,) = p.steps
+    window_bytes = 4 * math.prod([4, 16, 8]) * step.windows[0][1]
+    # The window tensor carries the output dims; it never exceeds the budget
+    # unless the output alone does (then the window is one slice wide).
+    assert window_bytes <= max(budget, out_bytes)
+    assert p.peak_bytes <= max(budget, out_bytes)
+
+
+def test_budget_too_small_for_pairwise_intermediate_sums_jointly() -> None:
+    # In a triangle every pairwise intermediate has 30*30 elements (3600 bytes);
+    # a 1 KiB budget forbids them all, so the three indices are summed jointly.
+    shapes = [(30, 30)] * 3
+    roomy = func.plan("ab,bc,ca->", *shapes, semiring=func.LOG)
+    tight = func.plan(
+        "ab,bc,ca->", *shapes, semiring=func.LOG, block_size=AutomaticBlockSize(max_cpu_bytes=1024)
+    )
+    assert len(roomy.steps) == 2
+    assert tight.path == ((0, 1, 2),)
+    assert 0 < tight.peak_bytes <= 1024
+
+
+def test_plan_is_immutable_hashable_and_cached() -> None:
+    a = func.plan("ij,jk->ik", (3, 4), (4, 5), semiring=func.LOG)
+    b = func.plan("ij,jk->ik", (3, 4), (4, 5), semiring=func.LOG)
+    assert a is b
+    hash(a)
+    with pytest.raises(AttributeError):
+        a.peak_bytes = 0  # type: ignore[misc]
+    func.clear_caches()
+    assert func.plan("ij,jk->ik", (3, 4), (4, 5), semiring=func.LOG) == a
+
+
+def test_plan_accepts_tensors_and_prints_a_table() -> None:
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    p = func.plan("ij,jk->ik", x, x.T)
+    assert p.itemsize == 8
+    text = str(p)
+    assert "ij,jk->ik" in text and "blas" in text and "Peak temporary" in text
+
+
+def test_plan_resolves_ellipsis_and_diagonals() -> None:
+    p = func.plan("...ii,...i->...", (2, 3, 3), (2, 3), semiring=func.LOG)
+    assert len(p.contraction.inputs) == 2
+    assert all(len(set(t)) == len(t) for t in p.contraction.inputs)
