@@ -10,7 +10,7 @@ import torch
 from . import _kernels as K
 from ._autograd import apply
 from ._budget import BlockSize, resolve_budget
-from ._parse import Contraction, Equation, canonicalize
+from ._parse import Contraction, Equation, apply_recipe, check_operands
 from ._plan import Plan, Step, make_plan
 from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
@@ -24,7 +24,16 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 class _Prepared:
     """A canonicalized call: clean operands, their plan, and how to finish."""
 
-    __slots__ = ("equation", "contraction", "operands", "plan", "spec", "out_dtype")
+    __slots__ = (
+        "recipe",
+        "equation",
+        "contraction",
+        "operands",
+        "plan",
+        "spec",
+        "out_dtype",
+        "compute_dtype",
+    )
 
     def __init__(
         self,
@@ -40,25 +49,22 @@ class _Prepared:
         extras: bool = False,
         device: torch.device | None = None,
     ) -> None:
-        eq, clean, xs = canonicalize(equation, operands)
-        dtype = xs[0].dtype
+        recipe = check_operands(equation, operands)
+        eq = recipe.equation
+        dtype = recipe.dtype
         if semiring is not REAL and not dtype.is_floating_point:
             raise TypeError(
                 f"the {semiring.name} semiring needs floating-point operands, got "
                 f"{dtype} (equation {eq.source!r})"
             )
-        self.out_dtype = dtype
-        if dtype in _LOW_PRECISION:  # accumulate in float32
-            xs = [x.float() for x in xs]
-        device = device or xs[0].device
+        compute = torch.float32 if dtype in _LOW_PRECISION else dtype  # accumulate in float32
+        device = device or operands[0].device
         budget = resolve_budget(block_size, device, f" (equation {eq.source!r})")
-        itemsize = xs[0].element_size()
-        self.equation: Equation = eq
-        self.contraction: Contraction = clean
-        self.operands = xs
+        policy = neg_inf_policy(neg_inf, eq.source)
+        itemsize = compute.itemsize
         self.plan: Plan = make_plan(
             eq.source,
-            clean,
+            recipe.contraction,
             semiring=semiring.name,
             blas=blas,
             joint=joint,
@@ -67,19 +73,36 @@ class _Prepared:
             optimize=optimize,
             device_type=device.type,
         )
-        policy = neg_inf_policy(neg_inf)
+        # Only now, with everything validated, touch the tensors.
+        self.recipe = recipe
+        self.equation: Equation = eq
+        self.contraction: Contraction = recipe.contraction
+        self.out_dtype = dtype
+        self.compute_dtype = compute
+        self.operands = apply_recipe(recipe, operands, compute)
+        last = self.plan.steps[-1]
+        # grad_of_neg_inf is about the cells of the *whole* contraction.  An
+        # intermediate cell that is all -inf only matters through a final
+        # cell: if that final cell is finite, the intermediate's terms have
+        # weight 0 there (exactly as in the joint sum); if it is all -inf too,
+        # the final step's policy already reaches the intermediate through
+        # the chain rule.  So intermediate steps use weight 0, which also
+        # passes a NaN cotangent on as NaN.
         self.spec: Callable[[Step], Spec] = lambda step: Spec(
-            step, budget, itemsize, device.type, policy, extras
+            step, budget, itemsize, device.type, policy if step is last else 0.0, extras
         )
 
     def canonical(self, operands: Sequence[Tensor]) -> list[Tensor]:
         """The clean operands of ``operands`` (differentiably), as in ``__init__``."""
-        _, _, xs = canonicalize(self.equation.source, operands)
-        return [x.float() if x.dtype in _LOW_PRECISION else x for x in xs]
+        return apply_recipe(self.recipe, operands, self.compute_dtype)
 
-    def run(self, run_step: Callable[[Step, list[Tensor]], Tensor]) -> Tensor:
+    def run(
+        self,
+        run_step: Callable[[Step, list[Tensor]], Tensor],
+        operands: Sequence[Tensor] | None = None,
+    ) -> Tensor:
         """Execute the plan's steps in order (opt_einsum's path convention)."""
-        ops = list(self.operands)
+        ops = list(self.operands if operands is None else operands)
         for step in self.plan.steps:
             args = [ops[i] for i in step.operands]
             for i in sorted(step.operands, reverse=True):
@@ -181,7 +204,7 @@ def log_einsum(
         tensor([[1.0986, 1.0986],
                 [1.0986, 1.0986]])
     """
-    policy = neg_inf_policy(grad_of_neg_inf)
+    policy = neg_inf_policy(grad_of_neg_inf, equation)
     p = _Prepared(
         LOG, equation, operands, block_size, optimize, joint=policy != "nan", neg_inf=policy
     )
@@ -271,20 +294,9 @@ def min_einsum(
         tensor([[0., 4.],
                 [1., 0.]])
     """
-    return -max_einsum(
-        equation,
-        *(-_tensor(x, k, equation) for k, x in enumerate(operands)),
-        block_size=block_size,
-        optimize=optimize,
-    )
-
-
-def _tensor(x: object, k: int, equation: str) -> Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"operand {k} must be a torch.Tensor, got {type(x).__name__} (equation {equation!r})"
-        )
-    return x
+    p = _Prepared(MIN_PLUS, equation, operands, block_size, optimize)
+    negated = [-x for x in p.operands]
+    return -p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0], negated)
 
 
 def viterbi_einsum(
@@ -349,7 +361,9 @@ def semiring_einsum(
         tensor(1.3863)
     """
     if not isinstance(semiring, Semiring):
-        raise TypeError(f"semiring must be a Semiring, got {type(semiring).__name__}")
+        raise TypeError(
+            f"semiring must be a Semiring, got {type(semiring).__name__} (equation {equation!r})"
+        )
     builtin = {REAL: einsum, LOG: log_einsum, MAX_PLUS: max_einsum, MIN_PLUS: min_einsum}
     for known, fn in builtin.items():
         if semiring is known:
@@ -388,26 +402,24 @@ def plan(
         >>> p.path
         ((0, 1), (0, 1))
     """
+    first = next((t for t in operands_or_shapes if isinstance(t, torch.Tensor)), None)
+    default_dtype = first.dtype if first is not None else torch.float32
     tensors = []
     for k, x in enumerate(operands_or_shapes):
         if isinstance(x, torch.Tensor):
             tensors.append(x)
             continue
-        try:
-            shape = tuple(int(n) for n in x)
-        except TypeError:
+        shape = _shape(x)
+        if shape is None:
             raise TypeError(
-                f"operand {k} must be a tensor or a shape, got {type(x).__name__} "
+                f"operand {k} must be a tensor or a shape (a sequence of ints), got {x!r} "
                 f"(equation {equation!r})"
-            ) from None
-        first = next((t for t in operands_or_shapes if isinstance(t, torch.Tensor)), None)
-        tensors.append(
-            torch.empty(
-                shape,
-                dtype=dtype or (first.dtype if first is not None else torch.float32),
-                device="meta",
             )
-        )
+        if any(n < 0 for n in shape):
+            raise ValueError(
+                f"operand {k} has a negative size in shape {shape} (equation {equation!r})"
+            )
+        tensors.append(torch.empty(shape, dtype=dtype or default_dtype, device="meta"))
     target = torch.device(device) if device is not None else None
     if target is None:
         real = next((t for t in tensors if t.device.type != "meta"), None)
@@ -419,6 +431,15 @@ def plan(
         semiring, equation, meta, block_size, optimize, blas=semiring is REAL, device=target
     )
     return p.plan
+
+
+def _shape(x: object) -> tuple[int, ...] | None:
+    """``x`` as a shape, or ``None`` if it is not a sequence of ints."""
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in x):
+        return None
+    return tuple(x)
 
 
 __all__ = [

@@ -46,17 +46,19 @@ class AutomaticBlockSize:
         cuda_memory_proportion: float = 0.8,
         repr_string: str | None = None,
     ) -> None:
-        if not isinstance(max_cpu_bytes, int) or max_cpu_bytes <= 0:
+        if not _positive_int(max_cpu_bytes):
             raise ValueError(f"max_cpu_bytes must be a positive int, got {max_cpu_bytes!r}")
-        if max_cuda_bytes is not None and (
-            not isinstance(max_cuda_bytes, int) or max_cuda_bytes <= 0
-        ):
+        if max_cuda_bytes is not None and not _positive_int(max_cuda_bytes):
             raise ValueError(
                 f"max_cuda_bytes must be None or a positive int, got {max_cuda_bytes!r}"
             )
-        if not 0.0 < cuda_memory_proportion <= 1.0:
+        if (
+            isinstance(cuda_memory_proportion, bool)
+            or not isinstance(cuda_memory_proportion, (int, float))
+            or not 0.0 < cuda_memory_proportion <= 1.0
+        ):
             raise ValueError(
-                f"cuda_memory_proportion must be in (0, 1], got {cuda_memory_proportion!r}"
+                f"cuda_memory_proportion must be a number in (0, 1], got {cuda_memory_proportion!r}"
             )
         self.max_cpu_bytes = max_cpu_bytes
         self.max_cuda_bytes = max_cuda_bytes
@@ -86,6 +88,10 @@ class AutomaticBlockSize:
             free = _free_cuda_bytes(device)
             self.available_cuda_memory[key] = int(self.cuda_memory_proportion * free)
         return self.available_cuda_memory[key]
+
+
+def _positive_int(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
 
 def _free_cuda_bytes(device: torch.device) -> int:

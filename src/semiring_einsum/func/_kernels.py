@@ -222,9 +222,10 @@ def _inner(rng: Range) -> list[int]:
 def unravel(step: Step, linear: Tensor) -> Tensor:
     """Linear argmax indices to one coordinate per summed index (last dim)."""
     size = step.size
+    if not step.windows or any(size[c] == 0 for c, _ in step.windows):
+        # No summed index, or an empty sum: the argmax is all zeros.
+        return linear.new_zeros(linear.shape + (len(step.windows),))
     coords = [linear // s % size[c] for (c, _), s in zip(step.windows, _strides(step))]
-    if not coords:
-        return linear.new_zeros(linear.shape + (0,))
     return torch.stack(coords, dim=-1)
 
 

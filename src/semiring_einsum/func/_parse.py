@@ -187,52 +187,63 @@ class Contraction:
         return "".join(c for c, _ in self.sizes if c not in self.output)
 
 
-def _check_operands(source: str, operands: Sequence[object]) -> None:
-    for k, x in enumerate(operands):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"operand {k} must be a torch.Tensor, got {type(x).__name__} (equation {source!r})"
-            )
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """How to turn the user's operands into the clean ones (no tensors inside).
+
+    Attributes:
+        equation: The resolved equation.
+        contraction: The clean contraction.
+        diagonals: Per operand, the ``(dim1, dim2)`` pairs to take
+            :func:`torch.diagonal` over, in order.
+        shapes: Per operand, the shape to expand to (after the diagonals).
+        dtype: The common dtype (:func:`torch.promote_types` of all operands).
+    """
+
+    equation: Equation
+    contraction: Contraction
+    diagonals: tuple[tuple[tuple[int, int], ...], ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype
 
 
-def canonicalize(
-    equation: str, operands: Sequence[torch.Tensor]
-) -> tuple[Equation, Contraction, list[torch.Tensor]]:
-    """Turn an equation and its operands into a clean contraction.
+@functools.lru_cache(maxsize=4096)
+def analyze(
+    equation: str, shapes: tuple[tuple[int, ...], ...], dtypes: tuple[torch.dtype, ...]
+) -> Recipe:
+    """Validate an equation against operand shapes and plan its canonical form.
 
-    Diagonals (``ii->i``) are taken with :func:`torch.diagonal`, size-1
-    dimensions of an index that is larger elsewhere are expanded (a view, no
-    copy), and all operands are converted to their common dtype.  Every step is
-    an ordinary differentiable torch operation, so gradients flow back to the
-    user's tensors through autograd and ``torch.func`` unchanged.
+    Pure and cached: only shapes and dtypes go in, so every error is raised
+    before any tensor is touched.
 
     Raises:
         EquationError: for a wrong operand count, a rank mismatch, or sizes
             that disagree.
-        TypeError: for an operand that is not a tensor.
     """
-    _check_operands(equation if isinstance(equation, str) else "?", operands)
-    eq = resolve(parse_subscripts(equation), tuple(x.dim() for x in operands))
+    eq = resolve(parse_subscripts(equation), tuple(len(shape) for shape in shapes))
     source = eq.source
     sizes: dict[str, int] = {}
     where: dict[str, int] = {}
     terms: list[str] = []
-    tensors: list[torch.Tensor] = []
-    for k, (term, x) in enumerate(zip(eq.inputs, operands)):
-        # Diagonals: torch.diagonal removes both dims and appends the diagonal.
+    diagonals: list[tuple[tuple[int, int], ...]] = []
+    for k, (term, shape) in enumerate(zip(eq.inputs, shapes)):
+        dims = list(shape)
+        pairs = []
+        # torch.diagonal removes both dims and appends the diagonal at the end.
         while len(set(term)) < len(term):
             c = next(c for c in term if term.count(c) > 1)
             i = term.index(c)
             j = term.index(c, i + 1)
-            if x.shape[i] != x.shape[j]:
+            if dims[i] != dims[j]:
                 raise fail(
                     source,
                     f"index {c!r} is repeated in operand {k} with different sizes "
-                    f"{x.shape[i]} and {x.shape[j]}",
+                    f"{dims[i]} and {dims[j]}",
                 )
-            x = torch.diagonal(x, dim1=i, dim2=j)
+            pairs.append((i, j))
+            dims = dims[:i] + dims[i + 1 : j] + dims[j + 1 :] + [dims[i]]
             term = term[:i] + term[i + 1 : j] + term[j + 1 :] + c
-        for c, n in zip(term, x.shape):
+        for c, n in zip(term, dims):
             if c not in sizes or (sizes[c] == 1 and n != 1):
                 sizes[c], where[c] = n, k
             elif n not in (1, sizes[c]):
@@ -242,8 +253,27 @@ def canonicalize(
                     f"but {n} in operand {k}",
                 )
         terms.append(term)
-        tensors.append(x)
-    dtype = functools.reduce(torch.promote_types, [x.dtype for x in tensors])
+        diagonals.append(tuple(pairs))
+    order = [c for term in terms for c in term]
+    clean = Contraction(tuple(terms), eq.output, tuple((c, sizes[c]) for c in dict.fromkeys(order)))
+    return Recipe(
+        eq,
+        clean,
+        tuple(diagonals),
+        tuple(tuple(sizes[c] for c in term) for term in terms),
+        functools.reduce(torch.promote_types, dtypes),
+    )
+
+
+def check_operands(equation: object, operands: Sequence[object]) -> Recipe:
+    """Type-check the operands and :func:`analyze` them."""
+    source = equation if isinstance(equation, str) else repr(equation)
+    for k, x in enumerate(operands):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"operand {k} must be a torch.Tensor, got {type(x).__name__} (equation {source!r})"
+            )
+    tensors: Sequence[torch.Tensor] = operands  # type: ignore[assignment]
     if len(tensors) > 1:
         devices = {x.device for x in tensors}
         if len(devices) > 1:
@@ -251,17 +281,40 @@ def canonicalize(
                 f"Expected all operands to be on the same device, but found "
                 f"{sorted(map(str, devices))} (equation {source!r})"
             )
-    out: list[torch.Tensor] = []
-    for term, x in zip(terms, tensors):
-        full = [sizes[c] for c in term]
-        if list(x.shape) != full:
-            x = x.expand(full)
-        if x.dtype != dtype:
-            x = x.to(dtype)
+    if not isinstance(equation, str):
+        raise TypeError(f"the equation must be a str, got {type(equation).__name__}")
+    return analyze(
+        equation, tuple(tuple(x.shape) for x in tensors), tuple(x.dtype for x in tensors)
+    )
+
+
+def apply_recipe(
+    recipe: Recipe, operands: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """The clean operands: diagonals (views), broadcasts (views), dtype casts.
+
+    Every step is an ordinary differentiable torch operation, so gradients
+    flow back to the user's tensors through autograd and ``torch.func``.
+    """
+    target = dtype or recipe.dtype
+    out = []
+    for x, pairs, shape in zip(operands, recipe.diagonals, recipe.shapes):
+        for i, j in pairs:
+            x = torch.diagonal(x, dim1=i, dim2=j)
+        if tuple(x.shape) != shape:
+            x = x.expand(shape)
+        if x.dtype != target:
+            x = x.to(target)
         out.append(x)
-    order = [c for term in terms for c in term]
-    clean = Contraction(tuple(terms), eq.output, tuple((c, sizes[c]) for c in dict.fromkeys(order)))
-    return eq, clean, out
+    return out
+
+
+def canonicalize(
+    equation: str, operands: Sequence[torch.Tensor]
+) -> tuple[Equation, Contraction, list[torch.Tensor]]:
+    """Validate, then turn an equation and its operands into a clean contraction."""
+    recipe = check_operands(equation, operands)
+    return recipe.equation, recipe.contraction, apply_recipe(recipe, operands)
 
 
 def _name(c: str) -> str:

@@ -187,10 +187,52 @@ def _window_extents(
     return tuple((c, extents[c]) for c in summed)
 
 
-def _optimize_key(optimize: object) -> object:
-    if isinstance(optimize, (list, tuple)):
-        return tuple(tuple(int(i) for i in step) for step in optimize)
-    return optimize
+def _optimize_key(equation: str, optimize: object, n: int) -> object:
+    """A hashable form of ``optimize``; explicit paths are validated here."""
+    if isinstance(optimize, str) or optimize is None or isinstance(optimize, bool):
+        return optimize
+    if not isinstance(optimize, (list, tuple)):
+        try:
+            hash(optimize)
+        except TypeError:
+            raise TypeError(
+                f"optimize must be a strategy name, a path (sequence of index tuples) or "
+                f"False, got {type(optimize).__name__} (equation {equation!r})"
+            ) from None
+        return optimize  # an opt_einsum PathOptimizer, say
+    path = []
+    remaining = n
+    for k, step in enumerate(optimize):
+        if (
+            isinstance(step, (str, bytes))
+            or not isinstance(step, (list, tuple))
+            or not step
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in step)
+        ):
+            raise fail(
+                equation,
+                f"invalid contraction path {list(optimize)!r}: step {k} must be a non-empty "
+                f"tuple of operand positions (ints)",
+            )
+        if len(set(step)) != len(step):
+            raise fail(
+                equation,
+                f"invalid contraction path {list(optimize)!r}: step {k} names an operand twice",
+            )
+        if any(i < 0 or i >= remaining for i in step):
+            raise fail(
+                equation,
+                f"invalid contraction path {list(optimize)!r}: step {k} refers to an operand "
+                f"outside 0..{remaining - 1}",
+            )
+        remaining -= len(step) - 1
+        path.append(tuple(step))
+    if remaining != 1:
+        raise fail(
+            equation,
+            f"invalid contraction path {list(optimize)!r}: it leaves {remaining} operands, not 1",
+        )
+    return tuple(path)
 
 
 def make_plan(
@@ -218,14 +260,7 @@ def make_plan(
         optimize: opt_einsum strategy, explicit path, or ``False``.
         device_type: ``'cpu'``, ``'cuda'``, ...
     """
-    try:
-        key = _optimize_key(optimize)
-        hash(key)
-    except TypeError:
-        raise TypeError(
-            f"optimize must be a strategy name, a path (sequence of index tuples) or "
-            f"False, got {type(optimize).__name__} (equation {equation!r})"
-        ) from None
+    key = _optimize_key(equation, optimize, len(contraction.inputs))
     return _make_plan(
         equation, contraction, semiring, blas, joint, itemsize, budget, key, device_type
     )
@@ -280,16 +315,8 @@ def _path(
     n = len(contraction.inputs)
     if joint or optimize is False:
         return [tuple(range(n))]
-    if isinstance(optimize, tuple):
-        used = sorted(i for step in optimize for i in step)
-        remaining = n
-        for step in optimize:
-            if not step or any(i < 0 or i >= remaining for i in step):
-                raise fail(equation, f"invalid contraction path {list(optimize)!r}")
-            remaining -= len(step) - 1
-        if remaining != 1 or not used:
-            raise fail(equation, f"contraction path {list(optimize)!r} does not end in one operand")
-        return [tuple(step) for step in optimize]
+    if isinstance(optimize, tuple):  # validated by _optimize_key
+        return list(optimize)
     if n <= 2:
         return [tuple(range(n))]
     size = contraction.size

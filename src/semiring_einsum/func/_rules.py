@@ -215,15 +215,19 @@ def _real_jvp(
 REAL_RULE = Rule("RealEinsum", _real_forward, _real_vjp, _real_jvp)
 
 
-def neg_inf_policy(grad_of_neg_inf: object) -> NegInf:
+def neg_inf_policy(grad_of_neg_inf: object, equation: object = None) -> NegInf:
     """Validate ``grad_of_neg_inf`` and turn it into a hashable policy."""
+    where = "" if equation is None else f" (equation {equation!r})"
     if isinstance(grad_of_neg_inf, str):
         if grad_of_neg_inf in ("uniform", "nan"):
             return grad_of_neg_inf
-        raise ValueError(f"grad_of_neg_inf must be a float or 'uniform', got {grad_of_neg_inf!r}")
+        raise ValueError(
+            f"grad_of_neg_inf must be a float or 'uniform', got {grad_of_neg_inf!r}{where}"
+        )
     if isinstance(grad_of_neg_inf, bool) or not isinstance(grad_of_neg_inf, (int, float)):
         raise TypeError(
-            f"grad_of_neg_inf must be a float or 'uniform', got {type(grad_of_neg_inf).__name__}"
+            f"grad_of_neg_inf must be a float or 'uniform', got "
+            f"{type(grad_of_neg_inf).__name__}{where}"
         )
     value = float(grad_of_neg_inf)
     return "nan" if math.isnan(value) else value

@@ -1,0 +1,271 @@
+"""Memory bounds (DESIGN §3.1 "Budgets"), observed op by op.
+
+A :class:`TorchDispatchMode` records the bytes of every tensor that every
+aten op returns while a contraction (and its backward) runs.  With
+``block_size=AutomaticBlockSize(max_cpu_bytes=B)`` no recorded tensor may be
+larger than ``B`` bytes, except tensors the size of an input or of the output
+(which DESIGN §3.1 does not count) and the int64 argmax of ``viterbi_einsum``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from semiring_einsum import func
+
+Tensor = torch.Tensor
+
+BUDGET = 16 * 1024  # bytes: far below every joint space below, so many windows are needed
+BLOCK = func.AutomaticBlockSize(max_cpu_bytes=BUDGET)
+
+
+class TensorSizeRecorder(TorchDispatchMode):
+    """Record ``(op, numel, bytes, dtype)`` for every tensor output of every op.
+
+    Outputs of view ops are recorded too (``view``) so that a failure message
+    can say whether a tensor was a fresh allocation; views of inputs have an
+    input's numel and are allowed by that rule anyway.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, int, int, torch.dtype, bool]] = []
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = op(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                nbytes = t.numel() * t.element_size()
+                self.records.append((str(op), t.numel(), nbytes, t.dtype, op.is_view))
+        return out
+
+    def offenders(self, limit: int, allowed_numels: set[int]) -> list[tuple[object, ...]]:
+        return [r for r in self.records if r[2] > limit and r[1] not in allowed_numels]
+
+
+def _inputs(shapes: Sequence[tuple[int, ...]], requires_grad: bool = False) -> list[Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(s, generator=g, dtype=torch.float32).requires_grad_(requires_grad)
+        for s in shapes
+    ]
+
+
+def _allowed(xs: Sequence[Tensor], outs: Sequence[Tensor]) -> set[int]:
+    return {x.numel() for x in xs} | {o.numel() for o in outs}
+
+
+def _einsum_joint(eq: str, *xs: Tensor) -> Tensor:
+    return func.einsum(eq, *xs, block_size=BLOCK, optimize=False)
+
+
+def _log(eq: str, *xs: Tensor) -> Tensor:
+    return func.log_einsum(eq, *xs, block_size=BLOCK)
+
+
+def _log_joint(eq: str, *xs: Tensor) -> Tensor:
+    return func.log_einsum(eq, *xs, block_size=BLOCK, optimize=False)
+
+
+def _max(eq: str, *xs: Tensor) -> Tensor:
+    return func.max_einsum(eq, *xs, block_size=BLOCK)
+
+
+def _max_joint(eq: str, *xs: Tensor) -> Tensor:
+    return func.max_einsum(eq, *xs, block_size=BLOCK, optimize=False)
+
+
+def _min(eq: str, *xs: Tensor) -> Tensor:
+    return func.min_einsum(eq, *xs, block_size=BLOCK)
+
+
+def _viterbi_values(eq: str, *xs: Tensor) -> Tensor:
+    return func.viterbi_einsum(eq, *xs, block_size=BLOCK)[0]
+
+
+PLAIN = func.Semiring(
+    "plain", torch.add, torch.mul, lambda x, dims: x.sum(dims) if dims else x, 0.0, 1.0
+)
+
+
+def _custom(eq: str, *xs: Tensor) -> Tensor:
+    return func.semiring_einsum(PLAIN, eq, *xs, block_size=BLOCK)
+
+
+CASES = {
+    "batched": ("bij,bjk->bik", [(4, 24, 24), (4, 24, 24)]),
+    "chain3": ("ab,bc,cd->ad", [(32, 32), (32, 32), (32, 32)]),
+}
+
+FUNCTIONS: dict[str, tuple[Callable[..., Tensor], func.Semiring, object]] = {
+    # name: (call, semiring for plan(), optimize for plan())
+    "einsum_joint": (_einsum_joint, func.REAL, False),
+    "log_einsum": (_log, func.LOG, "auto"),
+    "log_einsum_joint": (_log_joint, func.LOG, False),
+    "max_einsum": (_max, func.MAX_PLUS, "auto"),
+    "max_einsum_joint": (_max_joint, func.MAX_PLUS, False),
+    "min_einsum": (_min, func.MIN_PLUS, "auto"),
+    "viterbi_einsum": (_viterbi_values, func.MAX_PLUS, False),
+    "custom_semiring": (_custom, PLAIN, "auto"),
+}
+
+
+def _joint_bytes(eq: str, shapes: Sequence[tuple[int, ...]]) -> int:
+    sizes: dict[str, int] = {}
+    for term, shape in zip(eq.split("->")[0].split(","), shapes):
+        sizes.update(zip(term, shape))
+    return 4 * math.prod(sizes.values())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cases_need_many_windows(case: str) -> None:
+    eq, shapes = CASES[case]
+    assert _joint_bytes(eq, shapes) >= 8 * BUDGET
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_forward_tensors_within_budget(name: str, case: str) -> None:
+    fn, _, _ = FUNCTIONS[name]
+    eq, shapes = CASES[case]
+    xs = _inputs(shapes)
+    rec = TensorSizeRecorder()
+    with rec:
+        out = fn(eq, *xs)
+    assert rec.records, "the recorder saw no ops"
+    bad = rec.offenders(BUDGET, _allowed(xs, [out]))
+    assert not bad, f"{name} on {eq!r}: tensors over {BUDGET} bytes: {bad[:5]}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_viterbi_tensors_within_budget(case: str) -> None:
+    eq, shapes = CASES[case]
+    xs = _inputs(shapes)
+    rec = TensorSizeRecorder()
+    with rec:
+        values, argmax = func.viterbi_einsum(eq, *xs, block_size=BLOCK)
+    assert argmax.dtype == torch.int64
+    bad = rec.offenders(BUDGET, _allowed(xs, [values, argmax]))
+    assert not bad, f"viterbi_einsum on {eq!r}: tensors over {BUDGET} bytes: {bad[:5]}"
+
+
+BACKWARD = [
+    "einsum_joint",
+    "log_einsum",
+    "log_einsum_joint",
+    "max_einsum",
+    "max_einsum_joint",
+    "min_einsum",
+    "custom_semiring",
+]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", BACKWARD)
+def test_backward_tensors_within_budget(name: str, case: str) -> None:
+    fn, _, _ = FUNCTIONS[name]
+    eq, shapes = CASES[case]
+    xs = _inputs(shapes, requires_grad=True)
+    rec = TensorSizeRecorder()
+    with rec:
+        out = fn(eq, *xs)
+        n_forward = len(rec.records)
+        out.backward(torch.ones_like(out))
+    assert all(x.grad is not None for x in xs)
+    assert len(rec.records) > n_forward + len(xs), "the mode did not see the backward"
+    bad = rec.offenders(BUDGET, _allowed(xs, [out]))
+    assert not bad, f"{name} backward on {eq!r}: tensors over {BUDGET} bytes: {bad[:5]}"
+
+
+@pytest.mark.parametrize("fn", [func.log_einsum, func.max_einsum])
+def test_recorder_sees_oversized_windows(fn: Callable[..., Tensor]) -> None:
+    """Sanity check of the harness: with the default 1 GiB budget the joint
+    window of 'ab,bc,cd->ad' (32**4 floats = 4 MiB) is recorded as an offender."""
+    eq, shapes = CASES["chain3"]
+    xs = _inputs(shapes)
+    rec = TensorSizeRecorder()
+    with rec:
+        out = fn(eq, *xs, optimize=False)
+    assert rec.offenders(BUDGET, _allowed(xs, [out]))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_plan_estimate_within_budget(name: str, case: str) -> None:
+    _, semiring, optimize = FUNCTIONS[name]
+    eq, shapes = CASES[case]
+    p = func.plan(eq, *shapes, semiring=semiring, block_size=BLOCK, optimize=optimize)
+    assert p.peak_bytes <= BUDGET
+    # and the windows really are cut: some summed index is split
+    size = p.contraction.size
+    assert any(w < size[c] for bs in p.block_sizes for c, w in bs.items())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    "semiring,optimize",
+    [
+        (func.REAL, False),
+        (func.REAL, "auto"),
+        (func.LOG, "auto"),
+        (func.LOG, False),
+        (func.MAX_PLUS, False),
+        (func.MIN_PLUS, "greedy"),
+        (PLAIN, "auto"),
+    ],
+)
+def test_int_block_size_one_gives_unit_windows(
+    case: str, semiring: func.Semiring, optimize: object
+) -> None:
+    eq, shapes = CASES[case]
+    p = func.plan(eq, *shapes, semiring=semiring, block_size=1, optimize=optimize)
+    assert p.block_sizes
+    assert all(p.block_sizes), "every step of these equations sums some index"
+    for bs in p.block_sizes:
+        assert set(bs.values()) == {1}, p.block_sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", [func.log_einsum, func.max_einsum], ids=["log", "max"])
+def test_other_dtypes_within_budget(fn: Callable[..., Tensor], dtype: torch.dtype) -> None:
+    """The budget is in bytes of the accumulation dtype (float32 for 16-bit inputs).
+
+    48 KiB: above the float64 output (18 KiB), so the budget is attainable,
+    and far below the joint space (442 KiB in float64).
+    """
+    budget = 48 * 1024
+    block = func.AutomaticBlockSize(max_cpu_bytes=budget)
+    eq, shapes = CASES["batched"]
+    xs = [x.to(dtype).requires_grad_() for x in _inputs(shapes)]
+    rec = TensorSizeRecorder()
+    with rec:
+        out = fn(eq, *xs, block_size=block)
+        out.backward(torch.ones_like(out))
+    bad = rec.offenders(budget, _allowed(xs, [out]))
+    assert not bad, f"{dtype}: tensors over {budget} bytes: {bad[:5]}"
+    itemsize = 4 if dtype in (torch.float16, torch.bfloat16) else dtype.itemsize
+    p = func.plan(eq, *xs, semiring=func.LOG, block_size=block)
+    assert p.itemsize == itemsize
+    assert p.peak_bytes <= budget
+    assert any(w < p.contraction.size[c] for bs in p.block_sizes for c, w in bs.items())
+
+
+@pytest.mark.parametrize("extent", [1, 5])
+def test_int_block_size_caps_window_tensors(extent: int) -> None:
+    """An int block_size bounds every window: output dims times extent**summed."""
+    eq, shapes = CASES["chain3"]
+    xs = _inputs(shapes, requires_grad=True)
+    rec = TensorSizeRecorder()
+    with rec:
+        out = func.log_einsum(eq, *xs, block_size=extent, optimize=False)
+        out.backward(torch.ones_like(out))
+    out_bytes = out.numel() * out.element_size()
+    limit = out_bytes * extent**2  # two summed indices, b and c
+    bad = rec.offenders(limit, _allowed(xs, [out]))
+    assert not bad, f"block_size={extent}: tensors over {limit} bytes: {bad[:5]}"
