@@ -188,7 +188,7 @@ def max_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     for rng in step.ranges():
         t, _ = _term(narrow(step, aligned, rng), torch.add)
         t = t.expand(shape + [hi - lo for lo, hi in rng])
-        m, local = torch.max(t.reshape(shape + [-1]), dim=-1)
+        m, local = torch.max(t.flatten(len(shape)) if rng else t.unsqueeze(-1), dim=-1)
         lin = torch.zeros_like(local)
         for (lo, hi), stride, inner in zip(rng, strides, _inner(rng)):
             lin = lin + (local // inner % (hi - lo) + lo) * stride

@@ -170,7 +170,8 @@ class Contraction:
     Attributes:
         inputs: Index string of each operand (no index repeated).
         output: Output index string.
-        sizes: ``(index, size)`` pairs for every index, in first appearance order.
+        sizes: ``(index, size)`` pairs for every index, in order of first
+            appearance in the equation (this order drives tie-breaking).
     """
 
     inputs: tuple[str, ...]
@@ -254,7 +255,9 @@ def analyze(
                 )
         terms.append(term)
         diagonals.append(tuple(pairs))
-    order = [c for term in terms for c in term]
+    # Indices in order of first appearance in the equation as written (a
+    # diagonal moves its index last in the clean operand, not here).
+    order = [c for term in eq.inputs for c in term]
     clean = Contraction(tuple(terms), eq.output, tuple((c, sizes[c]) for c in dict.fromkeys(order)))
     return Recipe(
         eq,
@@ -283,9 +286,10 @@ def check_operands(equation: object, operands: Sequence[object]) -> Recipe:
             )
     if not isinstance(equation, str):
         raise TypeError(f"the equation must be a str, got {type(equation).__name__}")
-    return analyze(
-        equation, tuple(tuple(x.shape) for x in tensors), tuple(x.dtype for x in tensors)
-    )
+    # int() specialises symbolic sizes when the compiler traces us: plans are
+    # built for concrete shapes (the window loops need them anyway).
+    shapes = tuple(tuple(int(n) for n in x.shape) for x in tensors)
+    return analyze(equation, shapes, tuple(x.dtype for x in tensors))
 
 
 def apply_recipe(

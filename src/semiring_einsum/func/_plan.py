@@ -166,7 +166,10 @@ def _window_extents(
     device_type: str,
 ) -> tuple[tuple[str, int], ...]:
     size = dict(sizes)
-    summed = [c for c in dict.fromkeys("".join(inputs)) if c not in output]
+    present = set("".join(inputs))
+    # Summed indices in the order of ``sizes`` (the equation's order of first
+    # appearance): the window loop, and so tie-breaking, follows it.
+    summed = [c for c, _ in sizes if c in present and c not in output]
     if budget.extent is not None:
         return tuple((c, max(1, min(size[c], budget.extent))) for c in summed)
     assert budget.bytes is not None
@@ -292,7 +295,8 @@ def _make_plan(
         else:
             later = set("".join(current)) | set(contraction.output)
             out = "".join(c for c in dict.fromkeys("".join(taken)) if c in later)
-        step_sizes = tuple((c, size[c]) for c in dict.fromkeys("".join(taken)))
+        letters = set("".join(taken))
+        step_sizes = tuple((c, n) for c, n in contraction.sizes if c in letters)
         windows = window_extents(tuple(taken), out, step_sizes, budget, itemsize, device_type)
         step = Step(tuple(ids), tuple(taken), out, step_sizes, windows, blas and len(ids) <= 2)
         steps.append(step)
@@ -313,13 +317,16 @@ def _path(
     optimize: object,
 ) -> list[tuple[int, ...]]:
     n = len(contraction.inputs)
-    if joint or optimize is False:
+    size = contraction.size
+    if joint or optimize is False or any(size[c] == 0 for c in contraction.summed):
+        # With a size-0 summed index every output cell is an empty sum: one
+        # joint step computes nothing and gives every input a zero gradient,
+        # where pairwise steps would see -inf terms instead of no terms.
         return [tuple(range(n))]
     if isinstance(optimize, tuple):  # validated by _optimize_key
         return list(optimize)
     if n <= 2:
         return [tuple(range(n))]
-    size = contraction.size
     shapes = [tuple(size[c] for c in term) for term in contraction.inputs]
     memory_limit = None if budget.bytes is None else max(budget.bytes // itemsize, 1)
     spec = ",".join(contraction.inputs) + "->" + contraction.output

@@ -85,7 +85,10 @@ def _log_weights(spec: Spec, out: Tensor) -> Callable[[list[Tensor], K.Range], T
         out_b = _trail(out, spec)
         return lambda views, rng: torch.exp(sum(views[1:], views[0]) - out_b)
     dead = torch.isneginf(out)
-    weight = 1.0 / spec.step.terms if policy == "uniform" else float(policy)
+    if policy == "uniform":
+        weight = 1.0 / spec.step.terms if spec.step.terms else 0.0
+    else:
+        weight = float(policy)
     out_b = _trail(torch.where(dead, 0.0, out), spec)
     dead_b = _trail(dead, spec)
 
