@@ -442,7 +442,8 @@ def combine(
             )
         return result
 
-    rule = Rule(f"Combined_{getattr(forward, '__name__', 'einsum')}", forward_rule, vjp_rule, None)
+    name = f"Combined_{getattr(forward, '__name__', 'einsum')}"
+    rule = Rule(name, forward_rule, vjp_rule, None, batched=False)
 
     def combined(
         equation: Any, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE, **kwargs: Any

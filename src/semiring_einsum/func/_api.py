@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from . import _kernels as K
 from ._autograd import apply
-from ._budget import BlockSize, resolve_budget
+from ._budget import BlockSize, Budget, resolve_budget
+from ._compile import in_graph
 from ._parse import Contraction, Equation, apply_recipe, check_operands
 from ._plan import Plan, Step, make_plan
 from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
-from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, lookup
 
 Tensor = torch.Tensor
 Optimize = str | bool | Sequence[Sequence[int]]
@@ -40,7 +42,7 @@ class _Prepared:
         semiring: Semiring,
         equation: str,
         operands: Sequence[Tensor],
-        block_size: BlockSize,
+        budget: Budget,
         optimize: Optimize,
         *,
         blas: bool = False,
@@ -59,7 +61,6 @@ class _Prepared:
             )
         compute = torch.float32 if dtype in _LOW_PRECISION else dtype  # accumulate in float32
         device = device or operands[0].device
-        budget = resolve_budget(block_size, device, f" (equation {eq.source!r})")
         policy = neg_inf_policy(neg_inf, eq.source)
         itemsize = compute.itemsize
         self.plan: Plan = make_plan(
@@ -126,6 +127,73 @@ def _blas(step: Step, args: list[Tensor]) -> Tensor:
     return out
 
 
+def _budget(block_size: object, operands: Sequence[object], equation: object) -> Budget:
+    """Resolve ``block_size`` for the operands' device (validating it)."""
+    first = operands[0] if operands else None
+    device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    return resolve_budget(block_size, device, f" (equation {equation!r})")
+
+
+@in_graph
+def _contract(
+    kind: str,
+    equation: str,
+    extent: int | None,
+    nbytes: int | None,
+    optimize: Optimize,
+    policy: float | str,
+    *operands: Tensor,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Every built-in contraction, behind one signature of tensors and constants.
+
+    This is the node ``torch.compile`` sees (see :mod:`._compile`); the public
+    functions only validate and resolve their options into constants.
+    """
+    budget = Budget(extent, nbytes)
+    if kind == "real":
+        p = _Prepared(REAL, equation, operands, budget, optimize, blas=True)
+
+        def real_step(s: Step, args: list[Tensor]) -> Tensor:
+            if s.blas:
+                return _blas(s, args)
+            return apply(REAL_RULE, p.spec(s), *args)[0]
+
+        return p.run(real_step)
+    if kind == "log":
+        joint = policy != "nan"
+        p = _Prepared(LOG, equation, operands, budget, optimize, joint=joint, neg_inf=policy)
+        return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), *args)[0])
+    if kind == "max":
+        p = _Prepared(MAX_PLUS, equation, operands, budget, optimize)
+        return p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0])
+    if kind == "min":
+        p = _Prepared(MIN_PLUS, equation, operands, budget, optimize)
+        negated = [-x for x in p.operands]
+        return -p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0], negated)
+    if kind == "viterbi":
+        p = _Prepared(MAX_PLUS, equation, operands, budget, False)
+        (step,) = p.plan.steps
+        values, linear = apply(MAX_RULE, p.spec(step), *p.operands)
+        coords = K.unravel(step, linear)
+        order = [step.summed.index(c) for c in p.equation.summed]
+        if order != list(range(len(order))):
+            coords = coords[..., order]
+        return p.finish(values), coords
+    raise AssertionError(f"unknown contraction kind {kind!r}")  # pragma: no cover
+
+
+def _run(
+    kind: str,
+    equation: str,
+    operands: Sequence[Tensor],
+    block_size: BlockSize,
+    optimize: Optimize,
+    policy: float | str = "nan",
+) -> Any:
+    b = _budget(block_size, operands, equation)
+    return _contract(kind, equation, b.extent, b.bytes, optimize, policy, *operands)
+
+
 def einsum(
     equation: str,
     *operands: Tensor,
@@ -158,14 +226,7 @@ def einsum(
         tensor([[3., 3., 3., 3.],
                 [3., 3., 3., 3.]])
     """
-    p = _Prepared(REAL, equation, operands, block_size, optimize, blas=True)
-
-    def step(s: Step, args: list[Tensor]) -> Tensor:
-        if s.blas:
-            return _blas(s, args)
-        return apply(REAL_RULE, p.spec(s), *args)[0]
-
-    return p.run(step)
+    return _run("real", equation, operands, block_size, optimize)
 
 
 def log_einsum(
@@ -205,10 +266,7 @@ def log_einsum(
                 [1.0986, 1.0986]])
     """
     policy = neg_inf_policy(grad_of_neg_inf, equation)
-    p = _Prepared(
-        LOG, equation, operands, block_size, optimize, joint=policy != "nan", neg_inf=policy
-    )
-    return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), *args)[0])
+    return _run("log", equation, operands, block_size, optimize, policy)
 
 
 def log_einsum_with_extras(
@@ -220,7 +278,8 @@ def log_einsum_with_extras(
     finite range and ``sumexpsub = Σ exp(term - max)``; ``max`` and
     ``sumexpsub`` are not differentiable.  (Used by the compatibility layer.)
     """
-    p = _Prepared(LOG, equation, operands, block_size, False, extras=True)
+    budget = _budget(block_size, operands, equation)
+    p = _Prepared(LOG, equation, operands, budget, False, extras=True)
     (step,) = p.plan.steps
     out, m, s = apply(LOG_RULE, p.spec(step), *p.operands)
     return p.finish(out), p.finish(torch.nan_to_num(m, nan=math.nan)), p.finish(s)
@@ -241,7 +300,8 @@ def log_einsum_vjp(
     result is differentiable: it is built from the same rule as the backward
     of :func:`log_einsum`.  (Used by the compatibility layer.)
     """
-    p = _Prepared(LOG, equation, operands, block_size, False, neg_inf=grad_of_neg_inf)
+    budget = _budget(block_size, operands, equation)
+    p = _Prepared(LOG, equation, operands, budget, False, neg_inf=grad_of_neg_inf)
     clean, pull = torch.func.vjp(lambda *xs: tuple(p.canonical(xs)), *operands)[:2]
     (step,) = p.plan.steps
     spec = p.spec(step)
@@ -271,8 +331,7 @@ def max_einsum(
         tensor([[3., 2.],
                 [1., 3.]])
     """
-    p = _Prepared(MAX_PLUS, equation, operands, block_size, optimize)
-    return p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0])
+    return _run("max", equation, operands, block_size, optimize)
 
 
 def min_einsum(
@@ -294,9 +353,7 @@ def min_einsum(
         tensor([[0., 4.],
                 [1., 0.]])
     """
-    p = _Prepared(MIN_PLUS, equation, operands, block_size, optimize)
-    negated = [-x for x in p.operands]
-    return -p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0], negated)
+    return _run("min", equation, operands, block_size, optimize)
 
 
 def viterbi_einsum(
@@ -330,14 +387,8 @@ def viterbi_einsum(
             "viterbi_einsum sums all indices jointly (optimize=False); pairwise "
             "plans with backpointers are not implemented yet"
         )
-    p = _Prepared(MAX_PLUS, equation, operands, block_size, False)
-    (step,) = p.plan.steps
-    values, linear = apply(MAX_RULE, p.spec(step), *p.operands)
-    coords = K.unravel(step, linear)
-    order = [step.summed.index(c) for c in p.equation.summed]
-    if order != list(range(len(order))):
-        coords = coords[..., order]
-    return p.finish(values), coords
+    values, argmax = _run("viterbi", equation, operands, block_size, False)
+    return values, argmax
 
 
 def semiring_einsum(
@@ -368,7 +419,22 @@ def semiring_einsum(
     for known, fn in builtin.items():
         if semiring is known:
             return fn(equation, *operands, block_size=block_size, optimize=optimize)
-    p = _Prepared(semiring, equation, operands, block_size, optimize)
+    b = _budget(block_size, operands, equation)
+    return _contract_custom(semiring.token, equation, b.extent, b.bytes, optimize, *operands)
+
+
+@in_graph
+def _contract_custom(
+    token: int,
+    equation: str,
+    extent: int | None,
+    nbytes: int | None,
+    optimize: Optimize,
+    *operands: Tensor,
+) -> Tensor:
+    """A user semiring's contraction; the semiring travels as its token (a constant)."""
+    semiring = lookup(token)
+    p = _Prepared(semiring, equation, operands, Budget(extent, nbytes), optimize)
     return p.run(lambda s, args: K.contract(semiring, s, args))
 
 
@@ -427,9 +493,8 @@ def plan(
     meta = [t if t.device.type == "meta" else t.to("meta") for t in tensors]
     if dtype is not None:
         meta = [t.to(dtype) for t in meta]
-    p = _Prepared(
-        semiring, equation, meta, block_size, optimize, blas=semiring is REAL, device=target
-    )
+    budget = resolve_budget(block_size, target, f" (equation {equation!r})")
+    p = _Prepared(semiring, equation, meta, budget, optimize, blas=semiring is REAL, device=target)
     return p.plan
 
 

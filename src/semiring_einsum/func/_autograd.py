@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Rule
+from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Rule, fold_batch
 
 Tensor = torch.Tensor
 
@@ -71,12 +71,20 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
         out = rule.jvp(ctx.spec, saved[:n], saved[n:], tangents)
         return out[0] if len(out) == 1 else out
 
+    def vmap(info: Any, in_dims: tuple[Any, ...], spec: Any, *xs: Tensor) -> Any:
+        folded, ys = fold_batch(info.batch_size, in_dims[1:], spec, xs)
+        out = _function(rule, n).apply(folded, *ys)
+        return out, (0,) * len(out) if isinstance(out, tuple) else 0
+
     attrs: dict[str, Any] = {
         "forward": staticmethod(namespace["forward"]),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
-        "generate_vmap_rule": True,
     }
+    if rule.batched:
+        attrs["vmap"] = staticmethod(vmap)
+    else:
+        attrs["generate_vmap_rule"] = True
     if with_jvp:
         attrs["jvp"] = staticmethod(jvp)
     suffix = "" if with_jvp else "NoJvp"

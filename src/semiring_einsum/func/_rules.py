@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from opt_einsum import get_symbol
 
 from . import _kernels as K
 from ._budget import Budget
@@ -57,6 +58,37 @@ class Rule:
     vjp: Callable[..., Sequence[Tensor | None]]
     jvp: Callable[..., tuple[Tensor | None, ...]] | None
     differentiable: int = 1
+    batched: bool = True  # whether ``fold_batch`` applies (the spec is a Spec)
+
+
+def fold_batch(
+    batch_size: int, in_dims: Sequence[int | None], spec: Spec, xs: Sequence[Tensor]
+) -> tuple[Spec, list[Tensor]]:
+    """The vmap rule: make the vmapped dimension a fresh output index.
+
+    A vmapped call then runs as one blocked contraction whose windows are
+    sized with the batch dimension in view, instead of per-example
+    contractions.  Batched operands get the new index first; the others
+    broadcast along it (no copy).  Every output has the batch at dim 0.
+    """
+    step = spec.step
+    used = set("".join(step.inputs))
+    letter = next(get_symbol(i) for i in range(len(used) + 1) if get_symbol(i) not in used)
+    inputs, ys = [], []
+    for term, x, d in zip(step.inputs, xs, in_dims):
+        if d is None:
+            inputs.append(term)
+            ys.append(x)
+        else:
+            inputs.append(letter + term)
+            ys.append(x.movedim(d, 0))
+    output = letter + step.output
+    sizes = ((letter, batch_size),) + step.sizes
+    windows = window_extents(
+        tuple(inputs), output, sizes, spec.budget, spec.itemsize, spec.device_type
+    )
+    folded = Step(step.operands, tuple(inputs), output, sizes, windows)
+    return replace(spec, step=folded), ys
 
 
 def _trail(t: Tensor, spec: Spec) -> Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,9 +51,26 @@ class Semiring:
     sum: Callable[[Tensor, tuple[int, ...]], Tensor]
     zero: float
     one: float
+    # A plain int naming this semiring in compiled graphs, which take only
+    # tensors and constants (see lookup()).
+    token: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        token = next(_tokens)
+        object.__setattr__(self, "token", token)
+        _live[token] = self
 
     def __repr__(self) -> str:
         return f"Semiring({self.name!r})"
+
+
+_tokens = itertools.count(1)
+_live: weakref.WeakValueDictionary[int, Semiring] = weakref.WeakValueDictionary()
+
+
+def lookup(token: int) -> Semiring:
+    """The live semiring with this ``token``."""
+    return _live[token]
 
 
 def _sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
