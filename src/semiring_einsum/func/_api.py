@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from ._budget import BlockSize, Budget, resolve_budget
 from ._compile import in_graph
 from ._parse import Contraction, Equation, apply_recipe, check_operands
 from ._plan import Plan, Step, make_plan
-from ._rules import LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
+from ._rules import CUSTOM_RULE, LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, lookup
 
 Tensor = torch.Tensor
@@ -433,9 +434,8 @@ def _contract_custom(
     *operands: Tensor,
 ) -> Tensor:
     """A user semiring's contraction; the semiring travels as its token (a constant)."""
-    semiring = lookup(token)
-    p = _Prepared(semiring, equation, operands, Budget(extent, nbytes), optimize)
-    return p.run(lambda s, args: K.contract(semiring, s, args))
+    p = _Prepared(lookup(token), equation, operands, Budget(extent, nbytes), optimize)
+    return p.run(lambda s, args: apply(CUSTOM_RULE, replace(p.spec(s), semiring=token), *args)[0])
 
 
 def plan(

@@ -53,7 +53,7 @@ def narrow(step: Step, aligned: Sequence[Tensor], rng: Range) -> list[Tensor]:
     return views
 
 
-def _reduce_dims(step: Step) -> tuple[int, ...]:
+def reduce_dims(step: Step) -> tuple[int, ...]:
     nout = len(step.output)
     return tuple(range(nout, nout + len(step.windows)))
 
@@ -78,7 +78,7 @@ def _fresh(t: Tensor, shape: list[int]) -> Tensor:
 def contract(semiring: Semiring, step: Step, ops: Sequence[Tensor]) -> Tensor:
     """Contract one step in any semiring, out of place (differentiable)."""
     aligned = align(step, ops)
-    dims = _reduce_dims(step)
+    dims = reduce_dims(step)
     shape = _out_shape(step)
     acc: Tensor | None = None
     for rng in step.ranges():
@@ -115,7 +115,7 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     ``S = 0``, so the output is ``log 0 = -inf`` without a NaN.
     """
     aligned = align(step, ops)
-    dims = _reduce_dims(step)
+    dims = reduce_dims(step)
     shape = _out_shape(step)
     n = len(dims)
     m_run: Tensor | None = None
@@ -229,6 +229,52 @@ def unravel(step: Step, linear: Tensor) -> Tensor:
     return torch.stack(coords, dim=-1)
 
 
+class GradAccumulator:
+    """Collects per-window gradient pieces of a step's operands and assembles them.
+
+    A piece for operand ``k`` is given in aligned layout (size 1 along the
+    indices ``k`` lacks).  Pieces of windows that differ only in indices ``k``
+    lacks are summed; pieces along indices ``k`` has are concatenated.  Only
+    out-of-place operations are used, so the result is differentiable.
+    """
+
+    def __init__(self, step: Step, ops: Sequence[Tensor], needs: Sequence[bool]) -> None:
+        self.step = step
+        self.ops = ops
+        self.needs = needs
+        self.order = step.output + step.summed
+        self.lacks = [
+            tuple(d for d, c in enumerate(self.order) if c not in term) for term in step.inputs
+        ]
+        self.pieces: list[dict[tuple[int, ...], Tensor]] = [{} for _ in ops]
+
+    def add(self, k: int, rng: Range, piece: Tensor) -> None:
+        """Add the gradient piece of operand ``k`` for window ``rng``."""
+        lacks = self.lacks[k]
+        if lacks:
+            piece = piece.sum(lacks)
+        term = self.step.inputs[k]
+        key = tuple(lo for (c, _), (lo, _) in zip(self.step.windows, rng) if c in term)
+        prev = self.pieces[k].get(key)
+        self.pieces[k][key] = piece if prev is None else prev + piece
+
+    def result(self) -> list[Tensor | None]:
+        grads: list[Tensor | None] = []
+        for k, (term, x) in enumerate(zip(self.step.inputs, self.ops)):
+            if not self.needs[k]:
+                grads.append(None)
+                continue
+            if not self.pieces[k]:  # nothing was summed: a size-0 index
+                grads.append(torch.zeros_like(x))
+                continue
+            kept = [c for c in self.order if c in term]
+            cat_dims = [kept.index(c) for c, _ in self.step.windows if c in term]
+            g = _assemble(self.pieces[k], cat_dims)
+            g = g.permute([kept.index(c) for c in term])
+            grads.append(g if g.shape == x.shape else g.expand(x.shape))
+        return grads
+
+
 def pullback(
     step: Step,
     ops: Sequence[Tensor],
@@ -239,37 +285,16 @@ def pullback(
 
     ``weights(views, rng)`` returns, for one window, the tensor ``W`` of
     d(output cell)/d(term) times the cotangent; the gradient of operand ``k``
-    is ``W`` summed over every dim that ``k`` lacks, and the per-window pieces
-    are summed (windows that differ only in indices ``k`` lacks) or
-    concatenated (windows along indices ``k`` has).
+    is ``W`` summed over every dim that ``k`` lacks, assembled over windows.
     """
     aligned = align(step, ops)
-    order = step.output + step.summed
-    pieces: list[dict[tuple[int, ...], Tensor]] = [{} for _ in ops]
+    acc = GradAccumulator(step, ops, needs)
     for rng in step.ranges():
         w = weights(narrow(step, aligned, rng), rng)
-        for k, term in enumerate(step.inputs):
-            if not needs[k]:
-                continue
-            lacks = tuple(d for d, c in enumerate(order) if c not in term)
-            piece = w.sum(lacks) if lacks else w
-            key = tuple(lo for (c, _), (lo, _) in zip(step.windows, rng) if c in term)
-            prev = pieces[k].get(key)
-            pieces[k][key] = piece if prev is None else prev + piece
-    grads: list[Tensor | None] = []
-    for k, (term, x) in enumerate(zip(step.inputs, ops)):
-        if not needs[k]:
-            grads.append(None)
-            continue
-        if not pieces[k]:  # nothing was summed: a size-0 index
-            grads.append(torch.zeros_like(x))
-            continue
-        kept = [c for c in order if c in term]
-        cat_dims = [kept.index(c) for c, _ in step.windows if c in term]
-        g = _assemble(pieces[k], cat_dims)
-        g = g.permute([kept.index(c) for c in term])
-        grads.append(g if g.shape == x.shape else g.expand(x.shape))
-    return grads
+        for k in range(len(ops)):
+            if needs[k]:
+                acc.add(k, rng, w)
+    return acc.result()
 
 
 def _assemble(pieces: dict[tuple[int, ...], Tensor], dims: list[int]) -> Tensor:
@@ -292,7 +317,7 @@ def tangent_sum(
     """Forward-mode: ``Σ_terms weight(term) · Σ_k tangent_k`` per output cell."""
     aligned = align(step, ops)
     t_aligned = align(step, tangents)
-    dims = _reduce_dims(step)
+    dims = reduce_dims(step)
     shape = _out_shape(step)
     acc: Tensor | None = None
     for rng in step.ranges():

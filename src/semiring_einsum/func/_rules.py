@@ -11,9 +11,11 @@ of ``torch.autograd.Function`` classes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from opt_einsum import get_symbol
@@ -21,7 +23,7 @@ from opt_einsum import get_symbol
 from . import _kernels as K
 from ._budget import Budget
 from ._plan import Step, window_extents
-from ._semiring import REAL
+from ._semiring import REAL, Semiring, lookup
 
 Tensor = torch.Tensor
 NegInf = float | str  # a float, 'nan' or 'uniform'
@@ -39,6 +41,7 @@ class Spec:
         neg_inf: Log semiring: softmax weight of each term of an all -inf
             cell in backward/forward mode: ``'nan'``, ``'uniform'`` or a float.
         extras: Log semiring: also return the per-cell max and scaled sum.
+        semiring: User semirings: the :class:`Semiring`'s token.
     """
 
     step: Step
@@ -47,6 +50,7 @@ class Spec:
     device_type: str
     neg_inf: NegInf = "nan"
     extras: bool = False
+    semiring: int = 0  # user semirings: the Semiring's token
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,129 @@ def _real_jvp(
 
 
 REAL_RULE = Rule("RealEinsum", _real_forward, _real_vjp, _real_jvp)
+
+
+# ------------------------------------------------------------ user semirings
+def _custom_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
+    return (K.contract(lookup(spec.semiring), spec.step, xs),)
+
+
+def _window_fn(semiring: Semiring, dims: tuple[int, ...]) -> Callable[..., Tensor]:
+    """One window's ⊕-reduced ⊗-product, as a function of its operand slices."""
+    return lambda *views: semiring.sum(functools.reduce(semiring.mul, views), dims)
+
+
+def _custom_vjp(
+    spec: Spec,
+    xs: Sequence[Tensor],
+    outs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """Reverse sweep over the windows with √n checkpoints, through ``torch.func.vjp``.
+
+    The output is the fold ``A_i = add(A_{i-1}, part_i)`` over windows.  Its
+    reverse sweep needs every ``A_{i-1}``; keeping them all would cost one
+    output-sized tensor per window.  Instead the first pass keeps ``A`` only at
+    the start of each segment of about √n windows; the reverse pass recomputes
+    one segment at a time.  A window's own temporaries live only inside its
+    ``torch.func.vjp`` call, so memory stays at one window plus O(√n)
+    output-sized tensors, for twice the forward's compute.
+    """
+    semiring = lookup(spec.semiring)
+    step = spec.step
+    aligned = K.align(step, xs)
+    part = _window_fn(
+        semiring, tuple(range(len(step.output), len(step.output) + len(step.windows)))
+    )
+    ranges = list(step.ranges())
+    acc = K.GradAccumulator(step, xs, needs)
+    if not ranges:
+        return acc.result()
+    length = max(1, math.isqrt(len(ranges)))
+    starts = list(range(0, len(ranges), length))
+    checkpoints: list[Tensor | None] = []
+    total: Tensor | None = None
+    for i, rng in enumerate(ranges):
+        if i % length == 0:
+            checkpoints.append(total)
+        p = part(*K.narrow(step, aligned, rng))
+        total = p if total is None else semiring.add(total, p)
+    assert total is not None
+    # The forward expanded its result to the output shape; undo that here.
+    g: Tensor | None = gs[0].sum_to_size(total.shape)
+    for start, before in zip(reversed(starts), reversed(checkpoints)):
+        segment = ranges[start : start + length]
+        prefixes, parts = [], []
+        a = before
+        for rng in segment:
+            p = part(*K.narrow(step, aligned, rng))
+            prefixes.append(a)
+            parts.append(p)
+            a = p if a is None else semiring.add(a, p)
+        for rng, prefix, p in zip(reversed(segment), reversed(prefixes), reversed(parts)):
+            assert g is not None
+            if prefix is None:
+                g_part, g = g, None
+            else:
+                add_vjp = _vjp(semiring.add, prefix, p)[1]
+                g, g_part = add_vjp(g)
+            views = K.narrow(step, aligned, rng)
+            part_vjp = _vjp(part, *views)[1]
+            for k, gk in enumerate(part_vjp(g_part)):
+                if needs[k]:
+                    acc.add(k, rng, gk)
+    return acc.result()
+
+
+def _vjp(fn: Callable[..., Any], *primals: Tensor) -> tuple[Any, Callable[..., Any]]:
+    """``torch.func.vjp`` without ``has_aux`` (its typing allows three outputs)."""
+    out, vjp_fn = torch.func.vjp(fn, *primals)[:2]
+    return out, vjp_fn
+
+
+def _jvp_by_transposition(
+    fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``(fn(*primals), J·tangents)`` from two reverse passes.
+
+    A jvp rule cannot open a nested forward-mode level (PyTorch refuses nested
+    forward AD), but the vjp ``u ↦ Jᵀu`` is linear in ``u``, and its own vjp
+    applied to the tangents is ``J·tangents``.
+    """
+    out, vjp_fn = _vjp(fn, *primals)
+    transpose = _vjp(lambda u: vjp_fn(u), torch.zeros_like(out))[1]
+    (jt,) = transpose(tuple(tangents))
+    return out, jt
+
+
+def _custom_jvp(
+    spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """Forward sweep: push tangents through each window and each ⊕."""
+    semiring = lookup(spec.semiring)
+    step = spec.step
+    part = _window_fn(
+        semiring, tuple(range(len(step.output), len(step.output) + len(step.windows)))
+    )
+    aligned, t_aligned = K.align(step, xs), K.align(step, ts)
+    total: Tensor | None = None
+    tangent: Tensor | None = None
+    for rng in step.ranges():
+        views = tuple(K.narrow(step, aligned, rng))
+        t_views = tuple(K.narrow(step, t_aligned, rng))
+        p, t_p = _jvp_by_transposition(part, views, t_views)
+        if total is None or tangent is None:
+            total, tangent = p, t_p
+        else:
+            total, tangent = _jvp_by_transposition(semiring.add, (total, p), (tangent, t_p))
+    shape = outs[0].shape
+    if tangent is None:
+        return (outs[0].new_zeros(shape),)
+    return (tangent.expand(shape) if tangent.shape != shape else tangent,)
+
+
+CUSTOM_RULE = Rule("SemiringEinsum", _custom_forward, _custom_vjp, _custom_jvp)
 
 
 def neg_inf_policy(grad_of_neg_inf: object, equation: object = None) -> NegInf:
