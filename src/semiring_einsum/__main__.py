@@ -1,211 +1,166 @@
-"""``python -m semiring_einsum``: a self-check and timing report on built-in workloads.
+"""``python -m semiring_einsum``: self-check and benchmark report on built-in workloads.
 
-Each workload runs one of our functions and a plain-torch baseline on the same
-inputs, checks our result against a float64 brute-force answer, and times
-both (medians over interleaved rounds).  Exits non-zero if any check fails.
+Each workload runs our function (``semiring_einsum.func`` at default settings)
+and its baselines on the same float32 inputs, checks every result against a
+float64 brute-force answer, times the contenders in one process (interleaved
+rounds, medians), measures peak extra memory in a fresh subprocess per
+workload and contender, and judges the goals.  Exits non-zero if a self-check
+fails.  The machinery is in :mod:`semiring_einsum._bench`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
-from . import func
+from . import _bench
 
-Tensor = torch.Tensor
+_PRESET_SETTINGS = {
+    "quick": _bench.Settings(preset="quick", rounds=3, budget_s=0.1, memory="off"),
+    "default": _bench.Settings(preset="default", rounds=5, budget_s=0.3, memory="goals"),
+    "full": _bench.Settings(preset="full", rounds=15, budget_s=2.0, memory="all"),
+}
 
+_EPILOG = """\
+contenders:
+  ours          semiring_einsum.func (einsum, log_einsum, max_einsum, min_einsum,
+                viterbi_einsum) at default settings
+  torch.einsum  real semiring only
+  trick         log-matmul-exp: per pairwise step, subtract each operand's max over the
+                summed indices, exp, torch.einsum (BLAS), log, add the maxima back
+  naive         broadcast every operand into the joint index space, then logsumexp /
+                amax / amin / sum over the summed indices (skipped above 512 MiB)
+  reference     torch-semiring-einsum 1.2.0 at AUTOMATIC_BLOCK_SIZE, if installed
+                (its Viterbi function stands in for max-plus values)
 
-@dataclass
-class Result:
-    name: str
-    baseline: str
-    max_error: float
-    tolerance: float
-    ours_ms: float
-    baseline_ms: float
+checks (exit status 1 if one fails):
+  every workload's result (and, for fwd+bwd, its gradients) against a float64
+  brute-force answer, including an adversarial log input spread over +-1e3 nats
+  where the trick underflows; Viterbi argmax consistency (the term at the argmax
+  equals the max).  Goals are reported (met / NOT MET), never enforced.
 
-    @property
-    def ok(self) -> bool:
-        return self.max_error <= self.tolerance
+sizes:
+  default  scaled down, under a minute on two CPU cores
+  --quick  tiny, a smoke test (no memory measurement unless --memory is given)
+  --full   the sizes the goals are stated for (minutes; benchmarks/run.py runs this)
 
-    @property
-    def ratio(self) -> float:
-        return self.ours_ms / self.baseline_ms if self.baseline_ms > 0 else float("nan")
-
-
-def _time(fns: list[Callable[[], object]], rounds: int) -> list[float]:
-    """Median milliseconds of each function, interleaving them round by round."""
-    samples: list[list[float]] = [[] for _ in fns]
-    for fn in fns:  # warm-up
-        fn()
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            samples[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
-
-
-def _lse_bmm(a: Tensor, b: Tensor) -> Tensor:
-    """Plain-torch log-space batched matmul by broadcasting (the naive baseline)."""
-    return torch.logsumexp(a.unsqueeze(-1) + b.unsqueeze(-3), dim=-2)
+exit status: 0 all self-checks passed, 1 a self-check failed, 2 bad usage.
+"""
 
 
-def _workloads(
-    quick: bool,
-) -> list[tuple[str, str, Callable[[], Tensor], Callable[[], Tensor], Callable[[], Tensor], float]]:
-    g = torch.Generator().manual_seed(0)
-    n = 32 if quick else 128
-    b = 4 if quick else 8
-    x = torch.randn(b, n, n, generator=g)
-    y = torch.randn(b, n, n, generator=g)
-    x64, y64 = x.double(), y.double()
-    chain = [torch.randn(n, n, generator=g) for _ in range(3)]
-    chain64 = [c.double() for c in chain]
-    spread = torch.randn(b, n, n, generator=g) * 300.0  # terms spread over ~1e3 nats
-    spread64 = spread.double()
-
-    def brute_chain() -> Tensor:
-        a, c, d = chain64
-        return torch.logsumexp(
-            a[:, :, None, None] + c[None, :, :, None] + d[None, None, :, :], dim=(1, 2)
-        )
-
-    return [
-        (
-            "real  bij,bjk->bik",
-            "torch.einsum",
-            lambda: func.einsum("bij,bjk->bik", x, y),
-            lambda: torch.einsum("bij,bjk->bik", x, y),
-            lambda: torch.einsum("bij,bjk->bik", x64, y64),
-            1e-3,
-        ),
-        (
-            "log   bij,bjk->bik",
-            "broadcast logsumexp",
-            lambda: func.log_einsum("bij,bjk->bik", x, y),
-            lambda: _lse_bmm(x, y),
-            lambda: _lse_bmm(x64, y64),
-            1e-4,
-        ),
-        (
-            "log   ab,bc,cd->ad",
-            "broadcast logsumexp",
-            lambda: func.log_einsum("ab,bc,cd->ad", *chain),
-            lambda: torch.logsumexp(
-                chain[0][:, :, None, None] + chain[1][None, :, :, None] + chain[2][None, None],
-                dim=(1, 2),
-            ),
-            brute_chain,
-            1e-4,
-        ),
-        (
-            "log   bij,bjk->bik (±1e3 nats)",
-            "broadcast logsumexp",
-            lambda: func.log_einsum("bij,bjk->bik", spread, spread),
-            lambda: _lse_bmm(spread, spread),
-            lambda: _lse_bmm(spread64, spread64),
-            1e-2,
-        ),
-        (
-            "max   bij,bjk->bik",
-            "broadcast amax",
-            lambda: func.max_einsum("bij,bjk->bik", x, y),
-            lambda: (x.unsqueeze(-1) + y.unsqueeze(-3)).amax(-2),
-            lambda: (x64.unsqueeze(-1) + y64.unsqueeze(-3)).amax(-2),
-            1e-5,
-        ),
-        (
-            "min   bij,bjk->bik",
-            "broadcast amin",
-            lambda: func.min_einsum("bij,bjk->bik", x, y),
-            lambda: (x.unsqueeze(-1) + y.unsqueeze(-3)).amin(-2),
-            lambda: (x64.unsqueeze(-1) + y64.unsqueeze(-3)).amin(-2),
-            1e-5,
-        ),
-        (
-            "viterbi bij,bjk->bik (values)",
-            "broadcast max",
-            lambda: func.viterbi_einsum("bij,bjk->bik", x, y)[0],
-            lambda: (x.unsqueeze(-1) + y.unsqueeze(-3)).max(-2)[0],
-            lambda: (x64.unsqueeze(-1) + y64.unsqueeze(-3)).amax(-2),
-            1e-5,
-        ),
-    ]
-
-
-def _viterbi_argmax_ok() -> bool:
-    """The argmax points at terms that achieve the max (checked by gathering)."""
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(3, 5, 6, generator=g), torch.randn(3, 6, 4, generator=g)
-    values, argmax = func.viterbi_einsum("bij,bjk->bik", a, b, block_size=2)
-    j = argmax[..., 0]
-    picked = a.gather(2, j) + b.gather(1, j)
-    return bool(torch.allclose(picked, values))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m semiring_einsum",
         description=(
-            "Self-check and timing report: runs built-in workloads in every semiring, "
-            "checks each result against a float64 brute-force answer, and times ours "
-            "against a plain-torch baseline (medians of interleaved rounds, CPU)."
+            "Self-check and benchmark: time semiring_einsum against torch.einsum, the "
+            "naive broadcast baseline, the log-matmul-exp trick and torch-semiring-einsum "
+            "on built-in workloads; report median times, ratios (ours / baseline), peak "
+            "extra memory and whether each goal is met."
         ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds per workload")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 5)
-    torch.manual_seed(0)
-    results = []
-    for name, base, ours, baseline, oracle, tol in _workloads(args.quick):
-        expected = oracle()
-        got = ours().double()
-        finite = torch.isfinite(expected)
-        err = float((got - expected)[finite].abs().max()) if finite.any() else 0.0
-        if not torch.equal(torch.isfinite(got), finite):
-            err = float("inf")
-        ours_ms, base_ms = _time([ours, baseline], rounds)
-        results.append(Result(name, base, err, tol, ours_ms, base_ms))
-    argmax_ok = _viterbi_argmax_ok()
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes, few rounds (smoke test)")
+    size.add_argument("--full", action="store_true", help="full benchmark sizes (minutes)")
+    p.add_argument(
+        "--rounds", type=int, metavar="N", help="most timing rounds per contender (3/5/15)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="time budget per contender and workload: a contender stops after its rounds "
+        "add up to this; one whose first call alone exceeds it is timed by that call "
+        "(0.1/0.3/2)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("all", "goals", "off"),
+        help="peak-memory subprocesses: every contender, only those a goal compares "
+        "(ours and the reference), or none (default: off/goals/all)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=2, metavar="N", help="memory subprocesses run at once (2)"
+    )
+    p.add_argument(
+        "--memory-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up on one memory subprocess after this long (600)",
+    )
+    p.add_argument(
+        "--skip-slow-reference",
+        action="store_true",
+        help="leave out the reference where it takes seconds per call (the log chain at n=128)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="KEY",
+        default=(),
+        help="run only workloads whose key contains one of these (see --list)",
+    )
+    p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (cpu)")
+    p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="also plot the ratios (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
-    print(
-        f"semiring_einsum self-check (torch {torch.__version__}, {torch.get_num_threads()} threads)"
-    )
-    header = (
-        f"{'workload':<32} {'check':<6} {'max err':>9} {'ours ms':>9} {'base ms':>9} "
-        f"{'ratio':>6}  baseline"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(
-            f"{r.name:<32} {'ok' if r.ok else 'FAIL':<6} {r.max_error:>9.2e} "
-            f"{r.ours_ms:>9.3f} {r.baseline_ms:>9.3f} {r.ratio:>6.2f}  {r.baseline}"
+
+def _list_workloads() -> str:
+    lines = []
+    for w in _bench.WORKLOADS:
+        goals = "; ".join(g.text for g in w.goals) or "(self-check only)"
+        lines.append(f"{w.key:<16} {w.title(w.sizes['full'])}")
+        lines.append(f"{'':<16}   contenders: {', '.join((_bench.OURS, *w.contenders))}")
+        lines.append(f"{'':<16}   goals: {goals}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print(_list_workloads())
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device cuda: CUDA is not available (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda or 'none'})"
         )
-    print(f"{'viterbi argmax consistent':<32} {'ok' if argmax_ok else 'FAIL':<6}")
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    base = _PRESET_SETTINGS[preset]
+    settings = replace(
+        base,
+        rounds=base.rounds if args.rounds is None else args.rounds,
+        budget_s=base.budget_s if args.budget is None else args.budget,
+        memory=args.memory or base.memory,
+        jobs=args.jobs,
+        device=args.device,
+        skip_slow_reference=args.skip_slow_reference,
+        memory_timeout_s=args.memory_timeout,
+        only=tuple(args.only),
+    )
+    if args.only and not _bench.selected(settings.only):
+        parser.error(f"--only {' '.join(args.only)}: no such workload (see --list)")
+    report = _bench.run(settings, progress=not args.no_progress)
+    print(_bench.format_report(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "results": [asdict(r) | {"ok": r.ok, "ratio": r.ratio} for r in results],
-                    "viterbi_argmax_ok": argmax_ok,
-                },
-                f,
-                indent=2,
-            )
-    failed = [r.name for r in results if not r.ok] + ([] if argmax_ok else ["viterbi argmax"])
-    if failed:
-        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        _bench.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        why = _bench.write_plot(report, args.plot)
+        print(f"--plot: {why}" if why else f"wrote {args.plot}", file=sys.stderr if why else None)
+    if not report.ok:
+        print("FAILED: " + ", ".join(report.failures), file=sys.stderr)
         return 1
     return 0
 

@@ -348,8 +348,11 @@ def semiring_einsum_forward(
         for dtype in output_dtypes:
             if dtype is not None and not isinstance(dtype, torch.dtype):
                 raise TypeError(f"output_dtypes must hold torch dtypes or None, got {dtype!r}")
-        aligned = K.align(step, xs)
-        dims = tuple(range(nout, nout + len(step.windows)))
+        aligned = K.align(step, xs)  # window dims first
+        nsum = len(step.windows)
+        # The protocol's term layout is output dims first, then window dims.
+        to_protocol = list(range(nsum, nsum + nout)) + list(range(nsum))
+        dims = tuple(range(nout, nout + nsum))
         ranges = list(step.ranges())
         empty = not ranges
         if empty:
@@ -357,7 +360,8 @@ def semiring_einsum_forward(
         acc: Any = None
         for rng in ranges:
             shape = [size[c] for c in step.output] + [hi - lo for lo, hi in rng]
-            views = K.narrow(step, aligned, rng) if not empty else _empty(aligned, nout, rng)
+            views = K.narrow(step, aligned, rng) if not empty else _empty(aligned, rng)
+            views = [v.permute(to_protocol) for v in views]
             term = views[0].expand(shape).clone()
             for factor in views[1:]:
                 multiply_in_place(term, factor)
@@ -374,13 +378,13 @@ def semiring_einsum_forward(
     return func(compute_sum)
 
 
-def _empty(aligned: Sequence[Tensor], nout: int, rng: tuple[tuple[int, int], ...]) -> list[Tensor]:
+def _empty(aligned: Sequence[Tensor], rng: tuple[tuple[int, int], ...]) -> list[Tensor]:
     """Slices of zero extent along every summed dim (the empty window)."""
     out = []
     for x in aligned:
-        for i in range(len(rng)):
-            if x.shape[nout + i] != 1:
-                x = x.narrow(nout + i, 0, 0)
+        for d in range(len(rng)):
+            if x.shape[d] != 1:
+                x = x.narrow(d, 0, 0)
         out.append(x)
     return out
 

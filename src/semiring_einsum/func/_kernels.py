@@ -1,12 +1,15 @@
 """Execute stage: the blocked loop over windows of the summed indices.
 
 Every kernel works on one :class:`~._plan.Step`.  Operands are *aligned* first:
-permuted to ``step.output + step.summed`` order with size-1 dimensions for the
+permuted to ``step.summed + step.output`` order with size-1 dimensions for the
 indices they lack (views, no copies).  A window narrows each aligned operand
 along the summed indices it has; the ⊗-product of the narrowed operands is the
-window tensor (output dims first, window dims last) and is ⊕-reduced over its
-trailing dims.  The loop never branches on tensor values, so vmap, autograd and
-the compiler see ordinary torch operations.
+window tensor (window dims first, output dims last) and is ⊕-reduced over its
+leading dims.  Reducing leading dims combines whole contiguous slabs
+elementwise, which vectorizes far better than reducing an innermost dim, and
+output-shaped tensors broadcast against a window without any reshaping.  The
+loop never branches on tensor values, so vmap, autograd and the compiler see
+ordinary torch operations.
 
 Kernels called from ``autograd.Function.forward`` (which autograd never
 records) may work in place on window tensors they created; the others are
@@ -29,8 +32,8 @@ Range = tuple[tuple[int, int], ...]
 
 
 def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
-    """Permute each operand to ``output + summed`` order, size 1 where absent."""
-    order = step.output + step.summed
+    """Permute each operand to ``summed + output`` order, size 1 where absent."""
+    order = step.summed + step.output
     out = []
     for term, x in zip(step.inputs, ops):
         x = x.permute(sorted(range(len(term)), key=lambda i: order.index(term[i])))
@@ -43,29 +46,23 @@ def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
 
 def narrow(step: Step, aligned: Sequence[Tensor], rng: Range) -> list[Tensor]:
     """The parts of the aligned operands that fall in one window."""
-    nout = len(step.output)
     views = []
     for x in aligned:
-        for i, (lo, hi) in enumerate(rng):
-            if x.shape[nout + i] != 1:
-                x = x.narrow(nout + i, lo, hi - lo)
+        for d, (lo, hi) in enumerate(rng):
+            if x.shape[d] != 1:
+                x = x.narrow(d, lo, hi - lo)
         views.append(x)
     return views
 
 
 def reduce_dims(step: Step) -> tuple[int, ...]:
-    nout = len(step.output)
-    return tuple(range(nout, nout + len(step.windows)))
+    """The window dims of a window tensor (the leading ones)."""
+    return tuple(range(len(step.windows)))
 
 
 def _out_shape(step: Step) -> list[int]:
     size = step.size
     return [size[c] for c in step.output]
-
-
-def _trailing(t: Tensor, n: int) -> Tensor:
-    """``t`` with ``n`` trailing size-1 dims, to broadcast against a window."""
-    return t.reshape(t.shape + (1,) * n)
 
 
 def _fresh(t: Tensor, shape: list[int]) -> Tensor:
@@ -117,7 +114,6 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     aligned = align(step, ops)
     dims = reduce_dims(step)
     shape = _out_shape(step)
-    n = len(dims)
     m_run: Tensor | None = None
     s_run: Tensor | None = None
     shift: Tensor | None = None
@@ -127,9 +123,9 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
         m_new = m if m_run is None else torch.maximum(m_run, m)
         shift = torch.where(torch.isfinite(m_new), m_new, 0.0)
         if owned:
-            e = t.sub_(_trailing(shift, n)).exp_()
+            e = t.sub_(shift).exp_()
         else:
-            e = torch.exp(t - _trailing(shift, n))
+            e = torch.exp(t - shift)
         s = e.sum(dims) if dims else e
         s_run = s if s_run is None or m_run is None else s_run * torch.exp(m_run - shift) + s
         m_run = m_new
@@ -156,39 +152,51 @@ def _strides(step: Step) -> list[int]:
 
 
 def window_linear_index(step: Step, rng: Range, device: torch.device) -> Tensor:
-    """Row-major linear index of every term of a window, shaped like the window."""
-    nout = len(step.output)
+    """Row-major linear index of every term of a window (window dims, then 1s)."""
     n = len(rng)
-    grid = torch.zeros((1,) * (nout + n), dtype=torch.int64, device=device)
+    nout = len(step.output)
+    grid = torch.zeros((1,) * (n + nout), dtype=torch.int64, device=device)
     for i, ((lo, hi), stride) in enumerate(zip(rng, _strides(step))):
-        shape = [1] * (nout + n)
-        shape[nout + i] = hi - lo
+        shape = [1] * (n + nout)
+        shape[i] = hi - lo
         grid = grid + (torch.arange(lo, hi, device=device) * stride).reshape(shape)
     return grid
 
 
-def max_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[Tensor, Tensor]:
     """Max-plus step: values and the row-major linear index of the argmax.
 
     Ties go to the first maximiser in row-major order of the summed indices,
-    whatever the windows: inside a window ``torch.max`` returns the first
-    maximiser, and across windows a later window only wins on a strictly
-    larger value or, on a tie, a smaller linear index.  NaN beats everything
-    (the first NaN wins).  All terms -inf gives -inf with index 0.
+    whatever the windows: inside a window the first maximiser is found by
+    scoring matches with descending weights (``amax`` of ``(t == max) ·
+    (W - position)``; ``argmax`` over a leading dim is far slower), and
+    across windows a later window only wins on a strictly larger value or, on
+    a tie, a smaller linear index.  NaN beats everything (the first NaN
+    wins).  All terms -inf gives -inf with index 0.  With ``argmax=False``
+    the index is not computed (an empty tensor is returned in its place).
     """
     aligned = align(step, ops)
     shape = _out_shape(step)
+    device = aligned[0].device
     if not step.windows:
         t, _ = _term(narrow(step, aligned, ()), torch.add)
         vals = _fresh(t, shape)
-        return vals, torch.zeros(shape, dtype=torch.int64, device=vals.device)
+        return vals, torch.zeros(shape, dtype=torch.int64, device=device)
     strides = _strides(step)
     best: Tensor | None = None
     where: Tensor | None = None
     for rng in step.ranges():
         t, _ = _term(narrow(step, aligned, rng), torch.add)
-        t = t.expand(shape + [hi - lo for lo, hi in rng])
-        m, local = torch.max(t.flatten(len(shape)) if rng else t.unsqueeze(-1), dim=-1)
+        extents = [hi - lo for lo, hi in rng]
+        flat = t.expand(extents + shape).flatten(0, len(extents) - 1)
+        m = flat.amax(0)
+        if not argmax:
+            best = m if best is None else torch.maximum(best, m)
+            continue
+        count = flat.shape[0]
+        hits = (flat == m) | (flat != flat)  # flat != flat: NaN, which amax propagates
+        weight = torch.arange(count, 0, -1, device=device, dtype=_index_dtype(count))
+        local = count - (hits * weight.reshape([-1] + [1] * len(shape))).amax(0).long()
         lin = torch.zeros_like(local)
         for (lo, hi), stride, inner in zip(rng, strides, _inner(rng)):
             lin = lin + (local // inner % (hi - lo) + lo) * stride
@@ -200,13 +208,18 @@ def max_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         better = (m > best) | (m_nan & ~best_nan) | (tie & (lin < where))
         best = torch.where(better, m, best)
         where = torch.where(better, lin, where)
-    if best is None or where is None:  # a summed index of size 0
-        device = aligned[0].device
+    if best is None:  # a summed index of size 0
         return (
             aligned[0].new_full(shape, -math.inf),
             torch.zeros(shape, dtype=torch.int64, device=device),
         )
-    return best, where
+    if where is None:
+        where = torch.zeros((0,), dtype=torch.int64, device=device)
+    return _sized(best, shape), where
+
+
+def _index_dtype(count: int) -> torch.dtype:
+    return torch.uint8 if count < 256 else torch.int16 if count < 32768 else torch.int64
 
 
 def _inner(rng: Range) -> list[int]:
@@ -242,7 +255,7 @@ class GradAccumulator:
         self.step = step
         self.ops = ops
         self.needs = needs
-        self.order = step.output + step.summed
+        self.order = step.summed + step.output  # the aligned layout
         self.lacks = [
             tuple(d for d, c in enumerate(self.order) if c not in term) for term in step.inputs
         ]

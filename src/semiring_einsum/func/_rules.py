@@ -95,10 +95,6 @@ def fold_batch(
     return replace(spec, step=folded), ys
 
 
-def _trail(t: Tensor, spec: Spec) -> Tensor:
-    return t.reshape(t.shape + (1,) * len(spec.step.windows))
-
-
 # ----------------------------------------------------------------------- log
 def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
     out, m, s = K.log_forward(spec.step, xs)
@@ -118,15 +114,15 @@ def _log_weights(spec: Spec, out: Tensor) -> Callable[[list[Tensor], K.Range], T
     """
     policy = spec.neg_inf
     if policy == "nan":
-        out_b = _trail(out, spec)
+        out_b = out
         return lambda views, rng: torch.exp(sum(views[1:], views[0]) - out_b)
     dead = torch.isneginf(out)
     if policy == "uniform":
         weight = 1.0 / spec.step.terms if spec.step.terms else 0.0
     else:
         weight = float(policy)
-    out_b = _trail(torch.where(dead, 0.0, out), spec)
-    dead_b = _trail(dead, spec)
+    out_b = torch.where(dead, 0.0, out)
+    dead_b = dead
 
     def weights(views: list[Tensor], rng: K.Range) -> Tensor:
         e = torch.exp(sum(views[1:], views[0]) - out_b)
@@ -143,7 +139,7 @@ def _log_vjp(
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     weights = _log_weights(spec, outs[0])
-    g_b = _trail(gs[0], spec)
+    g_b = gs[0]
     return K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g_b)
 
 
@@ -164,7 +160,7 @@ def _max_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
 
 def _argmax_mask(spec: Spec, linear: Tensor) -> Callable[[list[Tensor], K.Range], Tensor]:
     """Weight 1 on the single maximising term of each cell, 0 elsewhere."""
-    lin_b = _trail(linear, spec)
+    lin_b = linear
     device = linear.device
 
     def mask(views: list[Tensor], rng: K.Range) -> Tensor:
@@ -181,7 +177,7 @@ def _max_vjp(
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     mask = _argmax_mask(spec, outs[1])
-    g_b = _trail(gs[0], spec)
+    g_b = gs[0]
     zero = torch.zeros((), dtype=g_b.dtype, device=g_b.device)
     return K.pullback(spec.step, xs, needs, lambda v, r: torch.where(mask(v, r), g_b, zero))
 
@@ -284,9 +280,7 @@ def _custom_vjp(
     semiring = lookup(spec.semiring)
     step = spec.step
     aligned = K.align(step, xs)
-    part = _window_fn(
-        semiring, tuple(range(len(step.output), len(step.output) + len(step.windows)))
-    )
+    part = _window_fn(semiring, K.reduce_dims(step))
     ranges = list(step.ranges())
     acc = K.GradAccumulator(step, xs, needs)
     if not ranges:
@@ -354,9 +348,7 @@ def _custom_jvp(
     """Forward sweep: push tangents through each window and each ⊕."""
     semiring = lookup(spec.semiring)
     step = spec.step
-    part = _window_fn(
-        semiring, tuple(range(len(step.output), len(step.output) + len(step.windows)))
-    )
+    part = _window_fn(semiring, K.reduce_dims(step))
     aligned, t_aligned = K.align(step, xs), K.align(step, ts)
     total: Tensor | None = None
     tangent: Tensor | None = None
