@@ -164,13 +164,16 @@ def _contract(
         joint = policy != "nan"
         p = _Prepared(LOG, equation, operands, budget, optimize, joint=joint, neg_inf=policy)
         return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), *args)[0])
-    if kind == "max":
-        p = _Prepared(MAX_PLUS, equation, operands, budget, optimize)
-        return p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0])
-    if kind == "min":
-        p = _Prepared(MIN_PLUS, equation, operands, budget, optimize)
-        negated = [-x for x in p.operands]
-        return -p.run(lambda s, args: apply(MAX_RULE, p.spec(s), *args)[0], negated)
+    if kind in ("max", "min"):
+        p = _Prepared(MAX_PLUS if kind == "max" else MIN_PLUS, equation, operands, budget, optimize)
+        values_only = not _grad_possible(operands)
+
+        def max_step(s: Step, args: list[Tensor]) -> Tensor:
+            return apply(MAX_RULE, replace(p.spec(s), values_only=values_only), *args)[0]
+
+        if kind == "max":
+            return p.run(max_step)
+        return -p.run(max_step, [-x for x in p.operands])
     if kind == "viterbi":
         p = _Prepared(MAX_PLUS, equation, operands, budget, False)
         (step,) = p.plan.steps
@@ -181,6 +184,23 @@ def _contract(
             coords = coords[..., order]
         return p.finish(values), coords
     raise AssertionError(f"unknown contraction kind {kind!r}")  # pragma: no cover
+
+
+def _grad_possible(operands: Sequence[Tensor]) -> bool:
+    """Whether any derivative of the result could be asked for.
+
+    False only when autograd is off or no operand requires grad, no forward-AD
+    level is open, and no torch.func transform other than vmap is active --
+    then the max-plus
+    forward may skip the argmax its backward would need.
+    """
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    vmap = torch._C._functorch.TransformType.Vmap
+    if any(level.key() != vmap for level in stack):
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:  # dual tensors may be about
+        return True
+    return torch.is_grad_enabled() and any(x.requires_grad for x in operands)
 
 
 def _run(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from itertools import product
 
 import torch
 
@@ -182,6 +183,8 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
         t, _ = _term(narrow(step, aligned, ()), torch.add)
         vals = _fresh(t, shape)
         return vals, torch.zeros(shape, dtype=torch.int64, device=device)
+    if argmax and math.prod(shape) >= _SLICE_LOOP_MIN_OUTPUT:
+        return _max_forward_by_slices(step, aligned, shape)
     strides = _strides(step)
     best: Tensor | None = None
     where: Tensor | None = None
@@ -216,6 +219,40 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     if where is None:
         where = torch.zeros((0,), dtype=torch.int64, device=device)
     return _sized(best, shape), where
+
+
+# With at least this many output cells, one output-sized slice per summed
+# coordinate is big enough that a loop of a few fused elementwise ops per
+# slice beats scoring whole windows.
+_SLICE_LOOP_MIN_OUTPUT = 4096
+
+
+def _max_forward_by_slices(
+    step: Step, aligned: Sequence[Tensor], shape: list[int]
+) -> tuple[Tensor, Tensor]:
+    """Max and argmax visiting the summed coordinates one at a time, in row-major order.
+
+    A later coordinate wins only on a strictly larger value, so ties keep the
+    first; ``~(cand <= best)`` is also true for a NaN candidate, and
+    ``best == best`` is false once the best is NaN, so the first NaN wins and
+    stays.  ``maximum`` propagates NaN the same way.
+    """
+    size = step.size
+    summed = [size[c] for c, _ in step.windows]
+    best: Tensor | None = None
+    where: Tensor | None = None
+    for lin, coords in enumerate(product(*(range(n) for n in summed))):
+        views = [x[tuple(min(i, x.shape[d] - 1) for d, i in enumerate(coords))] for x in aligned]
+        cand = functools.reduce(torch.add, views)
+        if best is None or where is None:
+            best = cand.expand(shape).clone()
+            where = torch.zeros_like(best, dtype=torch.int64)
+            continue
+        better = ~(cand <= best) & (best == best)
+        best = torch.maximum(best, cand)
+        where = where.masked_fill_(better, lin)
+    assert best is not None and where is not None  # windows exist, so coordinates do
+    return best, where
 
 
 def _index_dtype(count: int) -> torch.dtype:

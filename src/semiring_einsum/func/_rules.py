@@ -51,6 +51,7 @@ class Spec:
     neg_inf: NegInf = "nan"
     extras: bool = False
     semiring: int = 0  # user semirings: the Semiring's token
+    values_only: bool = False  # max-plus: no gradient can be asked for, skip the argmax
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ LOG_RULE = Rule("LogEinsum", _log_forward, _log_vjp, _log_jvp)
 
 # ----------------------------------------------------------------- max-plus
 def _max_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
-    return K.max_forward(spec.step, xs)
+    return K.max_forward(spec.step, xs, argmax=not spec.values_only)
 
 
 def _argmax_mask(spec: Spec, linear: Tensor) -> Callable[[list[Tensor], K.Range], Tensor]:
