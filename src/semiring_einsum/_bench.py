@@ -30,7 +30,7 @@ import json
 import math
 import os
 import platform
-import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -224,7 +224,9 @@ def log_matmul_exp(equation: str, *operands: Tensor) -> Tensor:
     return acc
 
 
-def argmax_consistent(equation: str, operands: Sequence[Tensor], values: Tensor, argmax: Tensor) -> bool:
+def argmax_consistent(
+    equation: str, operands: Sequence[Tensor], values: Tensor, argmax: Tensor
+) -> bool:
     """Whether each argmax picks a term whose value is the reported max.
 
     ``argmax[..., k]`` holds the k-th summed index (in order of first
@@ -595,14 +597,15 @@ def oracle(w: Workload, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     reduce = _NAIVE_REDUCE[w.semiring]
     with torch.enable_grad():
         out = brute_force(reduce, w.equation, *xs, max_numel=_ORACLE_MAX_NUMEL)
-        if w.mode == "fwd":
-            return (out.detach(),)
-        grads = torch.autograd.grad(out, xs, torch.ones_like(out))
-    return (out.detach(), *grads)
+        grads = torch.autograd.grad(out, xs, torch.ones_like(out)) if w.mode == "fwd+bwd" else ()
+    return tuple(t.detach().cpu() for t in (out, *grads))
 
 
 def max_error(got: Sequence[Tensor], expected: Sequence[Tensor]) -> float:
-    """Largest absolute difference over finite entries; inf if shapes or the finite pattern differ."""
+    """Largest absolute difference over finite entries.
+
+    ``inf`` if a shape, or which entries are finite (and their values), differ.
+    """
     if len(got) < len(expected):
         return math.inf
     worst = 0.0
@@ -701,6 +704,8 @@ def time_interleaved(
 
 
 def _maxrss_bytes() -> int:
+    import resource  # POSIX only; imported here so the module loads everywhere
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
@@ -738,6 +743,15 @@ def memory_child(argv: Sequence[str] | None = None) -> None:
 
 
 _CHILD = "from semiring_einsum._bench import memory_child; memory_child()"
+# On Linux a process's ru_maxrss starts at its parent's resident size at fork
+# time (exec keeps the high-water mark of the memory image it replaces), so a
+# child started straight from this process, already large after the timings,
+# would see no growth below that size.  A bare interpreter (`-S`, a few MiB)
+# in between starts the measuring process from a small image instead.
+_LAUNCHER = (
+    "import subprocess, sys; "
+    "sys.exit(subprocess.run([sys.executable, '-c', *sys.argv[1:]]).returncode)"
+)
 
 
 def measure_peak(
@@ -757,20 +771,23 @@ def measure_peak(
     env = dict(os.environ)
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-c", _LAUNCHER, _CHILD, spec],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, so a timeout ends the child too
+    )
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, spec],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=env,
-            check=False,
-        )
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return None, f"memory subprocess timed out after {timeout_s:g} s"
-    lines = proc.stdout.strip().splitlines()
+    lines = stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"memory subprocess failed: {tail}"
     return int(json.loads(lines[-1])["peak_bytes"]), ""
 
@@ -815,7 +832,9 @@ class PlainProgress:
     def _draw(self) -> None:
         filled = self.width * self.done // self.total
         bar = "#" * filled + "." * (self.width - filled)
-        line = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.1f}s {self.desc}"
+        line = (
+            f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.1f}s {self.desc}"
+        )
         if self.tty:
             sys.stderr.write("\r" + line[:119].ljust(119))
         else:
@@ -1082,6 +1101,11 @@ def _judge(goal: Goal, case: CaseResult) -> GoalResult:
     return GoalResult(goal.text, goal.metric, goal.baseline, goal.target, value, met)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or ``None`` if either is unknown or ``b`` is 0."""
+    return a / b if a is not None and b else None
+
+
 def _fmt_ratio(x: float | None) -> str:
     if x is None:
         return "-"
@@ -1099,8 +1123,9 @@ def _time_cell(case: CaseResult, name: str) -> str:
     if r.median_ms is None:
         return r.note or "-"
     cell = _fmt_ms(r.median_ms)
-    if name != OURS and ours.median_ms is not None and r.median_ms > 0:
-        cell += f" ({ours.median_ms / r.median_ms:.2f}x)"
+    ratio = _ratio(ours.median_ms, r.median_ms)
+    if name != OURS and ratio is not None:
+        cell += f" ({ratio:.2f}x)"
     if r.max_error is not None and math.isinf(r.max_error):
         cell += " WRONG"
     return cell
@@ -1111,8 +1136,9 @@ def _memory_cell(case: CaseResult, name: str) -> str:
     if r.peak_bytes is None:
         return r.memory_note or (r.note if r.median_ms is None else "-")
     cell = f"{r.peak_bytes / 2**20:.1f}"
-    if name != OURS and ours.peak_bytes is not None and r.peak_bytes > 0:
-        cell += f" ({ours.peak_bytes / r.peak_bytes:.2f}x)"
+    ratio = _ratio(ours.peak_bytes, r.peak_bytes)
+    if name != OURS and ratio is not None:
+        cell += f" ({ratio:.2f}x)"
     return cell
 
 
@@ -1195,13 +1221,10 @@ def report_to_json(report: Report) -> dict[str, Any]:
             name: {
                 "median_ms": r.median_ms,
                 "rounds": r.rounds,
-                "ratio": (
-                    c.contenders[OURS].median_ms / r.median_ms
-                    if r.median_ms and c.contenders[OURS].median_ms is not None
-                    else None
-                ),
+                "time_ratio": _ratio(c.contenders[OURS].median_ms, r.median_ms),
                 "max_error": _jsonable(r.max_error),
                 "peak_bytes": r.peak_bytes,
+                "memory_ratio": _ratio(c.contenders[OURS].peak_bytes, r.peak_bytes),
                 "note": r.note,
                 "memory_note": r.memory_note,
             }
@@ -1252,7 +1275,11 @@ def write_json(report: Report, path: str) -> None:
 
 
 def write_plot(report: Report, path: str) -> str | None:
-    """Plot time ratios (and memory ratios) per case to a PNG.
+    """Plot each case to a PNG: time ratios (left), peak extra memory (right).
+
+    Left: ours / contender median time per baseline, log scale, with a tick
+    at each time goal's threshold on the bar it concerns.  Right: every
+    contender's peak extra memory in MiB (symmetric-log scale, so 0 shows).
 
     Returns:
         ``None`` on success, else why no plot was written (e.g. matplotlib
@@ -1265,40 +1292,49 @@ def write_plot(report: Report, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib); no plot written"
-    baselines = [n for n in CONTENDERS if n != OURS]
     cases = report.cases
-    fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(cases) * len(baselines) / 2 + 2))
-    for ax, attr, label in (
-        (axes[0], "median_ms", "time: ours / contender (log scale; < 1 = ours faster)"),
-        (axes[1], "peak_bytes", "peak extra memory: ours / contender"),
-    ):
-        height = 0.8 / len(baselines)
-        for j, name in enumerate(baselines):
-            ys, xs = [], []
-            for i, c in enumerate(cases):
-                ours, r = c.contenders[OURS], c.contenders.get(name)
-                a, b = getattr(ours, attr), None if r is None else getattr(r, attr)
-                if a is not None and b:
-                    ys.append(i + (j - len(baselines) / 2) * height)
-                    xs.append(max(a / b, 1e-4))
-            ax.barh(ys, xs, height=height, label=name)
+    baselines = [n for n in CONTENDERS if n != OURS]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 1.0 + 0.55 * len(cases)), sharey=True)
+
+    def offset(j: int, count: int) -> float:
+        return (j - (count - 1) / 2) * 0.8 / count
+
+    height = 0.8 / len(baselines)
+    for j, name in enumerate(baselines):
+        ys, xs = [], []
         for i, c in enumerate(cases):
+            r = c.contenders.get(name)
+            ratio = _ratio(c.contenders[OURS].median_ms, None if r is None else r.median_ms)
+            if ratio is not None:
+                ys.append(i + offset(j, len(baselines)))
+                xs.append(ratio)
             for g in c.goals:
-                if (g.metric == "memory_ratio") == (attr == "peak_bytes") and g.metric != "speedup":
-                    ax.plot([g.target], [i], "k|", markersize=14)
-                elif g.metric == "speedup" and attr == "median_ms":
-                    ax.plot([1 / g.target], [i], "k|", markersize=14)
-        ax.axvline(1.0, color="grey", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_yticks(range(len(cases)))
-        ax.set_yticklabels([c.key for c in cases])
-        ax.invert_yaxis()
-        ax.set_xlabel(label)
-        ax.legend(fontsize="small")
-    axes[0].set_title("| = goal threshold")
+                if g.baseline == name and g.metric != "memory_ratio":
+                    target = 1 / g.target if g.metric == "speedup" else g.target
+                    left.plot([target], [i + offset(j, len(baselines))], "k|", markersize=12)
+        left.barh(ys, xs, height=height, label=name, color=f"C{j + 1}")
+    left.axvline(1.0, color="grey", linewidth=0.8)
+    left.set_xscale("log")
+    left.set_xlabel("median time, ours / contender (log; < 1: ours faster; | = goal)")
+    left.legend(fontsize="small")
+    height = 0.8 / len(CONTENDERS)
+    for j, name in enumerate(CONTENDERS):
+        ys, xs = [], []
+        for i, c in enumerate(cases):
+            r = c.contenders.get(name)
+            if r is not None and r.peak_bytes is not None:
+                ys.append(i + offset(j, len(CONTENDERS)))
+                xs.append(r.peak_bytes / 2**20)
+        right.barh(ys, xs, height=height, label=name, color=f"C{j}")
+    right.set_xscale("symlog", linthresh=1.0)
+    right.set_xlabel("peak extra memory, MiB (fresh subprocess per contender)")
+    right.legend(fontsize="small")
+    left.set_yticks(range(len(cases)))
+    left.set_yticklabels([c.key for c in cases])
+    left.invert_yaxis()
     m = report.meta
-    fig.suptitle(f"semiring_einsum ({m['preset']}, {m['device']}, torch {m['torch']})")
+    fig.suptitle(f"semiring_einsum: preset {m['preset']}, {m['device']}, torch {m['torch']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None

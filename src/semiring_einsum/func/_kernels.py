@@ -233,26 +233,40 @@ def _max_forward_by_slices(
     """Max and argmax visiting the summed coordinates one at a time, in row-major order.
 
     A later coordinate wins only on a strictly larger value, so ties keep the
-    first; ``~(cand <= best)`` is also true for a NaN candidate, and
-    ``best == best`` is false once the best is NaN, so the first NaN wins and
-    stays.  ``maximum`` propagates NaN the same way.
+    first.  NaN must win, and the first NaN must stay: ``maximum`` propagates
+    NaN, and the index of the first NaN is found in a second pass over the
+    cells that ended NaN (when tracing for the compiler, where that check
+    cannot branch, every step tests for NaN instead).
     """
     size = step.size
-    summed = [size[c] for c, _ in step.windows]
-    best: Tensor | None = None
-    where: Tensor | None = None
-    for lin, coords in enumerate(product(*(range(n) for n in summed))):
-        views = [x[tuple(min(i, x.shape[d] - 1) for d, i in enumerate(coords))] for x in aligned]
-        cand = functools.reduce(torch.add, views)
-        if best is None or where is None:
-            best = cand.expand(shape).clone()
-            where = torch.zeros_like(best, dtype=torch.int64)
-            continue
-        better = ~(cand <= best) & (best == best)
-        best = torch.maximum(best, cand)
+    coords = list(product(*(range(size[c]) for c, _ in step.windows)))
+
+    def slice_at(point: tuple[int, ...]) -> Tensor:
+        views = [x[tuple(min(i, x.shape[d] - 1) for d, i in enumerate(point))] for x in aligned]
+        return functools.reduce(torch.add, views)
+
+    tracing = torch.compiler.is_compiling()
+    best = slice_at(coords[0]).expand(shape).clone()
+    # int32 halves the traffic of the index updates; widened at the end.
+    index_dtype = torch.int32 if len(coords) < 2**31 else torch.int64
+    where = torch.zeros_like(best, dtype=index_dtype)
+    for lin in range(1, len(coords)):
+        cand = slice_at(coords[lin])
+        if tracing:
+            new = torch.maximum(best, cand)
+            better = (new != best) & (best == best)
+            best = new
+        else:
+            better = cand > best
+            best = torch.maximum(best, cand)
         where = where.masked_fill_(better, lin)
-    assert best is not None and where is not None  # windows exist, so coordinates do
-    return best, where
+    if not tracing and bool(torch.isnan(best).any()):
+        found = ~torch.isnan(best)
+        for lin, point in enumerate(coords):
+            hit = torch.isnan(slice_at(point)) & ~found
+            where = where.masked_fill_(hit, lin)
+            found = found | hit
+    return best, where.long()
 
 
 def _index_dtype(count: int) -> torch.dtype:
