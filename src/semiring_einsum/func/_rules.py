@@ -21,6 +21,7 @@ import torch
 from opt_einsum import get_symbol
 
 from . import _kernels as K
+from . import _logblas as LB
 from ._budget import Budget
 from ._plan import Step, window_extents
 from ._semiring import REAL, Semiring, lookup
@@ -97,7 +98,15 @@ def fold_batch(
 
 
 # ----------------------------------------------------------------------- log
+def _blas_log(spec: Spec, *tensors: Tensor) -> bool:
+    """Whether this log step runs on BLAS (see :mod:`._logblas`)."""
+    return not spec.extras and LB.applicable(spec.step) and LB.can_branch(*tensors)
+
+
 def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
+    if _blas_log(spec, *xs):
+        chunk = LB.chunk_elements(spec.budget.bytes, spec.itemsize)
+        return (LB.forward(spec.step, xs[0], xs[1], chunk),)
     out, m, s = K.log_forward(spec.step, xs)
     if spec.extras:
         return out, m, s
@@ -140,13 +149,27 @@ def _log_vjp(
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     weights = _log_weights(spec, outs[0])
-    g_b = gs[0]
-    return K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g_b)
+    if not _blas_log(spec, gs[0], *xs):
+        g = gs[0]
+        return K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g)
+    grad_a, grad_b, unsafe = LB.vjp(spec.step, xs[0], xs[1], outs[0], gs[0])
+    grads: list[Tensor | None] = [grad_a, grad_b]
+    if bool(unsafe.any()):  # the cells at risk, exactly, through the blocked path
+        g = torch.where(unsafe, gs[0], 0.0)
+        exact = K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g)
+        grads = [f if e is None or f is None else f + e for f, e in zip(grads, exact, strict=True)]
+    return [gk if need else None for gk, need in zip(grads, needs, strict=True)]
 
 
 def _log_jvp(
     spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
+    if _blas_log(spec, *xs, *ts):
+        t, unsafe = LB.jvp(spec.step, xs[0], xs[1], outs[0], ts[0], ts[1])
+        if bool(unsafe.any()):
+            exact = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
+            t = torch.where(unsafe, exact, t)
+        return (t,)
     t = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
     return (t, None, None) if spec.extras else (t,)
 
