@@ -175,15 +175,46 @@ def _contract(
             return p.run(max_step)
         return -p.run(max_step, [-x for x in p.operands])
     if kind == "viterbi":
-        p = _Prepared(MAX_PLUS, equation, operands, budget, False)
-        (step,) = p.plan.steps
-        values, linear = apply(MAX_RULE, p.spec(step), *p.operands)
-        coords = K.unravel(step, linear)
-        order = [step.summed.index(c) for c in p.equation.summed]
-        if order != list(range(len(order))):
-            coords = coords[..., order]
-        return p.finish(values), coords
+        p = _Prepared(MAX_PLUS, equation, operands, budget, optimize)
+        backpointers: list[tuple[Step, Tensor]] = []
+
+        def viterbi_step(s: Step, args: list[Tensor]) -> Tensor:
+            values, linear = apply(MAX_RULE, p.spec(s), *args)
+            backpointers.append((s, linear))
+            return values
+
+        values = p.run(viterbi_step)
+        return values, _backtrack(p, backpointers)
     raise AssertionError(f"unknown contraction kind {kind!r}")  # pragma: no cover
+
+
+def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
+    """The argmax of every summed index, from each step's own argmax.
+
+    Walking the steps backwards, every index a step's result is indexed by is
+    known (an output index, or one summed by a later step), so its argmax can
+    be looked up for every output cell and unravelled into the indices it sums.
+    """
+    size = p.contraction.size
+    out = p.contraction.output
+    shape = [size[c] for c in out]
+    device = p.operands[0].device if p.operands else torch.device("cpu")
+    known: dict[str, Tensor] = {}
+    for d, c in enumerate(out):
+        view = [1] * len(out)
+        view[d] = size[c]
+        known[c] = torch.arange(size[c], device=device).reshape(view)
+    for step, linear in reversed(backpointers):
+        if not step.windows:
+            continue
+        at = linear[tuple(known[c] for c in step.output)] if step.output else linear
+        coords = K.unravel(step, at)
+        for i, (c, _) in enumerate(step.windows):
+            known[c] = coords[..., i]
+    summed = p.equation.summed
+    if not summed:
+        return torch.zeros(shape + [0], dtype=torch.int64, device=device)
+    return torch.stack([known[c].expand(shape) for c in summed], dim=-1)
 
 
 def _grad_possible(operands: Sequence[Tensor]) -> bool:
@@ -394,6 +425,18 @@ def viterbi_einsum(
         first maximising term in row-major order.  All terms -inf gives
         argmax zeros; a NaN term wins.
 
+    Args:
+        equation: An einsum equation in :func:`torch.einsum` syntax.
+        *operands: Log-space (or score) tensors.
+        block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
+            ``None`` for the default budget.
+        optimize: ``False`` (default) sums every index jointly, so ties follow
+            the row-major rule above exactly.  An opt_einsum strategy such as
+            ``'auto'`` contracts pairwise (much faster with three or more
+            operands) and rebuilds the argmax from each step's backpointers;
+            on ties each step then keeps its own first maximiser, so the
+            chosen term follows the contraction order.
+
     Example:
         >>> import torch
         >>> from semiring_einsum import func
@@ -403,12 +446,7 @@ def viterbi_einsum(
         tensor([[1, 0],
                 [0, 0]])
     """
-    if optimize is not False:
-        raise NotImplementedError(
-            "viterbi_einsum sums all indices jointly (optimize=False); pairwise "
-            "plans with backpointers are not implemented yet"
-        )
-    values, argmax = _run("viterbi", equation, operands, block_size, False)
+    values, argmax = _run("viterbi", equation, operands, block_size, optimize)
     return values, argmax
 
 
