@@ -1,0 +1,147 @@
+"""The fast paths stay exact: BLAS log steps on adversarial inputs, the max-plus
+slice loop, values-only max-plus, and pairwise Viterbi with backpointers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from oracle import brute, brute_viterbi
+from semiring_einsum import func
+from semiring_einsum.func import _logblas
+
+F32, F64 = torch.float32, torch.float64
+TOL = {F32: {"rtol": 1e-5, "atol": 1e-4}, F64: {"rtol": 1e-10, "atol": 1e-9}}
+
+
+def _adversarial(kind: str, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3, 6, 7, generator=g, dtype=F64)
+    b = torch.randn(3, 7, 5, generator=g, dtype=F64)
+    if kind == "spread":  # entries over ~1e3 nats: shifted terms underflow
+        a, b = a * 400, b * 400
+    elif kind == "masked":  # each row's (dominant) maximiser is -inf in the other operand
+        for batch in range(3):
+            best = a[batch].argmax(-1)
+            a[batch, torch.arange(6), best] += 200.0
+            b[batch, best, :] = -math.inf
+    elif kind == "dead":  # whole rows and columns at -inf (probability zero)
+        a[:, 1, :] = -math.inf
+        b[:, :, 2] = -math.inf
+    elif kind == "mixed":  # some cells safe, some at risk, in one call
+        a[0] = a[0] * 500
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["benign", "spread", "masked", "dead", "mixed"])
+def test_log_blas_step_is_exact(kind: str, dtype: torch.dtype) -> None:
+    a, b = _adversarial(kind, dtype)
+    step = func.plan("bij,bjk->bik", a, b, semiring=func.LOG).steps[0]
+    assert _logblas.applicable(step)
+    got = func.log_einsum("bij,bjk->bik", a, b)
+    want = brute("log", "bij,bjk->bik", a.double(), b.double())
+    assert got.dtype == dtype
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got.double()[finite], want[finite], **TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["spread", "masked"])
+def test_the_naive_trick_really_fails_on_these_inputs(kind: str) -> None:
+    # Guards the test above: without the fix-up, the shifted product is wrong.
+    a, b = _adversarial(kind, F32)
+    ma = a.amax(-1, keepdim=True)
+    mb = b.amax(-2, keepdim=True)
+    mb = torch.where(torch.isfinite(mb), mb, 0.0)
+    trick = torch.log(torch.exp(a - ma) @ torch.exp(b - mb)) + ma + mb
+    want = brute("log", "bij,bjk->bik", a.double(), b.double())
+    finite = torch.isfinite(want)
+    wrong = ~torch.isclose(trick.double(), want, atol=1e-3) & finite
+    assert wrong.any()
+
+
+@pytest.mark.parametrize("kind", ["benign", "spread", "masked", "mixed"])
+def test_log_blas_gradients_are_exact(kind: str) -> None:
+    a, b = _adversarial(kind, F64)
+    a, b = a[:, :3, :4].clone(), b[:, :4, :3].clone()
+    inputs = (a.requires_grad_(), b.requires_grad_())
+    assert gradcheck(
+        lambda x, y: func.log_einsum("bij,bjk->bik", x, y),
+        inputs,
+        check_forward_ad=True,
+        check_batched_grad=True,
+    )
+
+
+def test_log_blas_gradients_match_the_oracle_on_spread_inputs() -> None:
+    a, b = _adversarial("mixed", F64)
+    a.requires_grad_()
+    b.requires_grad_()
+    w = torch.randn(3, 6, 5, dtype=F64)
+    (func.log_einsum("bij,bjk->bik", a, b) * w).sum().backward()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    (brute("log", "bij,bjk->bik", a2, b2) * w).sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_log_under_vmap_takes_the_exact_route() -> None:
+    a, b = _adversarial("masked", F32)
+    got = torch.func.vmap(lambda x, y: func.log_einsum("ij,jk->ik", x, y))(a, b)
+    want = brute("log", "bij,bjk->bik", a.double(), b.double())
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got.double()[finite], want[finite], **TOL[F32])
+
+
+@pytest.mark.parametrize("case", ["ties", "nan", "neg_inf"])
+def test_max_slice_loop_matches_the_oracle(case: str) -> None:
+    # An output of 16*16*16 >= 4096 cells takes the per-coordinate loop.
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 3, (16, 16, 5), generator=g).double()
+    b = torch.randint(0, 3, (16, 5, 16), generator=g).double()
+    if case == "nan":
+        a[0, 0, 2] = math.nan
+        a[1, 1, 0] = math.nan
+        a[1, 1, 3] = math.nan
+    elif case == "neg_inf":
+        a[2, 3, :] = -math.inf
+    values, argmax = func.viterbi_einsum("bij,bjk->bik", a, b)
+    want_values, want_argmax = brute_viterbi("bij,bjk->bik", a, b)
+    torch.testing.assert_close(values, want_values, equal_nan=True)
+    assert torch.equal(argmax, want_argmax)
+
+
+def test_max_values_only_when_no_gradient_is_possible() -> None:
+    a, b = torch.randn(8, 20, 30, dtype=F64), torch.randn(8, 30, 25, dtype=F64)
+    want = brute("max", "bij,bjk->bik", a, b)
+    torch.testing.assert_close(func.max_einsum("bij,bjk->bik", a, b), want)
+    with torch.no_grad():
+        torch.testing.assert_close(func.max_einsum("bij,bjk->bik", a.requires_grad_(), b), want)
+    # ...and with gradients the argmax is there for the backward.
+    out = func.max_einsum("bij,bjk->bik", a, b)
+    (grad,) = torch.autograd.grad(out.sum(), a)
+    assert grad.sum().item() == pytest.approx(8 * 20 * 25)
+
+
+@pytest.mark.parametrize(
+    "equation,shapes",
+    [
+        ("ab,bc,cd->ad", [(4, 5), (5, 6), (6, 3)]),
+        ("bsxk,bsyk,xyz->bsz", [(2, 3, 4, 2), (2, 3, 4, 2), (4, 4, 5)]),
+        ("ij,jk,kl->", [(3, 4), (4, 5), (5, 2)]),
+        ("ab,bc,cd->a", [(4, 5), (5, 6), (6, 3)]),
+        ("ab,bc,cd,de->ae", [(3, 4), (4, 2), (2, 5), (5, 3)]),
+    ],
+)
+def test_pairwise_viterbi_rebuilds_every_argmax(equation: str, shapes: list) -> None:
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(s, generator=g, dtype=F64) for s in shapes]  # tie-free
+    values, argmax = func.viterbi_einsum(equation, *xs, optimize="auto")
+    assert len(func.plan(equation, *xs, semiring=func.MAX_PLUS).steps) > 1
+    want_values, want_argmax = brute_viterbi(equation, *xs)
+    torch.testing.assert_close(values, want_values)
+    assert torch.equal(argmax, want_argmax)
