@@ -19,12 +19,6 @@ import torch
 
 from . import _bench
 
-_PRESET_SETTINGS = {
-    "quick": _bench.Settings(preset="quick", rounds=3, budget_s=0.1, memory="off"),
-    "default": _bench.Settings(preset="default", rounds=5, budget_s=0.3, memory="goals"),
-    "full": _bench.Settings(preset="full", rounds=15, budget_s=2.0, memory="all"),
-}
-
 _EPILOG = """\
 contenders:
   ours          semiring_einsum.func (einsum, log_einsum, max_einsum, min_einsum,
@@ -36,6 +30,16 @@ contenders:
                 amax / amin / sum over the summed indices (skipped above 512 MiB)
   reference     torch-semiring-einsum 1.2.0 at AUTOMATIC_BLOCK_SIZE, if installed
                 (its Viterbi function stands in for max-plus values)
+
+measurements:
+  time    median of interleaved rounds in one process (each contender runs once per
+          round, order rotated); ratio = ours / contender, so < 1 means ours is faster
+  memory  peak extra memory of one call: growth of ru_maxrss (CUDA: of
+          max_memory_allocated) in a fresh subprocess per workload x contender, over a
+          baseline taken after the imports, the inputs and a warm-up on tiny inputs
+  output  tables on stdout; --json writes everything (settings, sizes, per contender:
+          median, rounds, ratios, error, peak bytes; goals with value and verdict);
+          --plot draws the ratios; progress goes to stderr (tqdm if installed)
 
 checks (exit status 1 if one fails):
   every workload's result (and, for fwd+bwd, its gradients) against a float64
@@ -52,9 +56,9 @@ exit status: 0 all self-checks passed, 1 a self-check failed, 2 bad usage.
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m semiring_einsum",
+        prog=prog,
         description=(
             "Self-check and benchmark: time semiring_einsum against torch.einsum, the "
             "naive broadcast baseline, the log-matmul-exp trick and torch-semiring-einsum "
@@ -68,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="tiny sizes, few rounds (smoke test)")
     size.add_argument("--full", action="store_true", help="full benchmark sizes (minutes)")
     p.add_argument(
-        "--rounds", type=int, metavar="N", help="most timing rounds per contender (3/5/15)"
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="most timing rounds per contender (quick/default/full: 3/5/15)",
     )
     p.add_argument(
         "--budget",
@@ -76,13 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time budget per contender and workload: a contender stops after its rounds "
         "add up to this; one whose first call alone exceeds it is timed by that call "
-        "(0.1/0.3/2)",
+        "(quick/default/full: 0.1/0.3/2)",
     )
     p.add_argument(
         "--memory",
         choices=("all", "goals", "off"),
         help="peak-memory subprocesses: every contender, only those a goal compares "
-        "(ours and the reference), or none (default: off/goals/all)",
+        "(ours and the reference), or none (quick/default/full: off/goals/all)",
     )
     p.add_argument(
         "--jobs", type=int, default=2, metavar="N", help="memory subprocesses run at once (2)"
@@ -107,7 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run only workloads whose key contains one of these (see --list)",
     )
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (cpu)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="device (cpu); cuda exits with an error where CUDA is not available",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="also plot the ratios (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -124,9 +136,9 @@ def _list_workloads() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = _parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m semiring_einsum") -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.list:
         print(_list_workloads())
@@ -137,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"built with CUDA {torch.version.cuda or 'none'})"
         )
     preset = "quick" if args.quick else "full" if args.full else "default"
-    base = _PRESET_SETTINGS[preset]
+    base = _bench.PRESETS[preset]
     settings = replace(
         base,
         rounds=base.rounds if args.rounds is None else args.rounds,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
@@ -55,10 +56,6 @@ NAIVE = "naive"
 REFERENCE = "reference"
 CONTENDERS = (OURS, TORCH, TRICK, NAIVE, REFERENCE)
 """Every contender name, in the order tables show them."""
-
-PRESETS = ("quick", "default", "full")
-"""Size presets: ``full`` is the issue's table, ``default`` a scaled-down run
-that finishes in under a minute on two cores, ``quick`` a smoke test."""
 
 NAIVE_MAX_BYTES = 512 * 2**20
 """The naive baseline is skipped where its joint tensor would exceed this."""
@@ -181,8 +178,8 @@ def _log_pair(a: Tensor, la: str, b: Tensor, lb: str, kept: str) -> Tensor:
     s = torch.einsum(f"{la},{lb}->{kept}", torch.exp(a - ma), torch.exp(b - mb))
     ka = "".join(c for c in la if c in kept)
     kb = "".join(c for c in lb if c in kept)
-    shift_a = _align(ma.reshape([n for i, n in enumerate(ma.shape) if i not in ca]), ka, kept)
-    shift_b = _align(mb.reshape([n for i, n in enumerate(mb.shape) if i not in cb]), kb, kept)
+    shift_a = _align(ma.squeeze(tuple(ca)), ka, kept)
+    shift_b = _align(mb.squeeze(tuple(cb)), kb, kept)
     return torch.log(s) + shift_a + shift_b
 
 
@@ -504,10 +501,8 @@ def reference_version(reference: ModuleType | None) -> str | None:
     if reference is None:
         return None
     try:
-        from importlib.metadata import version
-
-        return version("torch-semiring-einsum")
-    except Exception:  # noqa: BLE001 - metadata is informative only
+        return importlib.metadata.version("torch-semiring-einsum")
+    except importlib.metadata.PackageNotFoundError:  # importable but not installed as such
         return getattr(reference, "__version__", "unknown")
 
 
@@ -648,8 +643,8 @@ class Timing:
 
     @property
     def median_ms(self) -> float:
-        """Median of the samples (the warm-up call when there are none)."""
-        return statistics.median(self.samples) if self.samples else self.warmup_ms
+        """Median of the samples."""
+        return statistics.median(self.samples)
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -666,11 +661,11 @@ def time_interleaved(
 ) -> tuple[dict[str, Timing], dict[str, tuple[Tensor, ...]]]:
     """Time calls round by round, interleaved, within a time budget per call.
 
-    Each call first runs once (warm-up; its output is returned for checking).
-    Then, for up to ``rounds`` rounds, every still-active call runs once per
-    round in an order rotated each round.  A call drops out once its total
-    time (warm-up included) exceeds ``budget_s``; one whose warm-up alone
-    exceeds it is not rerun and its warm-up duration is its only sample.
+    Each call first runs once untimed (warm-up; its output is returned for
+    checking).  Then, for up to ``rounds`` rounds (at least one), every
+    still-active call runs once per round, in an order rotated each round.  A
+    call drops out after a round once its time so far (warm-up included)
+    exceeds ``budget_s``, so a call that takes seconds runs twice in all.
 
     Returns:
         Per call name: its :class:`Timing`, and the warm-up outputs.
@@ -686,8 +681,8 @@ def time_interleaved(
         sync()
         spent[name] = time.perf_counter() - start
         timings[name].warmup_ms = spent[name] * 1e3
-    active = [name for name in calls if spent[name] <= budget_s]
-    for r in range(rounds):
+    active = list(calls)
+    for r in range(max(1, rounds)):
         if not active:
             break
         order = active[r % len(active) :] + active[: r % len(active)]
@@ -800,11 +795,11 @@ def measure_peak(
 class Progress(Protocol):
     """The part of tqdm's interface the harness uses."""
 
-    def set_description_str(self, desc: str) -> None: ...  # noqa: D102
+    def set_description_str(self, desc: str) -> None: ...
 
-    def update(self, n: int = 1) -> None: ...  # noqa: D102
+    def update(self, n: int = 1) -> None: ...
 
-    def close(self) -> None: ...  # noqa: D102
+    def close(self) -> None: ...
 
 
 class PlainProgress:
@@ -945,7 +940,20 @@ class Report:
 
 @dataclass(frozen=True)
 class Settings:
-    """How to run: preset sizes, rounds, budgets, which memory measurements."""
+    """How to run.
+
+    Attributes:
+        preset: Which sizes of each workload: ``'quick'``, ``'default'`` or ``'full'``.
+        rounds: Most timing rounds per contender.
+        budget_s: Time budget per contender and workload (see :func:`time_interleaved`).
+        memory: Peak-memory subprocesses for every contender (``'all'``), for
+            those a goal compares (``'goals'``), or none (``'off'``).
+        jobs: Memory subprocesses run at once.
+        device: ``'cpu'`` or ``'cuda'``.
+        skip_slow_reference: Leave the reference out where ``slow_reference``.
+        memory_timeout_s: Give up on one memory subprocess after this long.
+        only: Run only workloads whose key contains one of these.
+    """
 
     preset: str = "default"
     rounds: int = 5
@@ -958,19 +966,36 @@ class Settings:
     only: tuple[str, ...] = ()
 
 
+PRESETS: dict[str, Settings] = {
+    "quick": Settings(preset="quick", rounds=3, budget_s=0.1, memory="off"),
+    "default": Settings(preset="default", rounds=5, budget_s=0.3, memory="goals"),
+    "full": Settings(preset="full", rounds=15, budget_s=2.0, memory="all"),
+}
+"""Settings per preset: ``full`` is issue 4's table (minutes), ``default`` a
+scaled-down run (under a minute on two cores), ``quick`` a smoke test."""
+
+
+class _CasePlan(NamedTuple):
+    workload: Workload
+    sizes: dict[str, int]
+    contenders: list[str]  # the ones that run, OURS first
+    skipped: dict[str, str]  # contender -> why it does not run
+    memory: list[str]  # contenders measured in a memory subprocess
+
+
 def selected(only: Sequence[str]) -> list[Workload]:
+    """The workloads whose key contains one of ``only`` (all if it is empty)."""
     if not only:
         return list(WORKLOADS)
     return [w for w in WORKLOADS if any(s in w.key for s in only)]
 
 
-def _plan_contenders(
-    w: Workload, sizes: Mapping[str, int], s: Settings, reference: ModuleType | None
-) -> tuple[list[str], dict[str, str]]:
-    """The contenders that run on ``w`` and, for those left out, why."""
+def _plan(w: Workload, s: Settings, reference: ModuleType | None) -> _CasePlan:
+    """Which contenders run on ``w`` (and why the others do not), which get measured."""
+    sizes = dict(w.sizes[s.preset])
     run, skipped = [OURS], {}
+    joint_bytes = 4 * math.prod(sizes.values())
     for name in w.contenders:
-        joint_bytes = 4 * math.prod(sizes.values())
         if name == REFERENCE and reference is None:
             skipped[name] = "not installed"
         elif name == REFERENCE and w.slow_reference and s.skip_slow_reference:
@@ -979,16 +1004,14 @@ def _plan_contenders(
             skipped[name] = f"skipped (joint tensor {joint_bytes / 2**30:.1f} GiB)"
         else:
             run.append(name)
-    return run, skipped
-
-
-def _memory_jobs(w: Workload, run: Sequence[str], s: Settings) -> list[str]:
-    if s.memory == "off":
-        return []
+    compared = [g.baseline for g in w.goals if g.metric == "memory_ratio"]
     if s.memory == "all":
-        return list(run)
-    wanted = {OURS} | {g.baseline for g in w.goals if g.metric == "memory_ratio"}
-    return [name for name in run if name in wanted]
+        memory = list(run)
+    elif s.memory == "goals" and compared:
+        memory = [name for name in run if name == OURS or name in compared]
+    else:
+        memory = []
+    return _CasePlan(w, sizes, run, skipped, memory)
 
 
 def _viterbi_ties_ok() -> bool:
@@ -1003,20 +1026,15 @@ def run(settings: Settings, progress: bool = True) -> Report:
     """Run the selected workloads: check, time, measure memory, judge the goals."""
     s = settings
     reference = load_reference()
-    workloads = selected(s.only)
-    plans = []
-    for w in workloads:
-        sizes = dict(w.sizes[s.preset])
-        contenders, skipped = _plan_contenders(w, sizes, s, reference)
-        plans.append((w, sizes, contenders, skipped, _memory_jobs(w, contenders, s)))
-    bar = progress_bar(len(plans) + sum(len(p[4]) for p in plans), progress)
+    plans = [_plan(w, s, reference) for w in selected(s.only)]
+    bar = progress_bar(len(plans) + sum(len(p.memory) for p in plans), progress)
     cases: list[CaseResult] = []
     try:
-        for w, sizes, contenders, skipped, _ in plans:
-            bar.set_description_str(f"timing {w.key}")
-            cases.append(_time_case(w, sizes, contenders, skipped, s, reference))
+        for plan in plans:
+            bar.set_description_str(f"timing {plan.workload.key}")
+            cases.append(_time_case(plan, s, reference))
             bar.update()
-        jobs = [(case, name) for case, plan in zip(cases, plans) for name in plan[4]]
+        jobs = [(case, name) for case, plan in zip(cases, plans) for name in plan.memory]
         with ThreadPoolExecutor(max_workers=max(1, s.jobs)) as pool:
             futures = {
                 pool.submit(
@@ -1033,13 +1051,14 @@ def run(settings: Settings, progress: bool = True) -> Report:
     finally:
         bar.close()
     for case, plan in zip(cases, plans):
-        case.goals = [_judge(g, case) for g in plan[0].goals]
+        case.goals = [_judge(g, case) for g in plan.workload.goals]
     meta = {
         "preset": s.preset,
         "device": s.device,
         "rounds": s.rounds,
         "budget_s": s.budget_s,
         "memory": s.memory,
+        "skip_slow_reference": s.skip_slow_reference,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -1050,28 +1069,23 @@ def run(settings: Settings, progress: bool = True) -> Report:
     return Report(meta, cases, {"viterbi argmax (windows of 2)": _viterbi_ties_ok()})
 
 
-def _time_case(
-    w: Workload,
-    sizes: dict[str, int],
-    contenders: Sequence[str],
-    skipped: Mapping[str, str],
-    s: Settings,
-    reference: ModuleType | None,
-) -> CaseResult:
+def _time_case(plan: _CasePlan, s: Settings, reference: ModuleType | None) -> CaseResult:
+    """Check and time one workload (memory is measured afterwards)."""
+    w, sizes = plan.workload, plan.sizes
     inputs = make_inputs(w, sizes, s.device)
     expected = oracle(w, inputs)
     calls = {
         name: make_call(contender_function(w, name, reference), inputs, w.mode)
-        for name in contenders
+        for name in plan.contenders
     }
     timings, outputs = time_interleaved(calls, s.rounds, s.budget_s, s.device)
-    results = {name: ContenderResult(name, note=why) for name, why in skipped.items()}
-    for name in contenders:
+    results = {name: ContenderResult(name, note=why) for name, why in plan.skipped.items()}
+    for name in plan.contenders:
         t = timings[name]
-        note = "" if t.samples else "1 call (over budget)"
         results[name] = ContenderResult(
-            name, t.median_ms, len(t.samples), max_error(outputs[name], expected), note=note
+            name, t.median_ms, len(t.samples), max_error(outputs[name], expected)
         )
+    error = max_error(outputs[OURS], expected)
     argmax_ok = None
     if w.semiring == "viterbi":
         values, argmax = outputs[OURS][:2]
@@ -1083,7 +1097,7 @@ def _time_case(
         equation=w.equation,
         mode=w.mode,
         sizes=sizes,
-        max_error=results[OURS].max_error or 0.0,
+        max_error=error,
         tolerance=tolerance(w, expected),
         argmax_ok=argmax_ok,
         contenders={name: results[name] for name in CONTENDERS if name in results},
@@ -1176,9 +1190,10 @@ def format_report(report: Report) -> str:
         rows.append([c.title, f"{check} {c.max_error:.1e}", *cells])
     lines += _table(["workload", "check (err)", *names], rows)
     if any(r.peak_bytes is not None for c in report.cases for r in c.contenders.values()):
+        how = "max_memory_allocated" if m["device"] == "cuda" else "ru_maxrss"
         lines += [
             "",
-            "Peak extra memory: MiB (ru_maxrss growth in a fresh subprocess per case x "
+            f"Peak extra memory: MiB ({how} growth in a fresh subprocess per case x "
             "contender); (Nx) = ours / that contender",
         ]
         rows = [
@@ -1312,11 +1327,11 @@ def write_plot(report: Report, path: str) -> str | None:
                 if g.baseline == name and g.metric != "memory_ratio":
                     target = 1 / g.target if g.metric == "speedup" else g.target
                     left.plot([target], [i + offset(j, len(baselines))], "k|", markersize=12)
-        left.barh(ys, xs, height=height, label=name, color=f"C{j + 1}")
+        if xs:  # an empty bar set would still take a (wrongly coloured) legend entry
+            left.barh(ys, xs, height=height, label=name, color=f"C{j + 1}")
     left.axvline(1.0, color="grey", linewidth=0.8)
     left.set_xscale("log")
     left.set_xlabel("median time, ours / contender (log; < 1: ours faster; | = goal)")
-    left.legend(fontsize="small")
     height = 0.8 / len(CONTENDERS)
     for j, name in enumerate(CONTENDERS):
         ys, xs = [], []
@@ -1325,10 +1340,13 @@ def write_plot(report: Report, path: str) -> str | None:
             if r is not None and r.peak_bytes is not None:
                 ys.append(i + offset(j, len(CONTENDERS)))
                 xs.append(r.peak_bytes / 2**20)
-        right.barh(ys, xs, height=height, label=name, color=f"C{j}")
+        if xs:
+            right.barh(ys, xs, height=height, label=name, color=f"C{j}")
     right.set_xscale("symlog", linthresh=1.0)
     right.set_xlabel("peak extra memory, MiB (fresh subprocess per contender)")
-    right.legend(fontsize="small")
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:  # memory may not have been measured
+            ax.legend(fontsize="small")
     left.set_yticks(range(len(cases)))
     left.set_yticklabels([c.key for c in cases])
     left.invert_yaxis()
