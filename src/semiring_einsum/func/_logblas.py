@@ -137,12 +137,19 @@ def _at(flat: Tensor, keep: str, where: Tensor, step: Step) -> Tensor:
     return flat[tuple(index)]
 
 
-def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor:
-    """The step's output: BLAS where safe, an exact log-sum-exp at risky cells."""
+def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | None:
+    """The step's output: BLAS where safe, an exact log-sum-exp at risky cells.
+
+    Returns ``None`` when most cells are at risk (adversarial inputs): the
+    caller's blocked path is then cheaper than gathering every cell's rows.
+    """
     sh = shift(step, a, b)
     ta, tb = step.inputs
+    risky = int(sh.unsafe.sum())
+    if risky > sh.unsafe.numel() // 4:
+        return None
     out = torch.log(_einsum((ta, tb), step.output, sh.ea, sh.eb)) + sh.shift
-    if bool(sh.unsafe.any()):
+    if risky:
         out = _fix_cells(step, a, b, out, sh.unsafe, chunk_elements)
     return out
 

@@ -106,7 +106,9 @@ def _blas_log(spec: Spec, *tensors: Tensor) -> bool:
 def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
     if _blas_log(spec, *xs):
         chunk = LB.chunk_elements(spec.budget.bytes, spec.itemsize)
-        return (LB.forward(spec.step, xs[0], xs[1], chunk),)
+        fast = LB.forward(spec.step, xs[0], xs[1], chunk)
+        if fast is not None:
+            return (fast,)
     out, m, s = K.log_forward(spec.step, xs)
     if spec.extras:
         return out, m, s
