@@ -150,7 +150,9 @@ def _contract(
     This is the node ``torch.compile`` sees (see :mod:`._compile`); the public
     functions only validate and resolve their options into constants.
     """
-    budget = Budget(extent, nbytes)
+    # int(): the compiler turns an int argument that changed between calls
+    # into a symbolic one; plans are cached on concrete values.
+    budget = Budget(_int(extent), _int(nbytes))
     if kind == "real":
         p = _Prepared(REAL, equation, operands, budget, optimize, blas=True)
 
@@ -188,6 +190,10 @@ def _contract(
     raise AssertionError(f"unknown contraction kind {kind!r}")  # pragma: no cover
 
 
+def _int(n: int | None) -> int | None:
+    return None if n is None else int(n)
+
+
 def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     """The argmax of every summed index, from each step's own argmax.
 
@@ -208,13 +214,16 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
         if not step.windows:
             continue
         at = linear[tuple(known[c] for c in step.output)] if step.output else linear
-        coords = K.unravel(step, at)
+        # At least 1-d: indexing with 0-d index tensors would call .item().
+        coords = K.unravel(step, at.reshape(at.shape or (1,)))
         for i, (c, _) in enumerate(step.windows):
             known[c] = coords[..., i]
     summed = p.equation.summed
     if not summed:
         return torch.zeros(shape + [0], dtype=torch.int64, device=device)
-    return torch.stack([known[c].expand(shape) for c in summed], dim=-1)
+    cells = shape or [1]  # a scalar output was walked as one cell
+    stacked = torch.stack([known[c].expand(cells) for c in summed], dim=-1)
+    return stacked.reshape(shape + [len(summed)])
 
 
 def _grad_possible(operands: Sequence[Tensor]) -> bool:
@@ -492,7 +501,8 @@ def _contract_custom(
     *operands: Tensor,
 ) -> Tensor:
     """A user semiring's contraction; the semiring travels as its token (a constant)."""
-    p = _Prepared(lookup(token), equation, operands, Budget(extent, nbytes), optimize)
+    token = int(token)
+    p = _Prepared(lookup(token), equation, operands, Budget(_int(extent), _int(nbytes)), optimize)
     return p.run(lambda s, args: apply(CUSTOM_RULE, replace(p.spec(s), semiring=token), *args)[0])
 
 

@@ -32,6 +32,23 @@ Tensor = torch.Tensor
 Range = tuple[tuple[int, int], ...]
 
 
+_TRACING_MODES = ("ProxyTorchDispatchMode", "FakeTensorMode", "FunctionalTensorMode")
+
+
+def tracing() -> bool:
+    """Whether our ops are being traced into a graph rather than run.
+
+    Dynamo (``torch.compile``), and ``make_fx`` (``torch.func.linearize``,
+    AOTAutograd) through its dispatch modes.  Traced code must not branch on
+    values, and should not mutate tensors in place: a tracer may constant-fold
+    a tensor and replay the mutation on it at every call.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    return any(type(mode).__name__ in _TRACING_MODES for mode in stack)
+
+
 def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
     """Permute each operand to ``summed + output`` order, size 1 where absent."""
     order = step.summed + step.output
@@ -118,8 +135,10 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     m_run: Tensor | None = None
     s_run: Tensor | None = None
     shift: Tensor | None = None
+    inplace = not tracing()
     for rng in step.ranges():
         t, owned = _term(narrow(step, aligned, rng), torch.add)
+        owned = owned and inplace
         m = t.amax(dims) if dims else t.clone()  # t may be overwritten below
         m_new = m if m_run is None else torch.maximum(m_run, m)
         shift = torch.where(torch.isfinite(m_new), m_new, 0.0)
@@ -133,7 +152,7 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     if m_run is None or s_run is None or shift is None:  # a summed index of size 0
         full = aligned[0].new_full(shape, -math.inf)
         return full, full.clone(), torch.zeros_like(full)
-    out = torch.log(s_run).add_(shift)
+    out = torch.log(s_run) + shift
     return _sized(out, shape), _sized(m_run, shape), _sized(s_run, shape)
 
 
@@ -216,8 +235,8 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
             aligned[0].new_full(shape, -math.inf),
             torch.zeros(shape, dtype=torch.int64, device=device),
         )
-    if where is None:
-        where = torch.zeros((0,), dtype=torch.int64, device=device)
+    if where is None:  # values only: a stand-in shaped like the output, no memory
+        where = torch.zeros((), dtype=torch.int64, device=device).expand(shape)
     return _sized(best, shape), where
 
 
@@ -245,22 +264,23 @@ def _max_forward_by_slices(
         views = [x[tuple(min(i, x.shape[d] - 1) for d, i in enumerate(point))] for x in aligned]
         return functools.reduce(torch.add, views)
 
-    tracing = torch.compiler.is_compiling()
+    traced = tracing()
     best = slice_at(coords[0]).expand(shape).clone()
     # int32 halves the traffic of the index updates; widened at the end.
     index_dtype = torch.int32 if len(coords) < 2**31 else torch.int64
     where = torch.zeros_like(best, dtype=index_dtype)
     for lin in range(1, len(coords)):
         cand = slice_at(coords[lin])
-        if tracing:
+        if traced:
             new = torch.maximum(best, cand)
             better = (new != best) & (best == best)
             best = new
+            where = torch.where(better, lin, where)
         else:
             better = cand > best
             best = torch.maximum(best, cand)
-        where = where.masked_fill_(better, lin)
-    if not tracing and bool(torch.isnan(best).any()):
+            where = where.masked_fill_(better, lin)
+    if not traced and bool(torch.isnan(best).any()):
         found = ~torch.isnan(best)
         for lin, point in enumerate(coords):
             hit = torch.isnan(slice_at(point)) & ~found

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._kernels import tracing
 from ._plan import Step
 
 Tensor = torch.Tensor
@@ -49,7 +50,7 @@ def applicable(step: Step) -> bool:
 
 def can_branch(*tensors: Tensor) -> bool:
     """Whether Python may look at these tensors' values (no vmap, no tracing)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return False
     functorch = torch._C._functorch
     for t in tensors:
