@@ -6,6 +6,7 @@ works under ``torch.func`` transforms and ordinary autograd.
 """
 
 from ._api import (
+    clear_caches,
     einsum,
     log_einsum,
     max_einsum,
@@ -16,7 +17,7 @@ from ._api import (
 )
 from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 from ._errors import EquationError
-from ._plan import Plan, Step, clear_caches
+from ._plan import Plan, Step
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
 __all__ = [

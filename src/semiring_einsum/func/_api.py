@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -13,8 +14,17 @@ from . import _kernels as K
 from ._autograd import apply
 from ._budget import BlockSize, Budget, resolve_budget
 from ._compile import in_graph
-from ._parse import Contraction, Equation, apply_recipe, check_operands
-from ._plan import Plan, Step, make_plan
+from ._parse import (
+    Contraction,
+    Equation,
+    Recipe,
+    analyze,
+    apply_recipe,
+    check_operands,
+    parse_subscripts,
+    resolve,
+)
+from ._plan import Plan, Step, _optimize_key, clear_plan_caches, make_plan
 from ._rules import CUSTOM_RULE, LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, lookup
 
@@ -22,6 +32,66 @@ Tensor = torch.Tensor
 Optimize = str | bool | Sequence[Sequence[int]]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything about a call that depends only on shapes, dtypes and options."""
+
+    recipe: Recipe
+    plan: Plan
+    compute: torch.dtype
+    specs: dict[int, Spec]  # id(step) -> the step's Spec
+
+
+@functools.lru_cache(maxsize=1024)
+def _setup(
+    semiring: str,
+    real: bool,
+    equation: str,
+    shapes: tuple[tuple[int, ...], ...],
+    dtypes: tuple[torch.dtype, ...],
+    device_type: str,
+    budget: Budget,
+    optimize: object,
+    blas: bool,
+    joint: bool,
+    policy: float | str,
+    extras: bool,
+) -> _Setup:
+    """Validate, canonicalize and plan a call (cached: one lookup per call)."""
+    recipe = analyze(equation, shapes, dtypes)
+    dtype = recipe.dtype
+    if not real and not dtype.is_floating_point:
+        raise TypeError(
+            f"the {semiring} semiring needs floating-point operands, got "
+            f"{dtype} (equation {equation!r})"
+        )
+    compute = torch.float32 if dtype in _LOW_PRECISION else dtype  # accumulate in float32
+    itemsize = compute.itemsize
+    plan = make_plan(
+        equation,
+        recipe.contraction,
+        semiring=semiring,
+        blas=blas,
+        joint=joint,
+        itemsize=itemsize,
+        budget=budget,
+        optimize=optimize,
+        device_type=device_type,
+    )
+    last = plan.steps[-1]
+    # grad_of_neg_inf is about the cells of the *whole* contraction.  An
+    # intermediate cell that is all -inf only matters through a final cell:
+    # if that final cell is finite, the intermediate's terms have weight 0
+    # there (exactly as in the joint sum); if it is all -inf too, the final
+    # step's policy already reaches the intermediate through the chain rule.
+    # So intermediate steps use weight 0, which also passes a NaN cotangent on.
+    specs = {
+        id(step): Spec(step, budget, itemsize, device_type, policy if step is last else 0.0, extras)
+        for step in plan.steps
+    }
+    return _Setup(recipe, plan, compute, specs)
 
 
 class _Prepared:
@@ -52,47 +122,32 @@ class _Prepared:
         extras: bool = False,
         device: torch.device | None = None,
     ) -> None:
-        recipe = check_operands(equation, operands)
-        eq = recipe.equation
-        dtype = recipe.dtype
-        if semiring is not REAL and not dtype.is_floating_point:
-            raise TypeError(
-                f"the {semiring.name} semiring needs floating-point operands, got "
-                f"{dtype} (equation {eq.source!r})"
-            )
-        compute = torch.float32 if dtype in _LOW_PRECISION else dtype  # accumulate in float32
+        shapes, dtypes = check_operands(equation, operands)
         device = device or operands[0].device
-        policy = neg_inf_policy(neg_inf, eq.source)
-        itemsize = compute.itemsize
-        self.plan: Plan = make_plan(
-            eq.source,
-            recipe.contraction,
-            semiring=semiring.name,
-            blas=blas,
-            joint=joint,
-            itemsize=itemsize,
-            budget=budget,
-            optimize=optimize,
-            device_type=device.type,
+        setup = _setup(
+            semiring.name,
+            semiring is REAL,
+            equation,
+            shapes,
+            dtypes,
+            device.type,
+            budget,
+            _optimize_key(equation, optimize, len(operands)),
+            blas,
+            joint,
+            neg_inf_policy(neg_inf, equation),
+            extras,
         )
         # Only now, with everything validated, touch the tensors.
-        self.recipe = recipe
-        self.equation: Equation = eq
-        self.contraction: Contraction = recipe.contraction
-        self.out_dtype = dtype
-        self.compute_dtype = compute
-        self.operands = apply_recipe(recipe, operands, compute)
-        last = self.plan.steps[-1]
-        # grad_of_neg_inf is about the cells of the *whole* contraction.  An
-        # intermediate cell that is all -inf only matters through a final
-        # cell: if that final cell is finite, the intermediate's terms have
-        # weight 0 there (exactly as in the joint sum); if it is all -inf too,
-        # the final step's policy already reaches the intermediate through
-        # the chain rule.  So intermediate steps use weight 0, which also
-        # passes a NaN cotangent on as NaN.
-        self.spec: Callable[[Step], Spec] = lambda step: Spec(
-            step, budget, itemsize, device.type, policy if step is last else 0.0, extras
-        )
+        self.recipe = setup.recipe
+        self.equation: Equation = setup.recipe.equation
+        self.contraction: Contraction = setup.recipe.contraction
+        self.plan: Plan = setup.plan
+        self.out_dtype = setup.recipe.dtype
+        self.compute_dtype = setup.compute
+        self.operands = apply_recipe(setup.recipe, operands, setup.compute)
+        specs = setup.specs
+        self.spec: Callable[[Step], Spec] = lambda step: specs[id(step)]
 
     def canonical(self, operands: Sequence[Tensor]) -> list[Tensor]:
         """The clean operands of ``operands`` (differentiably), as in ``__init__``."""
@@ -575,6 +630,23 @@ def _shape(x: object) -> tuple[int, ...] | None:
     return tuple(x)
 
 
+def clear_caches() -> None:
+    """Empty every cache of the package (parsed equations, plans, windows).
+
+    The caches are bounded; clearing them is only useful to free their memory
+    or to measure cold-start costs.
+
+    Example:
+        >>> from semiring_einsum import func
+        >>> func.clear_caches()
+    """
+    _setup.cache_clear()
+    analyze.cache_clear()
+    resolve.cache_clear()
+    parse_subscripts.cache_clear()
+    clear_plan_caches()
+
+
 __all__ = [
     "einsum",
     "log_einsum",
@@ -583,4 +655,5 @@ __all__ = [
     "viterbi_einsum",
     "semiring_einsum",
     "plan",
+    "clear_caches",
 ]

@@ -3,25 +3,31 @@
 For a step ``out = log Σ_s exp(A + B)`` whose summed indices ``s`` all appear
 in both operands, shifting each operand by its own maximum over ``s`` gives
 
-    out = mA + mB + log Σ_s exp(A - mA) · exp(B - mB)
+    out = mA + mB + log S,    S = Σ_s exp(A - mA) · exp(B - mB)
 
-and the sum is a real einsum (BLAS).  This is exact as long as the largest
-term of each cell, ``exp(M - mA - mB)`` with ``M = max_s (A + B)``, stays far
-from underflow.  The *gap* ``mA + mB - M`` is what can go wrong: entries
-spread over 1e3 nats, or a row's maximiser masked by -inf in the other
-operand, make every shifted term of a cell underflow.  The gap is bounded
-cheaply from the operands' own maximisers: with ``sA`` the argmax of ``A``,
-``M ≥ A[sA] + B[sA] = mA + B[sA]``, so ``gap ≤ mB - B[sA]``, and likewise
-``gap ≤ mA - A[sB]``.  Cells whose bound exceeds a dtype-dependent threshold
-(or whose shifts are not finite: -inf rows, inf, NaN) are *at risk*; they are
-recomputed exactly (forward: a log-sum-exp over just those cells' rows;
-backward and forward mode: the blocked path on a masked cotangent).  Where the
-code cannot branch on data (under ``vmap``, or while the compiler traces), the
-blocked one-pass path is used for the whole step instead, which is exact too.
+and ``S`` is a real einsum (BLAS).  Every factor is at most 1, so nothing
+overflows; what can go wrong is underflow.  When the true largest term of a
+cell sits far below ``mA + mB`` -- entries spread over 1e3 nats, or a row's
+maximiser masked by -inf in the other operand -- every term of that cell can
+underflow and ``S`` comes out 0 or denormal, with no precision left.
+
+The check is a posteriori and costs nothing extra: if the computed
+``S ≥ exp(-T)`` (``T`` = 40 in float32, 600 in float64) the cell is exact,
+because any term damaged by underflow has a factor below the smallest normal
+float (about ``exp(-87)`` in float32), so it is itself below that, and all
+of them together are a relative ``count · exp(-(87 - T))`` of ``S``.  Cells
+that fail the check (also those with -inf rows, inf or NaN: their ``S`` is
+0, inf or NaN) are recomputed exactly: in forward by a log-sum-exp over just
+those cells' rows, in backward and forward mode through the blocked path on
+a masked cotangent.  ``out - mA - mB = log S`` identifies the same cells
+later.  Where the code cannot branch on data (under ``vmap``, or while a
+tracer runs), the blocked one-pass path is used for the whole step instead,
+which is exact too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,74 +91,56 @@ def _to(t: Tensor, letters: str, target: str) -> Tensor:
 
 @dataclass
 class Shifted:
-    """The shifted operands and which output cells are at risk."""
+    """The shifted operands and their shifts."""
 
     ea: Tensor  # exp(A - mA), A's layout
     eb: Tensor
-    shift: Tensor  # mA + mB in output layout (broadcastable), finite where safe
-    unsafe: Tensor  # bool, output shape
+    shift: Tensor  # mA + mB in output layout (broadcastable); 0 where not finite
 
 
 def shift(step: Step, a: Tensor, b: Tensor) -> Shifted:
-    """Shift both operands by their maxima over the summed indices; bound the gaps."""
+    """Shift both operands by their maxima over the summed indices.
+
+    A non-finite maximum (a row of -inf, an inf, a NaN) shifts by 0 instead;
+    the cells it touches then fail the certificate and are recomputed.
+    """
     ta, tb = step.inputs
-    out = step.output
     summed = step.summed
-    shape = [step.size[c] for c in out]
     keep_a = "".join(c for c in ta if c not in summed)
     keep_b = "".join(c for c in tb if c not in summed)
-    # Operands as (kept dims..., flattened summed dims), summed in one order.
-    fa = _to(a, ta, keep_a + summed).flatten(len(keep_a))
-    fb = _to(b, tb, keep_b + summed).flatten(len(keep_b))
-    ma, sa = fa.max(-1)
-    mb, sb = fb.max(-1)
-    ma_o, mb_o = _to(ma, keep_a, out), _to(mb, keep_b, out)
-    # The other operand at each operand's own maximiser, per output cell.
-    b_at_sa = _at(fb, keep_b, _to(sa, keep_a, out), step)
-    a_at_sb = _at(fa, keep_a, _to(sb, keep_b, out), step)
-    bound = torch.minimum(mb_o - b_at_sa, ma_o - a_at_sb)
-    threshold = _THRESHOLD.get(a.dtype, _DEFAULT_THRESHOLD)
-    finite = torch.isfinite(ma_o) & torch.isfinite(mb_o)
-    unsafe = ~((bound <= threshold) & finite)
-    ma_safe = torch.where(torch.isfinite(ma), ma, 0.0)
-    mb_safe = torch.where(torch.isfinite(mb), mb, 0.0)
-    ea = torch.exp(a - _to(ma_safe, keep_a, ta))
-    eb = torch.exp(b - _to(mb_safe, keep_b, tb))
-    total = _to(ma_safe, keep_a, out) + _to(mb_safe, keep_b, out)
-    return Shifted(ea, eb, torch.where(unsafe, 0.0, total), unsafe.expand(shape))
-
-
-def _at(flat: Tensor, keep: str, where: Tensor, step: Step) -> Tensor:
-    """``flat[..kept.., where]`` for every output cell (broadcast indexing, no expand).
-
-    ``flat`` is an operand as (kept dims..., flattened summed dims); ``where``
-    holds flat summed positions in output layout.
-    """
+    dims_a = tuple(ta.index(c) for c in summed)
+    dims_b = tuple(tb.index(c) for c in summed)
+    ma = torch.nan_to_num(a.amax(dims_a, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    mb = torch.nan_to_num(b.amax(dims_b, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
     out = step.output
-    size = step.size
-    index: list[Tensor] = []
-    for c in keep:
-        shape = [size[c] if d == c else 1 for d in out]
-        index.append(torch.arange(size[c], device=flat.device).reshape(shape))
-    index.append(where)
-    return flat[tuple(index)]
+    total = _to(ma.squeeze(dims_a), keep_a, out) + _to(mb.squeeze(dims_b), keep_b, out)
+    return Shifted(torch.exp(a - ma), torch.exp(b - mb), total)
+
+
+def risky(log_sum: Tensor, step: Step) -> Tensor | None:
+    """Cells whose ``log S`` is not certifiably exact, or ``None`` if there are none."""
+    threshold = _THRESHOLD.get(log_sum.dtype, _DEFAULT_THRESHOLD)
+    # log S <= log(number of terms), so |log S| <= bound also rejects inf and NaN.
+    bound = max(threshold, math.log(max(step.terms, 1)) + 1.0)
+    ok = log_sum.abs() <= bound
+    return None if bool(ok.all()) else ~ok
 
 
 def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | None:
-    """The step's output: BLAS where safe, an exact log-sum-exp at risky cells.
+    """The step's output: BLAS, with an exact log-sum-exp at the cells that need it.
 
     Returns ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
     """
     sh = shift(step, a, b)
-    ta, tb = step.inputs
-    risky = int(sh.unsafe.sum())
-    if risky > sh.unsafe.numel() // 4:
+    log_sum = torch.log(_einsum(step.inputs, step.output, sh.ea, sh.eb))
+    out = log_sum + sh.shift
+    mask = risky(log_sum, step)
+    if mask is None:
+        return out
+    if int(mask.sum()) > mask.numel() // 4:
         return None
-    out = torch.log(_einsum((ta, tb), step.output, sh.ea, sh.eb)) + sh.shift
-    if risky:
-        out = _fix_cells(step, a, b, out, sh.unsafe, chunk_elements)
-    return out
+    return _fix_cells(step, a, b, out, mask, chunk_elements)
 
 
 def _fix_cells(
@@ -182,38 +170,52 @@ def _fix_cells(
     return out.index_put(cells, torch.cat(values))
 
 
-def weights(step: Step, sh: Shifted, out: Tensor, cotangent: Tensor) -> Tensor:
-    """``g · exp(mA + mB - out)`` per cell, 0 at unsafe cells (no inf, no NaN)."""
-    exponent = torch.where(sh.unsafe, 0.0, sh.shift - out)
-    return torch.where(sh.unsafe, 0.0, cotangent * torch.exp(exponent))
+def _weights(step: Step, sh: Shifted, out: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``exp(mA + mB - out) = 1/S`` per cell (0 at risky cells), and the risky mask."""
+    log_sum = out - sh.shift
+    mask = risky(log_sum, step)
+    if mask is None:
+        return torch.exp(-log_sum), None
+    return torch.where(mask, 0.0, torch.exp(-torch.where(mask, 0.0, log_sum))), mask
 
 
-def vjp(step: Step, a: Tensor, b: Tensor, out: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients on the safe cells via BLAS, and the mask of cells left to the caller.
+def backward_applicable(a: Tensor, b: Tensor) -> bool:
+    """The BLAS backward needs operands without +inf or NaN (-inf is fine).
 
-    ``∂out/∂A[.., s] · g = exp(A - mA) · Σ exp(B - mB) · g·exp(mA + mB - out)``.
+    With one of those in an operand, ``exp(B - mB)`` holds inf or NaN, and
+    multiplying it by a risky cell's zero weight would spread NaN to cells
+    that do not involve it; the blocked path keeps such cells apart.
+    """
+    return bool((a < math.inf).all()) and bool((b < math.inf).all())
+
+
+def vjp(
+    step: Step, a: Tensor, b: Tensor, out: Tensor, g: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients on the certified cells via BLAS, and the mask of cells left to the caller.
+
+    ``∂out/∂A[.., s] · g = exp(A - mA) · Σ exp(B - mB) · g / S``.
     """
     sh = shift(step, a, b)
     ta, tb = step.inputs
-    w = weights(step, sh, out, g)
+    inverse, mask = _weights(step, sh, out)
+    w = g * inverse
     grad_a = sh.ea * _einsum((step.output, tb), ta, w, sh.eb)
     grad_b = sh.eb * _einsum((step.output, ta), tb, w, sh.ea)
-    return grad_a, grad_b, sh.unsafe
+    return grad_a, grad_b, mask
 
 
 def jvp(
     step: Step, a: Tensor, b: Tensor, out: Tensor, t_a: Tensor, t_b: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Tangent on the safe cells via BLAS, and the mask of cells left to the caller."""
+) -> tuple[Tensor, Tensor | None]:
+    """Tangent on the certified cells via BLAS, and the mask of cells left to the caller."""
     sh = shift(step, a, b)
-    ta, tb = step.inputs
-    exponent = torch.where(sh.unsafe, 0.0, sh.shift - out)
-    scale = torch.where(sh.unsafe, 0.0, torch.exp(exponent))
-    inputs = (ta, tb)
+    inverse, mask = _weights(step, sh, out)
+    inputs = step.inputs
     t = _einsum(inputs, step.output, sh.ea * t_a, sh.eb) + _einsum(
         inputs, step.output, sh.ea, sh.eb * t_b
     )
-    return t * scale, sh.unsafe
+    return t * inverse, mask
 
 
 def chunk_elements(budget_bytes: int | None, itemsize: int) -> int:

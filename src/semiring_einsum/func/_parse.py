@@ -268,8 +268,10 @@ def analyze(
     )
 
 
-def check_operands(equation: object, operands: Sequence[object]) -> Recipe:
-    """Type-check the operands and :func:`analyze` them."""
+def check_operands(
+    equation: object, operands: Sequence[object]
+) -> tuple[tuple[tuple[int, ...], ...], tuple[torch.dtype, ...]]:
+    """Type-check the operands; their shapes and dtypes (the keys of :func:`analyze`)."""
     source = equation if isinstance(equation, str) else repr(equation)
     for k, x in enumerate(operands):
         if not isinstance(x, torch.Tensor):
@@ -278,18 +280,19 @@ def check_operands(equation: object, operands: Sequence[object]) -> Recipe:
             )
     tensors: Sequence[torch.Tensor] = operands  # type: ignore[assignment]
     if len(tensors) > 1:
-        devices = {x.device for x in tensors}
-        if len(devices) > 1:
+        device = tensors[0].device
+        if any(x.device != device for x in tensors):
+            devices = sorted({str(x.device) for x in tensors})
             raise RuntimeError(
                 f"Expected all operands to be on the same device, but found "
-                f"{sorted(map(str, devices))} (equation {source!r})"
+                f"{devices} (equation {source!r})"
             )
     if not isinstance(equation, str):
         raise TypeError(f"the equation must be a str, got {type(equation).__name__}")
     # int() specialises symbolic sizes when the compiler traces us: plans are
     # built for concrete shapes (the window loops need them anyway).
     shapes = tuple(tuple(int(n) for n in x.shape) for x in tensors)
-    return analyze(equation, shapes, tuple(x.dtype for x in tensors))
+    return shapes, tuple(x.dtype for x in tensors)
 
 
 def apply_recipe(
@@ -317,7 +320,7 @@ def canonicalize(
     equation: str, operands: Sequence[torch.Tensor]
 ) -> tuple[Equation, Contraction, list[torch.Tensor]]:
     """Validate, then turn an equation and its operands into a clean contraction."""
-    recipe = check_operands(equation, operands)
+    recipe = analyze(equation, *check_operands(equation, operands))
     return recipe.equation, recipe.contraction, apply_recipe(recipe, operands)
 
 

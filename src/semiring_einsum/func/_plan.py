@@ -17,7 +17,7 @@ import opt_einsum
 
 from ._budget import Budget
 from ._errors import fail
-from ._parse import Contraction, parse_subscripts, resolve
+from ._parse import Contraction
 
 # On CPU, a window tensor that stays well inside the cache hierarchy (and well
 # under glibc's 32 MiB mmap threshold, beyond which every fresh allocation is
@@ -339,10 +339,8 @@ def _path(
     return [tuple(step) for step in path]
 
 
-def clear_caches() -> None:
-    """Empty the parse, plan and window caches of the package."""
-    parse_subscripts.cache_clear()
-    resolve.cache_clear()
+def clear_plan_caches() -> None:
+    """Empty the plan and window caches."""
     _make_plan.cache_clear()
     _window_extents.cache_clear()
 

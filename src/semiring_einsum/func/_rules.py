@@ -151,12 +151,12 @@ def _log_vjp(
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     weights = _log_weights(spec, outs[0])
-    if not _blas_log(spec, gs[0], *xs):
+    if not (_blas_log(spec, gs[0], *xs) and LB.backward_applicable(xs[0], xs[1])):
         g = gs[0]
         return K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g)
     grad_a, grad_b, unsafe = LB.vjp(spec.step, xs[0], xs[1], outs[0], gs[0])
     grads: list[Tensor | None] = [grad_a, grad_b]
-    if bool(unsafe.any()):  # the cells at risk, exactly, through the blocked path
+    if unsafe is not None:  # the cells at risk, exactly, through the blocked path
         g = torch.where(unsafe, gs[0], 0.0)
         exact = K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g)
         grads = [f if e is None or f is None else f + e for f, e in zip(grads, exact, strict=True)]
@@ -166,9 +166,9 @@ def _log_vjp(
 def _log_jvp(
     spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
-    if _blas_log(spec, *xs, *ts):
+    if _blas_log(spec, *xs, *ts) and LB.backward_applicable(xs[0], xs[1]):
         t, unsafe = LB.jvp(spec.step, xs[0], xs[1], outs[0], ts[0], ts[1])
-        if bool(unsafe.any()):
+        if unsafe is not None:
             exact = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
             t = torch.where(unsafe, exact, t)
         return (t,)
