@@ -120,10 +120,15 @@ def shift(step: Step, a: Tensor, b: Tensor) -> Shifted:
 def risky(log_sum: Tensor, step: Step) -> Tensor | None:
     """Cells whose ``log S`` is not certifiably exact, or ``None`` if there are none."""
     threshold = _THRESHOLD.get(log_sum.dtype, _DEFAULT_THRESHOLD)
-    # log S <= log(number of terms), so |log S| <= bound also rejects inf and NaN.
+    # log S <= log(number of terms), so |log S| <= bound also rejects inf;
+    # aminmax propagates NaN, which fails both comparisons.
     bound = max(threshold, math.log(max(step.terms, 1)) + 1.0)
-    ok = log_sum.abs() <= bound
-    return None if bool(ok.all()) else ~ok
+    if not log_sum.numel():
+        return None
+    low, high = torch.aminmax(log_sum)
+    if bool(low >= -bound) and bool(high <= bound):
+        return None
+    return ~(log_sum.abs() <= bound)
 
 
 def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | None:
