@@ -61,6 +61,9 @@ def compile_equation(equation: str) -> Equation:
     and ``...``.  Passing the string itself to the einsum functions works
     equally well (parsing is cached).
 
+    Args:
+        equation: An equation in :func:`torch.einsum` syntax.
+
     Example:
         >>> import semiring_einsum
         >>> eq = semiring_einsum.compile_equation("ij,jk->ik")
@@ -119,6 +122,11 @@ def einsum(
     Same results as :func:`torch.einsum`; differentiable with autograd and
     ``torch.func``.
 
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        *args: The tensors.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
+
     Example:
         >>> import torch, semiring_einsum
         >>> semiring_einsum.einsum("ij,jk->ik", torch.ones(2, 3), torch.ones(3, 2))
@@ -132,6 +140,11 @@ def real_einsum_forward(
     equation: Equation | str, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE
 ) -> Tensor:
     """Real einsum (the forward of :func:`einsum`; also differentiable here).
+
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        *args: The tensors.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
 
     Example:
         >>> import torch, semiring_einsum
@@ -156,6 +169,13 @@ def real_einsum_backward(
     block_size: BlockSize = AUTOMATIC_BLOCK_SIZE,
 ) -> list[Tensor | None]:
     """Gradients of :func:`real_einsum_forward` w.r.t. each arg.
+
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        args: The forward's tensors.
+        needs_grad: One flag per arg.
+        grad: The cotangent of the output.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
 
     Returns:
         One gradient per arg, ``None`` where ``needs_grad`` is false.
@@ -195,6 +215,14 @@ def log_einsum(
     supports NaN, any float and ``'uniform'`` (see
     :func:`semiring_einsum.func.log_einsum`).
 
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        *args: Log-space tensors.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
+        save_max: Accepted for compatibility (no effect).
+        save_sumexpsub: Accepted for compatibility (no effect).
+        grad_of_neg_inf: NaN, a float, or ``'uniform'``.
+
     Example:
         >>> import torch, semiring_einsum
         >>> semiring_einsum.log_einsum("i->", torch.zeros(2))  # log 2
@@ -215,6 +243,13 @@ def log_einsum_forward(
     return_sumexpsub: bool = False,
 ) -> Tensor | tuple[Tensor, ...]:
     """Log-space einsum, optionally with each cell's max term and scaled sum.
+
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        *args: Log-space tensors.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
+        return_max: Also return each cell's largest term.
+        return_sumexpsub: Also return each cell's scaled sum.
 
     Returns:
         The output alone, or ``(output, max?, sumexpsub?)`` when
@@ -254,6 +289,16 @@ def log_einsum_backward(
     When both ``saved_max`` and ``saved_sumexpsub`` are given (from
     :func:`log_einsum_forward`), the forward is not recomputed.
 
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        args: The forward's tensors.
+        needs_grad: One flag per arg.
+        grad: The cotangent of the output.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
+        grad_of_neg_inf: NaN, a float, or ``'uniform'``.
+        saved_max: ``max`` from :func:`log_einsum_forward`, or ``None``.
+        saved_sumexpsub: ``sumexpsub`` from :func:`log_einsum_forward`, or ``None``.
+
     Example:
         >>> import torch, semiring_einsum
         >>> semiring_einsum.log_einsum_backward("i->", [torch.zeros(2)], [True],
@@ -275,6 +320,11 @@ def log_viterbi_einsum_forward(
     equation: Equation | str, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE
 ) -> tuple[Tensor, Tensor]:
     """Max-plus einsum with the argmax of the summed indices.
+
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        *args: Score (log-space) tensors.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
 
     Returns:
         ``(max, argmax)``; ``argmax`` has shape ``max.shape + (k,)`` for ``k``
@@ -315,6 +365,12 @@ def semiring_einsum_forward(
     called once on the empty window, so it defines the empty sum.
     ``output_dtypes`` is accepted for compatibility; the budget here bounds
     the window tensor itself, so it is not needed.
+
+    Args:
+        equation: An :class:`Equation` or an equation string.
+        args: The tensors.
+        block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
+        func: Called once as ``func(compute_sum)``; its result is returned.
 
     Example:
         >>> import torch, semiring_einsum
@@ -413,6 +469,12 @@ def combine(
     function is an ``autograd.Function`` in the ``setup_context`` style, so it
     also works under ``torch.func.grad`` and ``vmap`` when ``forward`` and
     ``backward`` are written with vmappable torch operations.
+
+    Args:
+        forward: ``forward(equation, *args, block_size=..., **options)``.
+        backward: ``backward(equation, args, needs_grad, grad, block_size=..., **options)``.
+        forward_options: Keyword options routed to ``forward``.
+        backward_options: Keyword options routed to ``backward``.
 
     Example:
         >>> import torch, semiring_einsum

@@ -437,7 +437,18 @@ def max_einsum(
     """Einsum in the max-plus (tropical) semiring: ``max Σ operands``.
 
     Differentiable: the gradient of each output cell goes to its maximising
-    term (the first in row-major order of the summed indices on ties).
+    term (the first in row-major order of the summed indices on ties).  When
+    no gradient can be asked for, the argmax behind it is not computed.
+
+    Args:
+        equation: An einsum equation in :func:`torch.einsum` syntax.
+        *operands: Score (log-space) tensors.
+        block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
+            ``None`` for the default budget.
+        optimize: opt_einsum strategy, explicit path, or ``False``.
+
+    Returns:
+        The contraction, a new tensor.
 
     Example:
         >>> import torch
@@ -460,6 +471,16 @@ def min_einsum(
 
     Computed as ``-max_einsum(-operands)``, so ties and gradients follow
     :func:`max_einsum` (first minimiser in row-major order).
+
+    Args:
+        equation: An einsum equation in :func:`torch.einsum` syntax.
+        *operands: Cost tensors (e.g. edge lengths).
+        block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
+            ``None`` for the default budget.
+        optimize: opt_einsum strategy, explicit path, or ``False``.
+
+    Returns:
+        The contraction, a new tensor.
 
     Example:
         >>> import torch
@@ -525,8 +546,20 @@ def semiring_einsum(
 
     The built-in semirings (:data:`REAL`, :data:`LOG`, :data:`MAX_PLUS`,
     :data:`MIN_PLUS`) go to their fast, custom-differentiated paths; any other
-    :class:`Semiring` runs the blocked loop with its own operations, and
-    autograd differentiates through them.
+    :class:`Semiring` runs the blocked loop with its own operations.  It is
+    differentiable (reverse mode recomputes windows from √n checkpoints, so
+    memory stays bounded; forward mode too) as long as those operations are.
+
+    Args:
+        semiring: The :class:`Semiring`.
+        equation: An einsum equation in :func:`torch.einsum` syntax.
+        *operands: The tensors.
+        block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
+            ``None`` for the default budget.
+        optimize: opt_einsum strategy, explicit path, or ``False``.
+
+    Returns:
+        The contraction, a new tensor.
 
     Example:
         >>> import torch
@@ -582,7 +615,7 @@ def plan(
         optimize: As for the contraction functions.
 
     Returns:
-        An immutable :class:`Plan`: ``path``, ``steps``, ``block_sizes`` and
+        The immutable plan, with ``path``, ``steps``, ``block_sizes`` and
         ``peak_bytes``; ``print(plan)`` shows a table.
 
     Example:

@@ -115,7 +115,22 @@ def _function(rule: Rule, n: int) -> type[torch.autograd.Function]:
     return fn
 
 
+def _plain_call(xs: tuple[Tensor, ...]) -> bool:
+    """No derivative or transform can see this call: skip the autograd.Function.
+
+    ``Function.apply`` costs tens of microseconds (argument binding, context,
+    transform dispatch) -- a visible share of a small contraction.
+    """
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return False
+    if torch.autograd.forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+        return False
+    return not torch._C._functorch.get_interpreter_stack()
+
+
 def apply(rule: Rule, spec: object, *xs: Tensor) -> tuple[Tensor, ...]:
     """Run ``rule`` on ``xs`` through its autograd Function; always a tuple."""
+    if _plain_call(xs):
+        return rule.forward(spec, *xs)
     out = _function(rule, len(xs)).apply(spec, *xs)
     return out if isinstance(out, tuple) else (out,)

@@ -102,7 +102,8 @@ def _free_cuda_bytes(device: torch.device) -> int:
 
 
 AUTOMATIC_BLOCK_SIZE = AutomaticBlockSize(repr_string="AUTOMATIC_BLOCK_SIZE")
-"""The default :class:`AutomaticBlockSize` (1 GiB on CPU, free memory on CUDA)."""
+"""The default :class:`AutomaticBlockSize`: 1 GiB on CPU; on CUDA, 80% of the
+free memory, queried once per device."""
 
 BlockSize = int | AutomaticBlockSize | None
 
