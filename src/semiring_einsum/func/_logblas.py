@@ -98,7 +98,7 @@ class Shifted:
     shift: Tensor  # mA + mB in output layout (broadcastable); 0 where not finite
 
 
-def shift(step: Step, a: Tensor, b: Tensor) -> Shifted:
+def shift(step: Step, a: Tensor, b: Tensor, inplace: bool = False) -> Shifted:
     """Shift both operands by their maxima over the summed indices.
 
     A non-finite maximum (a row of -inf, an inf, a NaN) shifts by 0 instead;
@@ -114,6 +114,8 @@ def shift(step: Step, a: Tensor, b: Tensor) -> Shifted:
     mb = torch.nan_to_num(b.amax(dims_b, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
     out = step.output
     total = _to(ma.squeeze(dims_a), keep_a, out) + _to(mb.squeeze(dims_b), keep_b, out)
+    if inplace:  # fewer fresh allocations (forward only: not differentiated)
+        return Shifted((a - ma).exp_(), (b - mb).exp_(), total)
     return Shifted(torch.exp(a - ma), torch.exp(b - mb), total)
 
 
@@ -137,10 +139,10 @@ def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | N
     Returns ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
     """
-    sh = shift(step, a, b)
-    log_sum = torch.log(_einsum(step.inputs, step.output, sh.ea, sh.eb))
-    out = log_sum + sh.shift
+    sh = shift(step, a, b, inplace=True)
+    log_sum = _einsum(step.inputs, step.output, sh.ea, sh.eb).log_()
     mask = risky(log_sum, step)
+    out = log_sum.add_(sh.shift) if log_sum.shape == sh.shift.shape else log_sum + sh.shift
     if mask is None:
         return out
     if int(mask.sum()) > mask.numel() // 4:
