@@ -45,6 +45,12 @@ class Equation:
         input_variables: For each operand, the index numbers of its dims.
         output_variables: The index numbers of the output's dims.
         num_variables: How many distinct indices there are.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> eq = semiring_einsum.Equation("i,i->", [[(0, 0), (1, 0)]], [[0], [0]], [], 1)
+        >>> semiring_einsum.einsum(eq, torch.ones(3), torch.ones(3))
+        tensor(3.)
     """
 
     source: str

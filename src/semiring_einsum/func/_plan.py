@@ -39,6 +39,12 @@ class Step:
             appearance; the kernel loops over windows of these extents.
         blas: Whether the step goes to ``torch.einsum`` (real semiring, at most
             two operands) instead of the blocked loop.
+
+    Example:
+        >>> from semiring_einsum import func
+        >>> step = func.plan("ab,bc->ac", (4, 100), (100, 5), block_size=32).steps[0]
+        >>> step.inputs, step.output, step.windows, step.blas
+        (('ab', 'bc'), 'ac', (('b', 32),), True)
     """
 
     operands: tuple[int, ...]
@@ -94,6 +100,14 @@ class Plan:
         peak_bytes: Estimated bytes of the largest temporary tensor (a window
             tensor, or an intermediate result); input- and output-sized tensors
             are not counted.
+
+    Example:
+        >>> from semiring_einsum import func
+        >>> p = func.plan("ab,bc->ac", (4, 100), (100, 5), semiring=func.LOG, block_size=32)
+        >>> p.block_sizes
+        ({'b': 32},)
+        >>> p.peak_bytes  # a 4 x 5 output times a window of 32, in float32
+        2560
     """
 
     equation: str
