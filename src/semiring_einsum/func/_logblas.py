@@ -140,7 +140,9 @@ def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | N
     caller's blocked path is then cheaper than gathering every cell's rows.
     """
     sh = shift(step, a, b, inplace=True)
-    log_sum = _einsum(step.inputs, step.output, sh.ea, sh.eb).log_()
+    # torch.log, not log_: einsum may return a view of its own buffer, and an
+    # output that is a view cannot be modified in place by the caller.
+    log_sum = torch.log(_einsum(step.inputs, step.output, sh.ea, sh.eb))
     mask = risky(log_sum, step)
     out = log_sum.add_(sh.shift) if log_sum.shape == sh.shift.shape else log_sum + sh.shift
     if mask is None:
