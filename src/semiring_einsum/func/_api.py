@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import _kernels as K
-from ._autograd import apply
+from ._autograd import apply, derivative_possible
 from ._budget import BlockSize, Budget, resolve_budget
 from ._compile import in_graph
 from ._parse import (
@@ -223,7 +223,8 @@ def _contract(
         return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), *args)[0])
     if kind in ("max", "min"):
         p = _Prepared(MAX_PLUS if kind == "max" else MIN_PLUS, equation, operands, budget, optimize)
-        values_only = not _grad_possible(operands)
+        # The argmax is the backward's residual: skip it when no derivative can come.
+        values_only = not derivative_possible(operands)
 
         def max_step(s: Step, args: list[Tensor]) -> Tensor:
             return apply(MAX_RULE, replace(p.spec(s), values_only=values_only), *args)[0]
@@ -279,23 +280,6 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     cells = shape or [1]  # a scalar output was walked as one cell
     stacked = torch.stack([known[c].expand(cells) for c in summed], dim=-1)
     return stacked.reshape(shape + [len(summed)])
-
-
-def _grad_possible(operands: Sequence[Tensor]) -> bool:
-    """Whether any derivative of the result could be asked for.
-
-    False only when autograd is off or no operand requires grad, no forward-AD
-    level is open, and no torch.func transform other than vmap is active --
-    then the max-plus
-    forward may skip the argmax its backward would need.
-    """
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    vmap = torch._C._functorch.TransformType.Vmap
-    if any(level.key() != vmap for level in stack):
-        return True
-    if torch.autograd.forward_ad._current_level >= 0:  # dual tensors may be about
-        return True
-    return torch.is_grad_enabled() and any(x.requires_grad for x in operands)
 
 
 def _run(

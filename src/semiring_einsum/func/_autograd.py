@@ -15,6 +15,7 @@ Following the findings recorded for torch 2.13 (``shared/notes/torch-func.md``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -115,22 +116,29 @@ def _function(rule: Rule, n: int) -> type[torch.autograd.Function]:
     return fn
 
 
-def _plain_call(xs: tuple[Tensor, ...]) -> bool:
-    """No derivative or transform can see this call: skip the autograd.Function.
+def derivative_possible(xs: Sequence[Tensor], under_vmap: bool = True) -> bool:
+    """Whether any derivative of a result computed from ``xs`` could be asked for.
 
-    ``Function.apply`` costs tens of microseconds (argument binding, context,
-    transform dispatch) -- a visible share of a small contraction.
+    True when autograd is on and an input requires grad, when a forward-AD
+    level is open, or when a torch.func transform other than vmap is active
+    (any transform at all with ``under_vmap=False``).
     """
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
-        return False
-    if torch.autograd.forward_ad._current_level >= 0 or torch.compiler.is_compiling():
-        return False
-    return not torch._C._functorch.get_interpreter_stack()
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if not under_vmap:
+        return bool(stack)
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(level.key() != vmap for level in stack)
 
 
 def apply(rule: Rule, spec: object, *xs: Tensor) -> tuple[Tensor, ...]:
     """Run ``rule`` on ``xs`` through its autograd Function; always a tuple."""
-    if _plain_call(xs):
+    # Function.apply costs tens of microseconds (argument binding, context,
+    # transform dispatch): skip it when nothing can see the call.
+    if not torch.compiler.is_compiling() and not derivative_possible(xs, under_vmap=False):
         return rule.forward(spec, *xs)
     out = _function(rule, len(xs)).apply(spec, *xs)
     return out if isinstance(out, tuple) else (out,)

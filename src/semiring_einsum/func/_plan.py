@@ -151,6 +151,7 @@ def _show_eq(eq: str) -> str:
     return "".join(_show(c) for c in eq)
 
 
+@functools.lru_cache(maxsize=4096)
 def window_extents(
     inputs: tuple[str, ...],
     output: str,
@@ -167,18 +168,6 @@ def window_extents(
     indices get full extents first, and an extent never drops below 1, so a
     window can always be built (one that is output-sized is allowed).
     """
-    return _window_extents(inputs, output, sizes, budget, itemsize, device_type)
-
-
-@functools.lru_cache(maxsize=4096)
-def _window_extents(
-    inputs: tuple[str, ...],
-    output: str,
-    sizes: tuple[tuple[str, int], ...],
-    budget: Budget,
-    itemsize: int,
-    device_type: str,
-) -> tuple[tuple[str, int], ...]:
     size = dict(sizes)
     present = set("".join(inputs))
     # Summed indices in the order of ``sizes`` (the equation's order of first
@@ -356,7 +345,7 @@ def _path(
 def clear_plan_caches() -> None:
     """Empty the plan and window caches."""
     _make_plan.cache_clear()
-    _window_extents.cache_clear()
+    window_extents.cache_clear()
 
 
 def joint_step(
