@@ -173,11 +173,7 @@ class _Prepared:
 
 def _blas(step: Step, args: list[Tensor]) -> Tensor:
     """A real step of at most two operands, on torch.einsum (BLAS)."""
-    ids = {c: i for i, c in enumerate(dict.fromkeys("".join(step.inputs)))}
-    sublists: list[object] = []
-    for term, x in zip(step.inputs, args):
-        sublists += [x, [ids[c] for c in term]]
-    out = torch.einsum(*sublists, [ids[c] for c in step.output])
+    out = K.einsum_letters(step.inputs, step.output, *args)
     if len(args) == 1 and not step.windows:  # a pure permutation may be a view
         out = out.clone()
     return out

@@ -49,6 +49,19 @@ def tracing() -> bool:
     return any(type(mode).__name__ in _TRACING_MODES for mode in stack)
 
 
+def einsum_letters(inputs: Sequence[str], output: str, *xs: Tensor) -> Tensor:
+    """:func:`torch.einsum` on index strings of any symbols (its sublist form).
+
+    Our index symbols go beyond ``[a-zA-Z]`` (``...`` dimensions), which the
+    string form of torch.einsum rejects; integer sublists take any.
+    """
+    ids = {c: i for i, c in enumerate(dict.fromkeys("".join(inputs) + output))}
+    args: list[object] = []
+    for term, x in zip(inputs, xs):
+        args += [x, [ids[c] for c in term]]
+    return torch.einsum(*args, [ids[c] for c in output])
+
+
 def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
     """Permute each operand to ``summed + output`` order, size 1 where absent."""
     order = step.summed + step.output

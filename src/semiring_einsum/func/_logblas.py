@@ -28,12 +28,11 @@ which is exact too.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ._kernels import tracing
+from ._kernels import einsum_letters, tracing
 from ._plan import Step
 
 Tensor = torch.Tensor
@@ -69,14 +68,6 @@ def can_branch(*tensors: Tensor) -> bool:
         if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             return False  # a fake or other subclass tensor: values are not there
     return True
-
-
-def _einsum(inputs: Sequence[str], output: str, *xs: Tensor) -> Tensor:
-    ids = {c: i for i, c in enumerate(dict.fromkeys("".join(inputs) + output))}
-    args: list[object] = []
-    for term, x in zip(inputs, xs):
-        args += [x, [ids[c] for c in term]]
-    return torch.einsum(*args, [ids[c] for c in output])
 
 
 def _to(t: Tensor, letters: str, target: str) -> Tensor:
@@ -142,7 +133,7 @@ def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | N
     sh = shift(step, a, b, inplace=True)
     # torch.log, not log_: einsum may return a view of its own buffer, and an
     # output that is a view cannot be modified in place by the caller.
-    log_sum = torch.log(_einsum(step.inputs, step.output, sh.ea, sh.eb))
+    log_sum = torch.log(einsum_letters(step.inputs, step.output, sh.ea, sh.eb))
     mask = risky(log_sum, step)
     out = log_sum.add_(sh.shift) if log_sum.shape == sh.shift.shape else log_sum + sh.shift
     if mask is None:
@@ -209,8 +200,8 @@ def vjp(
     ta, tb = step.inputs
     inverse, mask = _weights(step, sh, out)
     w = g * inverse
-    grad_a = sh.ea * _einsum((step.output, tb), ta, w, sh.eb)
-    grad_b = sh.eb * _einsum((step.output, ta), tb, w, sh.ea)
+    grad_a = sh.ea * einsum_letters((step.output, tb), ta, w, sh.eb)
+    grad_b = sh.eb * einsum_letters((step.output, ta), tb, w, sh.ea)
     return grad_a, grad_b, mask
 
 
@@ -221,7 +212,7 @@ def jvp(
     sh = shift(step, a, b)
     inverse, mask = _weights(step, sh, out)
     inputs = step.inputs
-    t = _einsum(inputs, step.output, sh.ea * t_a, sh.eb) + _einsum(
+    t = einsum_letters(inputs, step.output, sh.ea * t_a, sh.eb) + einsum_letters(
         inputs, step.output, sh.ea, sh.eb * t_b
     )
     return t * inverse, mask

@@ -103,6 +103,11 @@ def _blas_log(spec: Spec, *tensors: Tensor) -> bool:
     return not spec.extras and LB.applicable(spec.step) and LB.can_branch(*tensors)
 
 
+def _blas_log_derivative(spec: Spec, xs: Sequence[Tensor], *others: Tensor) -> bool:
+    """Whether this log step's vjp/jvp runs on BLAS (operands free of +inf/NaN too)."""
+    return _blas_log(spec, *xs, *others) and LB.backward_applicable(xs[0], xs[1])
+
+
 def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
     if _blas_log(spec, *xs):
         chunk = LB.chunk_elements(spec.budget.bytes, spec.itemsize)
@@ -151,7 +156,7 @@ def _log_vjp(
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     weights = _log_weights(spec, outs[0])
-    if not (_blas_log(spec, gs[0], *xs) and LB.backward_applicable(xs[0], xs[1])):
+    if not _blas_log_derivative(spec, xs, gs[0]):
         g = gs[0]
         return K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g)
     grad_a, grad_b, unsafe = LB.vjp(spec.step, xs[0], xs[1], outs[0], gs[0])
@@ -166,7 +171,7 @@ def _log_vjp(
 def _log_jvp(
     spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
-    if _blas_log(spec, *xs, *ts) and LB.backward_applicable(xs[0], xs[1]):
+    if _blas_log_derivative(spec, xs, *ts):
         t, unsafe = LB.jvp(spec.step, xs[0], xs[1], outs[0], ts[0], ts[1])
         if unsafe is not None:
             exact = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
