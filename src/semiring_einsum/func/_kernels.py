@@ -50,16 +50,76 @@ def tracing() -> bool:
 
 
 def einsum_letters(inputs: Sequence[str], output: str, *xs: Tensor) -> Tensor:
-    """:func:`torch.einsum` on index strings of any symbols (its sublist form).
+    """:func:`torch.einsum` over index strings of any symbols, on the cheapest call.
 
     Our index symbols go beyond ``[a-zA-Z]`` (``...`` dimensions), which the
-    string form of torch.einsum rejects; integer sublists take any.
+    string form of torch.einsum rejects, so they are renamed.  Two operands in
+    a matrix-product layout go straight to :func:`torch.matmul`, skipping
+    einsum's own parsing and permutes (each torch call costs microseconds, more
+    when the caches are cold).
     """
-    ids = {c: i for i, c in enumerate(dict.fromkeys("".join(inputs) + output))}
-    args: list[object] = []
-    for term, x in zip(inputs, xs):
-        args += [x, [ids[c] for c in term]]
-    return torch.einsum(*args, [ids[c] for c in output])
+    return _product(tuple(inputs), output)(*xs)
+
+
+_EINSUM_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@functools.lru_cache(maxsize=4096)
+def _product(inputs: tuple[str, ...], output: str) -> Callable[..., Tensor]:
+    """The cheapest torch call computing the real einsum ``inputs -> output``."""
+    if len(inputs) == 2:
+        mm = _matmul_form(inputs[0], inputs[1], output)
+        if mm is not None:
+            return mm
+    letters = dict.fromkeys("".join(inputs) + output)
+    if len(letters) <= len(_EINSUM_LETTERS):
+        rename = dict(zip(letters, _EINSUM_LETTERS))
+        eq = ",".join("".join(rename[c] for c in t) for t in inputs)
+        eq += "->" + "".join(rename[c] for c in output)
+        return functools.partial(torch.einsum, eq)
+    ids = {c: i for i, c in enumerate(letters)}
+    subs = [[ids[c] for c in t] for t in inputs]
+    out = [ids[c] for c in output]
+
+    def sublist(*xs: Tensor) -> Tensor:
+        args: list[object] = []
+        for x, sub in zip(xs, subs):
+            args += [x, sub]
+        return torch.einsum(*args, out)
+
+    return sublist
+
+
+def _matmul_form(tx: str, ty: str, out: str) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """``x @ y`` (with transposes) when ``tx, ty -> out`` is a batched matrix product.
+
+    That is: one summed index ``s`` in both operands, one free index in each
+    (``fx``, ``fy``), and the same batch indices ``B`` leading all three terms:
+    ``tx = B + {fx, s}``, ``ty = B + {s, fy}``, ``out = B + {fx, fy}``, each
+    pair in either order.
+    """
+    if len(tx) < 2 or len(tx) != len(ty) or len(out) != len(tx):
+        return None
+    batch = tx[:-2]
+    if ty[:-2] != batch or out[:-2] != batch or len(set(tx + ty)) != len(batch) + 3:
+        return None
+    common = set(tx[-2:]) & set(ty[-2:])
+    if len(common) != 1:
+        return None
+    (s,) = common
+    fx = tx[-2:].replace(s, "")
+    fy = ty[-2:].replace(s, "")
+    if set(out[-2:]) != {fx, fy}:
+        return None
+    tx_x = tx[-1] != s  # x needs a transpose to put s last
+    tx_y = ty[-2] != s  # y needs a transpose to put s first
+    swap = out[-2:] != fx + fy
+
+    def matmul(x: Tensor, y: Tensor) -> Tensor:
+        r = torch.matmul(x.mT if tx_x else x, y.mT if tx_y else y)
+        return r.mT if swap else r
+
+    return matmul
 
 
 def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:

@@ -16,8 +16,8 @@ The check is a posteriori and costs nothing extra: if the computed
 because any term damaged by underflow has a factor below the smallest normal
 float (about ``exp(-87)`` in float32), so it is itself below that, and all
 of them together are a relative ``count · exp(-(87 - T))`` of ``S``.  Cells
-that fail the check (also those with -inf rows, inf or NaN: their ``S`` is
-0, inf or NaN) are recomputed exactly: in forward by a log-sum-exp over just
+that fail the check (also those an all -inf row, an inf or a NaN touches:
+their ``S`` is 0 or NaN) are recomputed exactly: in forward by a log-sum-exp over just
 those cells' rows, in backward and forward mode through the blocked path on
 a masked cotangent.  ``out - mA - mB = log S`` identifies the same cells
 later.  Where the code cannot branch on data (under ``vmap``, or while a
@@ -27,6 +27,7 @@ which is exact too.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -110,18 +111,50 @@ def shift(step: Step, a: Tensor, b: Tensor, inplace: bool = False) -> Shifted:
     return Shifted(torch.exp(a - ma), torch.exp(b - mb), total)
 
 
-def risky(log_sum: Tensor, step: Step) -> Tensor | None:
-    """Cells whose ``log S`` is not certifiably exact, or ``None`` if there are none."""
-    threshold = _THRESHOLD.get(log_sum.dtype, _DEFAULT_THRESHOLD)
-    # log S <= log(number of terms), so |log S| <= bound also rejects inf;
-    # aminmax propagates NaN, which fails both comparisons.
-    bound = max(threshold, math.log(max(step.terms, 1)) + 1.0)
+def risky(log_sum: Tensor) -> Tensor | None:
+    """Cells whose ``log S`` is not certifiably exact, or ``None`` if there are none.
+
+    Only the lower side needs a test.  With finite maxima every shifted
+    factor is at most 1, so ``S`` is at most the number of terms; a
+    non-finite maximum (or an inf or NaN operand) leaves NaN in its cells,
+    and NaN fails the test, as does ``log 0 = -inf``.
+    """
     if not log_sum.numel():
         return None
-    low, high = torch.aminmax(log_sum)
-    if bool(low >= -bound) and bool(high <= bound):
+    bound = -_THRESHOLD.get(log_sum.dtype, _DEFAULT_THRESHOLD)
+    # One reduction; amin propagates NaN, which fails the comparison.
+    if float(log_sum.detach().amin()) >= bound:
         return None
-    return ~(log_sum.abs() <= bound)
+    return ~(log_sum >= bound)
+
+
+@functools.lru_cache(maxsize=4096)
+def _broadcast_plan(
+    term: str, summed: str, out: str
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """How a keepdim reduction of an operand over ``summed`` lines up with ``out``.
+
+    ``None`` when it broadcasts against the output as it is (same rank, and
+    every dim holds the output's index or a reduced size-1 one).  Otherwise
+    ``(perm, take)``: permute the kept dims into output order (reduced dims
+    last), then reshape to ``out``'s rank, taking dim ``take[d]`` of the
+    operand's sizes, or 1 where ``take[d]`` is -1.
+    """
+    if len(term) == len(out) and all(c == o or c in summed for c, o in zip(term, out)):
+        return None
+    kept = [c for c in out if c in term]
+    perm = tuple(term.index(c) for c in kept) + tuple(d for d, c in enumerate(term) if c in summed)
+    take = tuple(term.index(c) if c in term else -1 for c in out)
+    return perm, take
+
+
+def _broadcastable(m: Tensor, term: str, summed: str, out: str) -> Tensor:
+    """A keepdim maximum of an operand (indices ``term``) as a view broadcastable to ``out``."""
+    plan = _broadcast_plan(term, summed, out)
+    if plan is None:
+        return m
+    perm, take = plan
+    return m.permute(perm).reshape([m.shape[d] if d >= 0 else 1 for d in take])
 
 
 def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | None:
@@ -129,18 +162,26 @@ def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | N
 
     Returns ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
+    Written with as few torch calls as possible: on small and medium steps
+    each call's fixed cost, not the arithmetic, dominates.
     """
-    sh = shift(step, a, b, inplace=True)
-    # torch.log, not log_: einsum may return a view of its own buffer, and an
-    # output that is a view cannot be modified in place by the caller.
-    log_sum = torch.log(einsum_letters(step.inputs, step.output, sh.ea, sh.eb))
-    mask = risky(log_sum, step)
-    out = log_sum.add_(sh.shift) if log_sum.shape == sh.shift.shape else log_sum + sh.shift
-    if mask is None:
-        return out
-    if int(mask.sum()) > mask.numel() // 4:
+    ta, tb = step.inputs
+    summed, out = step.summed, step.output
+    ma = a.amax(tuple(ta.index(c) for c in summed), keepdim=True)
+    mb = b.amax(tuple(tb.index(c) for c in summed), keepdim=True)
+    # A non-finite maximum (an all -inf row, an inf, a NaN) turns its row
+    # into NaN here; BLAS keeps that NaN to the cells of that row, which fail
+    # the certificate below and are recomputed from the operands.
+    log_sum = torch.log(einsum_letters(step.inputs, out, (a - ma).exp_(), (b - mb).exp_()))
+    mask = risky(log_sum)
+    if mask is not None and int(mask.sum()) > mask.numel() // 4:
         return None
-    return _fix_cells(step, a, b, out, mask, chunk_elements)
+    # log_sum is fresh (torch.log of a product), so it is ours to modify.
+    result = log_sum.add_(_broadcastable(ma, ta, summed, out))
+    result = result.add_(_broadcastable(mb, tb, summed, out))
+    if mask is None:
+        return result
+    return _fix_cells(step, a, b, result, mask, chunk_elements)
 
 
 def _fix_cells(
@@ -173,7 +214,7 @@ def _fix_cells(
 def _weights(step: Step, sh: Shifted, out: Tensor) -> tuple[Tensor, Tensor | None]:
     """``exp(mA + mB - out) = 1/S`` per cell (0 at risky cells), and the risky mask."""
     log_sum = out - sh.shift
-    mask = risky(log_sum, step)
+    mask = risky(log_sum)
     if mask is None:
         return torch.exp(-log_sum), None
     return torch.where(mask, 0.0, torch.exp(-torch.where(mask, 0.0, log_sum))), mask
