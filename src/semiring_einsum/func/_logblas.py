@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,10 +158,13 @@ def _broadcastable(m: Tensor, term: str, summed: str, out: str) -> Tensor:
     return m.permute(perm).reshape([m.shape[d] if d >= 0 else 1 for d in take])
 
 
-def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | None:
+def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> tuple[Tensor, ...] | None:
     """The step's output: BLAS, with an exact log-sum-exp at the cells that need it.
 
-    Returns ``None`` when most cells are at risk (adversarial inputs): the
+    Returns ``(out, exp(A - mA), exp(B - mB), S)`` when every cell passed the
+    certificate (the last three are what a first-order backward needs, see
+    :func:`vjp_from_residuals`), ``(out,)`` when some cells were recomputed,
+    and ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
     Written with as few torch calls as possible: on small and medium steps
     each call's fixed cost, not the arithmetic, dominates.
@@ -172,7 +176,9 @@ def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | N
     # A non-finite maximum (an all -inf row, an inf, a NaN) turns its row
     # into NaN here; BLAS keeps that NaN to the cells of that row, which fail
     # the certificate below and are recomputed from the operands.
-    log_sum = torch.log(einsum_letters(step.inputs, out, (a - ma).exp_(), (b - mb).exp_()))
+    ea, eb = (a - ma).exp_(), (b - mb).exp_()
+    product = einsum_letters(step.inputs, out, ea, eb)
+    log_sum = torch.log(product)
     mask = risky(log_sum)
     if mask is not None and int(mask.sum()) > mask.numel() // 4:
         return None
@@ -180,8 +186,26 @@ def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> Tensor | N
     result = log_sum.add_(_broadcastable(ma, ta, summed, out))
     result = result.add_(_broadcastable(mb, tb, summed, out))
     if mask is None:
-        return result
-    return _fix_cells(step, a, b, result, mask, chunk_elements)
+        # (An empty output certifies nothing: its operands may hold NaN rows.)
+        return (result, ea, eb, product) if product.numel() else (result,)
+    return (_fix_cells(step, a, b, result, mask, chunk_elements),)
+
+
+def vjp_from_residuals(
+    step: Step, ea: Tensor, eb: Tensor, product: Tensor, g: Tensor, needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """First-order gradients from the forward's certified residuals (no recompute).
+
+    ``∂out/∂A[.., s] · g = exp(A - mA) · Σ exp(B - mB) · g / S``.  Every cell
+    passed the certificate, so ``S`` is positive and finite and both operands
+    are free of inf and NaN.  The residuals are constants, so the result must
+    not be differentiated again (the caller checks).
+    """
+    ta, tb = step.inputs
+    w = g / product
+    grad_a = ea * einsum_letters((step.output, tb), ta, w, eb) if needs[0] else None
+    grad_b = eb * einsum_letters((ta, step.output), tb, ea, w) if needs[1] else None
+    return [grad_a, grad_b]
 
 
 def _fix_cells(

@@ -108,12 +108,26 @@ def _blas_log_derivative(spec: Spec, xs: Sequence[Tensor], *others: Tensor) -> b
     return _blas_log(spec, *xs, *others) and LB.backward_applicable(xs[0], xs[1])
 
 
+def _differentiated() -> bool:
+    """Whether a backward running now may itself be differentiated.
+
+    True under ``create_graph`` (grad mode stays on in backward), an open
+    forward-AD level, or any torch.func transform; a backward that uses
+    constant residuals instead of differentiable recomputation must not run then.
+    """
+    return (
+        torch.is_grad_enabled()
+        or torch.autograd.forward_ad._current_level >= 0
+        or bool(torch._C._functorch.get_interpreter_stack())
+    )
+
+
 def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
     if _blas_log(spec, *xs):
         chunk = LB.chunk_elements(spec.budget.bytes, spec.itemsize)
         fast = LB.forward(spec.step, xs[0], xs[1], chunk)
         if fast is not None:
-            return (fast,)
+            return fast  # the output, then maybe residuals (non-differentiable)
     out, m, s = K.log_forward(spec.step, xs)
     if spec.extras:
         return out, m, s
@@ -155,6 +169,8 @@ def _log_vjp(
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
+    if len(outs) == 4 and not _differentiated() and LB.can_branch(gs[0]):
+        return LB.vjp_from_residuals(spec.step, outs[1], outs[2], outs[3], gs[0], needs)
     weights = _log_weights(spec, outs[0])
     if not _blas_log_derivative(spec, xs, gs[0]):
         g = gs[0]
@@ -176,9 +192,9 @@ def _log_jvp(
         if unsafe is not None:
             exact = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
             t = torch.where(unsafe, exact, t)
-        return (t,)
+        return (t,) + (None,) * (len(outs) - 1)
     t = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
-    return (t, None, None) if spec.extras else (t,)
+    return (t,) + (None,) * (len(outs) - 1)  # extras or residuals: no tangent
 
 
 LOG_RULE = Rule("LogEinsum", _log_forward, _log_vjp, _log_jvp)
