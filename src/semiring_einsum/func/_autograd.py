@@ -48,6 +48,9 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         ctx.spec = inputs[0]
+        # No zero cotangents for the non-differentiable outputs (an argmax,
+        # residuals): backward would only build and ignore them.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs[1:], *output)
         ctx.save_for_forward(*inputs[1:], *output)
         if len(output) > rule.differentiable:
@@ -56,6 +59,8 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
+        if any(g is None for g in grads[: rule.differentiable]):  # no cotangent reached us
+            return (None,) * (n + 1)
         gs = rule.vjp(ctx.spec, saved[:n], saved[n:], grads, needs)
         return (None, *(g if need else None for g, need in zip(gs, needs)))
 
@@ -69,6 +74,10 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
             )
         saved = ctx.saved_tensors
         assert rule.jvp is not None
+        # Inputs without a tangent get None (grads are not materialized).
+        tangents = tuple(
+            torch.zeros_like(x) if t is None else t for t, x in zip(tangents, saved[:n])
+        )
         out = rule.jvp(ctx.spec, saved[:n], saved[n:], tangents)
         return out[0] if len(out) == 1 else out
 

@@ -187,6 +187,17 @@ def _term(views: list[Tensor], combine: Callable[[Tensor, Tensor], Tensor]) -> t
     return functools.reduce(combine, views), True
 
 
+def add_only(step: Step, ops: Sequence[Tensor]) -> Tensor:
+    """A step that sums no index, in a semiring whose ⊗ is ``+`` (log, max-plus).
+
+    Each output cell has exactly one term, and ⊕ of one term is the term:
+    the result is the operands' sum, a fresh tensor of the output's shape.
+    """
+    t, owned = _term(narrow(step, align(step, ops), ()), torch.add)
+    shape = _out_shape(step)
+    return t if owned and list(t.shape) == shape else _fresh(t, shape)
+
+
 def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Log-semiring step in one pass over the operands (online log-sum-exp).
 
@@ -272,9 +283,7 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     shape = _out_shape(step)
     device = aligned[0].device
     if not step.windows:
-        t, _ = _term(narrow(step, aligned, ()), torch.add)
-        vals = _fresh(t, shape)
-        return vals, torch.zeros(shape, dtype=torch.int64, device=device)
+        return add_only(step, ops), torch.zeros(shape, dtype=torch.int64, device=device)
     if argmax and math.prod(shape) >= _SLICE_LOOP_MIN_OUTPUT:
         return _max_forward_by_slices(step, aligned, shape)
     strides = _strides(step)
