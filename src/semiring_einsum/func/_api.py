@@ -94,6 +94,12 @@ def _setup(
     return _Setup(recipe, plan, compute, specs)
 
 
+# Setups of recent calls by their raw arguments (see _Prepared), with whether
+# their operands need no diagonal, broadcast or cast.  Bounded: emptied when full.
+_SEEN: dict[tuple[object, ...], tuple[_Setup, bool]] = {}
+_SEEN_MAX = 1024
+
+
 class _Prepared:
     """A canonicalized call: clean operands, their plan, and how to finish."""
 
@@ -122,6 +128,64 @@ class _Prepared:
         extras: bool = False,
         device: torch.device | None = None,
     ) -> None:
+        # The common case first: a call like one seen before (same options,
+        # shapes, dtypes and devices) reuses its validated setup without
+        # re-checking anything.  Unhashable options (an explicit path) and
+        # symbolic shapes take the full route.
+        key: tuple[object, ...] | None = None
+        try:
+            raw = (
+                semiring.token,
+                equation,
+                budget,
+                optimize,
+                blas,
+                joint,
+                neg_inf,
+                extras,
+                device,
+                *[(x.shape, x.dtype, x.device) for x in operands],
+            )
+            hit = _SEEN.get(raw)
+            key = raw
+        except (TypeError, AttributeError):
+            hit = None
+        if hit is not None:
+            setup, as_is = hit
+        else:
+            setup, as_is = self._validate(
+                semiring, equation, operands, budget, optimize, blas, joint, neg_inf, extras, device
+            )
+            if key is not None:
+                if len(_SEEN) >= _SEEN_MAX:
+                    _SEEN.clear()
+                _SEEN[key] = (setup, as_is)
+        # Only now, with everything validated, touch the tensors.
+        self.recipe = setup.recipe
+        self.equation: Equation = setup.recipe.equation
+        self.contraction: Contraction = setup.recipe.contraction
+        self.plan: Plan = setup.plan
+        self.out_dtype = setup.recipe.dtype
+        self.compute_dtype = setup.compute
+        ops = list(operands) if as_is else apply_recipe(setup.recipe, operands, setup.compute)
+        self.operands = ops
+        specs = setup.specs
+        self.spec: Callable[[Step], Spec] = lambda step: specs[id(step)]
+
+    @staticmethod
+    def _validate(
+        semiring: Semiring,
+        equation: str,
+        operands: Sequence[Tensor],
+        budget: Budget,
+        optimize: Optimize,
+        blas: bool,
+        joint: bool,
+        neg_inf: object,
+        extras: bool,
+        device: torch.device | None,
+    ) -> tuple[_Setup, bool]:
+        """The call's setup, and whether its operands are already clean."""
         shapes, dtypes = check_operands(equation, operands)
         device = device or operands[0].device
         setup = _setup(
@@ -138,16 +202,13 @@ class _Prepared:
             neg_inf_policy(neg_inf, equation),
             extras,
         )
-        # Only now, with everything validated, touch the tensors.
-        self.recipe = setup.recipe
-        self.equation: Equation = setup.recipe.equation
-        self.contraction: Contraction = setup.recipe.contraction
-        self.plan: Plan = setup.plan
-        self.out_dtype = setup.recipe.dtype
-        self.compute_dtype = setup.compute
-        self.operands = apply_recipe(setup.recipe, operands, setup.compute)
-        specs = setup.specs
-        self.spec: Callable[[Step], Spec] = lambda step: specs[id(step)]
+        recipe = setup.recipe
+        as_is = (
+            not any(recipe.diagonals)
+            and recipe.shapes == shapes
+            and all(dtype == setup.compute for dtype in dtypes)
+        )
+        return setup, as_is
 
     def canonical(self, operands: Sequence[Tensor]) -> list[Tensor]:
         """The clean operands of ``operands`` (differentiably), as in ``__init__``."""
@@ -654,6 +715,7 @@ def clear_caches() -> None:
         >>> func.clear_caches()
     """
     _setup.cache_clear()
+    _SEEN.clear()
     analyze.cache_clear()
     resolve.cache_clear()
     parse_subscripts.cache_clear()

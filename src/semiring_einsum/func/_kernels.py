@@ -45,6 +45,8 @@ def tracing() -> bool:
     """
     if torch.compiler.is_compiling():
         return True
+    if not torch._C._len_torch_dispatch_stack():  # the common case, cheaply
+        return False
     stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
     return any(type(mode).__name__ in _TRACING_MODES for mode in stack)
 
@@ -58,14 +60,14 @@ def einsum_letters(inputs: Sequence[str], output: str, *xs: Tensor) -> Tensor:
     einsum's own parsing and permutes (each torch call costs microseconds, more
     when the caches are cold).
     """
-    return _product(tuple(inputs), output)(*xs)
+    return einsum_product(tuple(inputs), output)(*xs)
 
 
 _EINSUM_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @functools.lru_cache(maxsize=4096)
-def _product(inputs: tuple[str, ...], output: str) -> Callable[..., Tensor]:
+def einsum_product(inputs: tuple[str, ...], output: str) -> Callable[..., Tensor]:
     """The cheapest torch call computing the real einsum ``inputs -> output``."""
     if len(inputs) == 2:
         mm = _matmul_form(inputs[0], inputs[1], output)
@@ -114,6 +116,10 @@ def _matmul_form(tx: str, ty: str, out: str) -> Callable[[Tensor, Tensor], Tenso
     tx_x = tx[-1] != s  # x needs a transpose to put s last
     tx_y = ty[-2] != s  # y needs a transpose to put s first
     swap = out[-2:] != fx + fy
+    if not (tx_x or tx_y or swap) and len(batch) <= 1:
+        # torch.mm / torch.bmm directly: matmul's own dispatch costs more
+        # than the product on small operands.
+        return torch.mm if not batch else torch.bmm
 
     def matmul(x: Tensor, y: Tensor) -> Tensor:
         r = torch.matmul(x.mT if tx_x else x, y.mT if tx_y else y)

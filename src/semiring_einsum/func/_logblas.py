@@ -27,14 +27,13 @@ which is exact too.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ._kernels import einsum_letters, tracing
+from ._kernels import einsum_letters, einsum_product, tracing
 from ._plan import Step
 
 Tensor = torch.Tensor
@@ -53,6 +52,54 @@ def applicable(step: Step) -> bool:
     a, b = step.inputs
     size = step.size
     return all(c in a and c in b and size[c] > 0 for c in step.summed)
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """What :func:`forward` needs that depends only on the step, worked out once.
+
+    Attributes:
+        step: The step.
+        dims_a: Dims of the first operand holding the summed indices.
+        dims_b: The same for the second operand.
+        product: The real product of the two shifted operands (a matmul when
+            the layout allows).
+        view_a: How the first operand's keepdim maximum lines up with the
+            output (see :func:`_broadcast_plan`).
+        view_b: The same for the second operand.
+        chunk_elements: Elements per chunk of the exact fix-up.
+        back_a: The product ``(output, B) -> A`` of the backward.
+        back_b: The product ``(A, output) -> B`` of the backward.
+    """
+
+    step: Step
+    dims_a: tuple[int, ...]
+    dims_b: tuple[int, ...]
+    product: Callable[[Tensor, Tensor], Tensor]
+    view_a: tuple[tuple[int, ...], tuple[int, ...]] | None
+    view_b: tuple[tuple[int, ...], tuple[int, ...]] | None
+    chunk_elements: int
+    back_a: Callable[[Tensor, Tensor], Tensor]
+    back_b: Callable[[Tensor, Tensor], Tensor]
+
+
+def program(step: Step, budget_bytes: int | None, itemsize: int) -> Program | None:
+    """The step's :class:`Program`, or ``None`` when it cannot run on BLAS."""
+    if not applicable(step):
+        return None
+    ta, tb = step.inputs
+    summed, out = step.summed, step.output
+    return Program(
+        step,
+        tuple(ta.index(c) for c in summed),
+        tuple(tb.index(c) for c in summed),
+        einsum_product(step.inputs, out),
+        _broadcast_plan(ta, summed, out),
+        _broadcast_plan(tb, summed, out),
+        chunk_elements(budget_bytes, itemsize),
+        einsum_product((out, tb), ta),
+        einsum_product((ta, out), tb),
+    )
 
 
 def can_branch(*tensors: Tensor) -> bool:
@@ -129,7 +176,6 @@ def risky(log_sum: Tensor) -> Tensor | None:
     return ~(log_sum >= bound)
 
 
-@functools.lru_cache(maxsize=4096)
 def _broadcast_plan(
     term: str, summed: str, out: str
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -149,16 +195,13 @@ def _broadcast_plan(
     return perm, take
 
 
-def _broadcastable(m: Tensor, term: str, summed: str, out: str) -> Tensor:
-    """A keepdim maximum of an operand (indices ``term``) as a view broadcastable to ``out``."""
-    plan = _broadcast_plan(term, summed, out)
-    if plan is None:
-        return m
+def _lined_up(m: Tensor, plan: tuple[tuple[int, ...], tuple[int, ...]]) -> Tensor:
+    """A keepdim maximum as a view broadcastable to the output (see :func:`_broadcast_plan`)."""
     perm, take = plan
     return m.permute(perm).reshape([m.shape[d] if d >= 0 else 1 for d in take])
 
 
-def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> tuple[Tensor, ...] | None:
+def forward(prog: Program, a: Tensor, b: Tensor) -> tuple[Tensor, ...] | None:
     """The step's output: BLAS, with an exact log-sum-exp at the cells that need it.
 
     Returns ``(out, exp(A - mA), exp(B - mB), S)`` when every cell passed the
@@ -166,33 +209,31 @@ def forward(step: Step, a: Tensor, b: Tensor, chunk_elements: int) -> tuple[Tens
     :func:`vjp_from_residuals`), ``(out,)`` when some cells were recomputed,
     and ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
-    Written with as few torch calls as possible: on small and medium steps
-    each call's fixed cost, not the arithmetic, dominates.
+    Written with as few torch calls (and Python calls) as possible: on small
+    and medium steps their fixed cost, not the arithmetic, dominates.
     """
-    ta, tb = step.inputs
-    summed, out = step.summed, step.output
-    ma = a.amax(tuple(ta.index(c) for c in summed), keepdim=True)
-    mb = b.amax(tuple(tb.index(c) for c in summed), keepdim=True)
+    ma = a.amax(prog.dims_a, keepdim=True)
+    mb = b.amax(prog.dims_b, keepdim=True)
     # A non-finite maximum (an all -inf row, an inf, a NaN) turns its row
     # into NaN here; BLAS keeps that NaN to the cells of that row, which fail
     # the certificate below and are recomputed from the operands.
     ea, eb = (a - ma).exp_(), (b - mb).exp_()
-    product = einsum_letters(step.inputs, out, ea, eb)
+    product = prog.product(ea, eb)
     log_sum = torch.log(product)
     mask = risky(log_sum)
     if mask is not None and int(mask.sum()) > mask.numel() // 4:
         return None
     # log_sum is fresh (torch.log of a product), so it is ours to modify.
-    result = log_sum.add_(_broadcastable(ma, ta, summed, out))
-    result = result.add_(_broadcastable(mb, tb, summed, out))
+    result = log_sum.add_(ma if prog.view_a is None else _lined_up(ma, prog.view_a))
+    result = result.add_(mb if prog.view_b is None else _lined_up(mb, prog.view_b))
     if mask is None:
         # (An empty output certifies nothing: its operands may hold NaN rows.)
         return (result, ea, eb, product) if product.numel() else (result,)
-    return (_fix_cells(step, a, b, result, mask, chunk_elements),)
+    return (_fix_cells(prog.step, a, b, result, mask, prog.chunk_elements),)
 
 
 def vjp_from_residuals(
-    step: Step, ea: Tensor, eb: Tensor, product: Tensor, g: Tensor, needs: Sequence[bool]
+    prog: Program, ea: Tensor, eb: Tensor, product: Tensor, g: Tensor, needs: Sequence[bool]
 ) -> list[Tensor | None]:
     """First-order gradients from the forward's certified residuals (no recompute).
 
@@ -201,10 +242,9 @@ def vjp_from_residuals(
     are free of inf and NaN.  The residuals are constants, so the result must
     not be differentiated again (the caller checks).
     """
-    ta, tb = step.inputs
     w = g / product
-    grad_a = ea * einsum_letters((step.output, tb), ta, w, eb) if needs[0] else None
-    grad_b = eb * einsum_letters((ta, step.output), tb, ea, w) if needs[1] else None
+    grad_a = ea * prog.back_a(w, eb) if needs[0] else None
+    grad_b = eb * prog.back_b(ea, w) if needs[1] else None
     return [grad_a, grad_b]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,6 +53,12 @@ class Spec:
     extras: bool = False
     semiring: int = 0  # user semirings: the Semiring's token
     values_only: bool = False  # max-plus: no gradient can be asked for, skip the argmax
+    # Log semiring: the BLAS program of the step, when it has one (derived).
+    blas: LB.Program | None = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        prog = None if self.extras else LB.program(self.step, self.budget.bytes, self.itemsize)
+        object.__setattr__(self, "blas", prog)
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ def fold_batch(
 # ----------------------------------------------------------------------- log
 def _blas_log(spec: Spec, *tensors: Tensor) -> bool:
     """Whether this log step runs on BLAS (see :mod:`._logblas`)."""
-    return not spec.extras and LB.applicable(spec.step) and LB.can_branch(*tensors)
+    return spec.blas is not None and LB.can_branch(*tensors)
 
 
 def _blas_log_derivative(spec: Spec, xs: Sequence[Tensor], *others: Tensor) -> bool:
@@ -125,9 +131,8 @@ def _differentiated() -> bool:
 def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
     if not spec.step.windows and not spec.extras:  # one term per cell: log(exp(t)) = t
         return (K.add_only(spec.step, xs),)
-    if _blas_log(spec, *xs):
-        chunk = LB.chunk_elements(spec.budget.bytes, spec.itemsize)
-        fast = LB.forward(spec.step, xs[0], xs[1], chunk)
+    if spec.blas is not None and LB.can_branch(*xs):
+        fast = LB.forward(spec.blas, xs[0], xs[1])
         if fast is not None:
             return fast  # the output, then maybe residuals (non-differentiable)
     out, m, s = K.log_forward(spec.step, xs)
@@ -171,8 +176,8 @@ def _log_vjp(
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
-    if len(outs) == 4 and not _differentiated() and LB.can_branch(gs[0]):
-        return LB.vjp_from_residuals(spec.step, outs[1], outs[2], outs[3], gs[0], needs)
+    if len(outs) == 4 and spec.blas is not None and not _differentiated() and LB.can_branch(gs[0]):
+        return LB.vjp_from_residuals(spec.blas, outs[1], outs[2], outs[3], gs[0], needs)
     weights = _log_weights(spec, outs[0])
     if not _blas_log_derivative(spec, xs, gs[0]):
         g = gs[0]
