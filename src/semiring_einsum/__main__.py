@@ -33,7 +33,7 @@ contenders:
 
 measurements:
   time    median of interleaved rounds in one process (each contender runs once per
-          round, order rotated); ratio = ours / contender, so < 1 means ours is faster
+          round, in a seeded random order); ratio = ours / contender, so < 1 means ours is faster
   memory  peak extra memory of one call: growth of ru_maxrss (CUDA: of
           max_memory_allocated) in a fresh subprocess per workload x contender, over a
           baseline taken after the imports, the inputs and a warm-up on tiny inputs

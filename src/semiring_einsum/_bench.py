@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -663,9 +664,13 @@ def time_interleaved(
 
     Each call first runs once untimed (warm-up; its output is returned for
     checking).  Then, for up to ``rounds`` rounds (at least one), every
-    still-active call runs once per round, in an order rotated each round.  A
-    call drops out after a round once its time so far (warm-up included)
-    exceeds ``budget_s``, so a call that takes seconds runs twice in all.
+    still-active call runs once per round, in a fresh random order each
+    round (seeded, so runs repeat): a call's time depends on what ran just
+    before it (a contender that streams tens of MiB leaves the caches cold
+    and the allocator's memory unmapped), and a fixed or merely rotated
+    order would always put the same contender before it.  A call drops out
+    after a round once its time so far (warm-up included) exceeds
+    ``budget_s``, so a call that takes seconds runs twice in all.
 
     Returns:
         Per call name: its :class:`Timing`, and the warm-up outputs.
@@ -682,10 +687,12 @@ def time_interleaved(
         spent[name] = time.perf_counter() - start
         timings[name].warmup_ms = spent[name] * 1e3
     active = list(calls)
-    for r in range(max(1, rounds)):
+    shuffle = random.Random(0).shuffle
+    for _ in range(max(1, rounds)):
         if not active:
             break
-        order = active[r % len(active) :] + active[: r % len(active)]
+        order = list(active)
+        shuffle(order)
         for name in order:
             sync()
             start = time.perf_counter()
