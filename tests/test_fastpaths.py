@@ -11,7 +11,7 @@ from torch.autograd import gradcheck
 
 from oracle import brute, brute_viterbi
 from semiring_einsum import func
-from semiring_einsum.func import _logblas
+from semiring_einsum.func import _kernels, _logblas
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: {"rtol": 1e-5, "atol": 1e-4}, F64: {"rtol": 1e-10, "atol": 1e-9}}
@@ -145,3 +145,75 @@ def test_pairwise_viterbi_rebuilds_every_argmax(equation: str, shapes: list) -> 
     want_values, want_argmax = brute_viterbi(equation, *xs)
     torch.testing.assert_close(values, want_values)
     assert torch.equal(argmax, want_argmax)
+
+
+def _rows_inputs(case: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    if case == "ties":  # three values only: most cells have several maximisers
+        a = torch.randint(0, 3, (3, 10, 40), generator=g).to(dtype)
+        b = torch.randint(0, 3, (3, 40, 9), generator=g).to(dtype)
+        return a, b
+    a = torch.randn(3, 10, 40, generator=g, dtype=dtype)
+    b = torch.randn(3, 40, 9, generator=g, dtype=dtype)
+    if case == "neg_inf":  # a row and a column with every term -inf; a partly -inf row
+        a[0, 2, :] = -math.inf
+        b[1, :, 4] = -math.inf
+        a[2, 5, :30] = -math.inf
+    elif case == "pos_inf":  # +inf terms: the first one wins
+        a[0, 1, 7] = math.inf
+        a[0, 1, 30] = math.inf
+        b[2, 11, :] = math.inf
+    elif case == "nan":  # the first NaN wins (left to the NaN-aware kernels)
+        a[1, 3, 20] = math.nan
+        a[1, 3, 33] = math.nan
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["random", "ties", "neg_inf", "pos_inf", "nan"])
+@pytest.mark.parametrize("block_size", [None, 2], ids=["default", "block2"])
+def test_max_row_kernel_matches_the_oracle(
+    case: str, dtype: torch.dtype, block_size: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 terms per cell (>= 16): the row kernel; block_size=2 cuts the output
+    # into many chunks of whole rows.
+    taken = []
+    original = _kernels._max_forward_rows
+
+    def spy(*args: object) -> object:
+        found = original(*args)  # type: ignore[arg-type]
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_kernels, "_max_forward_rows", spy)
+    a, b = _rows_inputs(case, dtype)
+    values, argmax = func.viterbi_einsum("bij,bjk->bik", a, b, block_size=block_size)
+    want_values, want_argmax = brute_viterbi("bij,bjk->bik", a.double(), b.double())
+    assert taken == [case != "nan"]  # NaN falls back to the NaN-aware kernels
+    assert values.dtype == dtype
+    torch.testing.assert_close(values.double(), want_values, equal_nan=True)
+    assert torch.equal(argmax, want_argmax)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_max_row_kernel_several_summed_indices_in_row_major_order(dtype: torch.dtype) -> None:
+    # A joint step over x, y and k (24 terms per cell), many ties: the first
+    # maximiser in row-major order of (x, y, k) must win.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 2, (2, 3, 3, 2), generator=g).to(dtype)
+    y = torch.randint(0, 2, (2, 3, 4, 2), generator=g).to(dtype)
+    z = torch.randint(0, 2, (3, 4, 5), generator=g).to(dtype)
+    eq = "bsxk,bsyk,xyz->bsz"
+    values, argmax = func.viterbi_einsum(eq, x, y, z)
+    want_values, want_argmax = brute_viterbi(eq, x.double(), y.double(), z.double())
+    torch.testing.assert_close(values.double(), want_values)
+    assert torch.equal(argmax, want_argmax)
+    # min-plus and max-plus gradients ride on the same argmax
+    for fn, reduce in ((func.max_einsum, "max"), (func.min_einsum, "min")):
+        xs = [t.clone().requires_grad_() for t in (x, y, z)]
+        out = fn(eq, *xs, optimize=False)
+        want = brute(reduce, eq, x.double(), y.double(), z.double())
+        torch.testing.assert_close(out.double(), want)
+        grads = torch.autograd.grad(out.sum(), xs)
+        # every output cell sends its cotangent to exactly one term
+        assert all(float(gr.sum()) == out.numel() for gr in grads)

@@ -290,6 +290,10 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     device = aligned[0].device
     if not step.windows:
         return add_only(step, ops), torch.zeros(shape, dtype=torch.int64, device=device)
+    if argmax and not tracing():
+        found = _max_forward_rows(step, ops, shape)
+        if found is not None:
+            return found
     if argmax and math.prod(shape) >= _SLICE_LOOP_MIN_OUTPUT:
         return _max_forward_by_slices(step, aligned, shape)
     strides = _strides(step)
@@ -326,6 +330,91 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     if where is None:  # values only: a stand-in shaped like the output, no memory
         where = torch.zeros((), dtype=torch.int64, device=device).expand(shape)
     return _sized(best, shape), where
+
+
+# Fewest terms per cell for which _max_forward_rows beats the other kernels:
+# below it its innermost reductions are too short to vectorize.
+_ROWS_MIN_TERMS = 16
+
+
+def _max_forward_rows(
+    step: Step, ops: Sequence[Tensor], shape: list[int]
+) -> tuple[Tensor, Tensor] | None:
+    """Max and first argmax with every summed index innermost (eager only).
+
+    The window tensor is laid out output dims first, then all summed indices
+    flattened into one contiguous row per output cell, and cut into chunks of
+    whole rows (at most ``step.window_elements`` elements, the plan's bound).
+    Each chunk then takes four vectorized passes, all in place but the first:
+    ``v = amax(row)``; ``row.eq_(v)`` (1 at the maximisers; a float result,
+    several times faster than a bool one); ``row.mul_(w)`` with descending
+    weights ``w = n, ..., 1``; ``amax(row)`` is the weight of the first
+    maximiser in row-major order.  Returns ``None`` where it does not apply
+    (few terms per cell, rows over the bound, weights not exact in the
+    dtype, a NaN among the values): the caller's kernels handle those.
+    """
+    size = step.size
+    summed = step.summed
+    terms = step.terms
+    dtype = ops[0].dtype
+    exact = 2**24 if dtype == torch.float32 else 2**53 if dtype == torch.float64 else 0
+    limit = step.window_elements
+    if terms < _ROWS_MIN_TERMS or terms > limit or terms >= exact:
+        return None
+    order = step.output + summed
+    # Operands in output-then-summed order, contiguous, so that the summed
+    # indices are innermost in every sum below (and in its result).
+    aligned = []
+    for term, x in zip(step.inputs, ops):
+        x = x.permute(sorted(range(len(term)), key=lambda i: order.index(term[i]))).contiguous()
+        for d, c in enumerate(order):
+            if c not in term:
+                x = x.unsqueeze(d)
+        aligned.append(x)
+    nout = len(shape)
+    per_chunk = max(1, limit // terms)  # output cells per chunk
+    # Chunk the output dims: whole trailing dims, a window of one dim, and
+    # single coordinates of the dims before it.
+    split, inner = nout, 1
+    while split > 0 and inner * shape[split - 1] <= per_chunk:
+        split -= 1
+        inner *= shape[split]
+    chunks: list[list[tuple[int, int]]] = [[]]
+    for d in range(split):
+        extent = 1 if d < split - 1 else max(1, per_chunk // inner)
+        chunks = [
+            c + [(lo, min(lo + extent, shape[d]))]
+            for c in chunks
+            for lo in range(0, shape[d], extent)
+        ]
+    device = ops[0].device
+    weights = torch.arange(terms, 0, -1, dtype=dtype, device=device)
+    values = torch.empty(shape, dtype=dtype, device=device)
+    where = torch.empty(shape, dtype=torch.int64, device=device)
+    for chunk in chunks:
+        views = []
+        for x in aligned:
+            for d, (lo, hi) in enumerate(chunk):
+                if x.shape[d] != 1:
+                    x = x.narrow(d, lo, hi - lo)
+            views.append(x)
+        t = functools.reduce(torch.add, views)
+        out_part = [hi - lo for lo, hi in chunk] + shape[split:]
+        t = t.expand(out_part + [size[c] for c in summed]).reshape(out_part + [terms])
+        if len(views) == 1:  # reshape may have returned a view of an operand
+            t = t.clone()
+        v = t.amax(-1, keepdim=True)
+        first = t.eq_(v).mul_(weights).amax(-1)
+        dst = values
+        dst_where = where
+        for d, (lo, hi) in enumerate(chunk):
+            dst = dst.narrow(d, lo, hi - lo)
+            dst_where = dst_where.narrow(d, lo, hi - lo)
+        dst.copy_(v.squeeze(-1))
+        dst_where.copy_(terms - first.long())
+    if bool(torch.isnan(values).any()):  # the first NaN must win: leave it to the others
+        return None
+    return values, where
 
 
 # With at least this many output cells, one output-sized slice per summed
