@@ -347,11 +347,12 @@ def _max_forward_rows(
     whole rows (at most ``step.window_elements`` elements, the plan's bound).
     Each chunk then takes four vectorized passes, all in place but the first:
     ``v = amax(row)``; ``row.eq_(v)`` (1 at the maximisers; a float result,
-    several times faster than a bool one); ``row.mul_(w)`` with descending
-    weights ``w = n, ..., 1``; ``amax(row)`` is the weight of the first
-    maximiser in row-major order.  Returns ``None`` where it does not apply
-    (few terms per cell, rows over the bound, weights not exact in the
-    dtype, a NaN among the values): the caller's kernels handle those.
+    several times faster than a bool one); ``row.mul_(w)`` with weights
+    ``w = n - rank``, ``rank`` being a term's row-major position; ``amax(row)``
+    is the weight of the first maximiser in row-major order.  Returns
+    ``None`` where it does not apply (few terms per cell, rows over the
+    bound, weights not exact in the dtype, a NaN among the values): the
+    caller's kernels handle those.
     """
     size = step.size
     summed = step.summed
@@ -361,11 +362,23 @@ def _max_forward_rows(
     limit = step.window_elements
     if terms < _ROWS_MIN_TERMS or terms > limit or terms >= exact:
         return None
-    order = step.output + summed
-    # Operands in output-then-summed order, contiguous, so that the summed
-    # indices are innermost in every sum below (and in its result).
+    # Inside a row, the summed indices of the operand with the most summed
+    # terms go last, in its own order: the biggest sum then runs over
+    # contiguous memory (several times faster than broadcasting along the
+    # innermost dim).  The weights below carry the row-major rank in the
+    # step's own order, so ties still go to the first maximiser.
+    big = max(
+        range(len(ops)),
+        key=lambda k: math.prod(size[c] for c in step.inputs[k] if c in summed),
+    )
+    inner = "".join(c for c in step.inputs[big] if c in summed)
+    row = "".join(c for c in summed if c not in inner) + inner
+    order = step.output + row
+    # Operands in output-then-row order, contiguous, so that the summed
+    # indices are innermost in every sum below (and in its result); the
+    # biggest operand is added last.
     aligned = []
-    for term, x in zip(step.inputs, ops):
+    for term, x in sorted(zip(step.inputs, ops), key=lambda p: p[0] == step.inputs[big]):
         x = x.permute(sorted(range(len(term)), key=lambda i: order.index(term[i]))).contiguous()
         for d, c in enumerate(order):
             if c not in term:
@@ -388,7 +401,10 @@ def _max_forward_rows(
             for lo in range(0, shape[d], extent)
         ]
     device = ops[0].device
-    weights = torch.arange(terms, 0, -1, dtype=dtype, device=device)
+    rank = torch.arange(terms, device=device).reshape([size[c] for c in summed])
+    rank = rank.permute([summed.index(c) for c in row]).reshape(-1)
+    weights = (terms - rank).to(dtype)  # terms, ..., 1 in the step's row-major order
+    buffer = torch.empty(min(per_chunk, math.prod(shape)) * terms, dtype=dtype, device=device)
     values = torch.empty(shape, dtype=dtype, device=device)
     where = torch.empty(shape, dtype=torch.int64, device=device)
     for chunk in chunks:
@@ -398,11 +414,15 @@ def _max_forward_rows(
                 if x.shape[d] != 1:
                     x = x.narrow(d, lo, hi - lo)
             views.append(x)
-        t = functools.reduce(torch.add, views)
         out_part = [hi - lo for lo, hi in chunk] + shape[split:]
-        t = t.expand(out_part + [size[c] for c in summed]).reshape(out_part + [terms])
-        if len(views) == 1:  # reshape may have returned a view of an operand
-            t = t.clone()
+        full = out_part + [size[c] for c in row]
+        # One buffer for every chunk: no fresh allocation (and page faults) each time.
+        t = buffer[: math.prod(full)].view(full)
+        if len(views) == 1:
+            t.copy_(views[0])
+        else:  # the smaller operands first, then the biggest straight into the buffer
+            torch.add(functools.reduce(torch.add, views[:-1]), views[-1], out=t)
+        t = t.view(out_part + [terms])
         v = t.amax(-1, keepdim=True)
         first = t.eq_(v).mul_(weights).amax(-1)
         dst = values
