@@ -326,7 +326,10 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     for step, linear in reversed(backpointers):
         if not step.windows:
             continue
-        at = linear[tuple(known[c] for c in step.output)] if step.output else linear
+        if not step.output or step.output == out:  # indexed as the result is: as it is
+            at = linear
+        else:
+            at = linear[tuple(known[c] for c in step.output)]
         # At least 1-d: indexing with 0-d index tensors would call .item().
         coords = K.unravel(step, at.reshape(at.shape or (1,)))
         for i, (c, _) in enumerate(step.windows):

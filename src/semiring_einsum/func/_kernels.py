@@ -405,8 +405,12 @@ def _max_forward_rows(
     rank = rank.permute([summed.index(c) for c in row]).reshape(-1)
     weights = (terms - rank).to(dtype)  # terms, ..., 1 in the step's row-major order
     buffer = torch.empty(min(per_chunk, math.prod(shape)) * terms, dtype=dtype, device=device)
-    values = torch.empty(shape, dtype=dtype, device=device)
-    where = torch.empty(shape, dtype=torch.int64, device=device)
+    # A chunk is a contiguous run of output cells in row-major order, so its
+    # results go straight into flat slices of the outputs.
+    ncells = math.prod(shape)
+    values = torch.empty(ncells, dtype=dtype, device=device)
+    first = torch.empty(ncells, dtype=dtype, device=device)  # weight of the first maximiser
+    strides = [math.prod(shape[d + 1 :]) for d in range(split)]
     for chunk in chunks:
         views = []
         for x in aligned:
@@ -415,26 +419,21 @@ def _max_forward_rows(
                     x = x.narrow(d, lo, hi - lo)
             views.append(x)
         out_part = [hi - lo for lo, hi in chunk] + shape[split:]
-        full = out_part + [size[c] for c in row]
+        count = math.prod(out_part)
         # One buffer for every chunk: no fresh allocation (and page faults) each time.
-        t = buffer[: math.prod(full)].view(full)
+        t = buffer[: count * terms].view(out_part + [size[c] for c in row])
         if len(views) == 1:
             t.copy_(views[0])
         else:  # the smaller operands first, then the biggest straight into the buffer
             torch.add(functools.reduce(torch.add, views[:-1]), views[-1], out=t)
-        t = t.view(out_part + [terms])
-        v = t.amax(-1, keepdim=True)
-        first = t.eq_(v).mul_(weights).amax(-1)
-        dst = values
-        dst_where = where
-        for d, (lo, hi) in enumerate(chunk):
-            dst = dst.narrow(d, lo, hi - lo)
-            dst_where = dst_where.narrow(d, lo, hi - lo)
-        dst.copy_(v.squeeze(-1))
-        dst_where.copy_(terms - first.long())
+        t = t.view(count, terms)
+        start = sum(lo * stride for (lo, _), stride in zip(chunk, strides))
+        v = values[start : start + count].unsqueeze(-1)
+        torch.amax(t, -1, keepdim=True, out=v)
+        torch.amax(t.eq_(v).mul_(weights), -1, out=first[start : start + count])
     if bool(torch.isnan(values).any()):  # the first NaN must win: leave it to the others
         return None
-    return values, where
+    return values.view(shape), (terms - first.long()).view(shape)
 
 
 # With at least this many output cells, one output-sized slice per summed
@@ -506,8 +505,11 @@ def unravel(step: Step, linear: Tensor) -> Tensor:
     if not step.windows or any(size[c] == 0 for c, _ in step.windows):
         # No summed index, or an empty sum: the argmax is all zeros.
         return linear.new_zeros(linear.shape + (len(step.windows),))
-    coords = [linear // s % size[c] for (c, _), s in zip(step.windows, _strides(step))]
-    return torch.stack(coords, dim=-1)
+    coords = []
+    for i, ((c, _), s) in enumerate(zip(step.windows, _strides(step))):
+        coord = linear if s == 1 else linear // s
+        coords.append(coord if i == 0 else coord % size[c])  # linear < the product of sizes
+    return coords[0].unsqueeze(-1) if len(coords) == 1 else torch.stack(coords, dim=-1)
 
 
 class GradAccumulator:
