@@ -217,3 +217,17 @@ def test_max_row_kernel_several_summed_indices_in_row_major_order(dtype: torch.d
         grads = torch.autograd.grad(out.sum(), xs)
         # every output cell sends its cotangent to exactly one term
         assert all(float(gr.sum()) == out.numel() for gr in grads)
+
+
+@pytest.mark.parametrize("semiring", ["max", "min"])
+def test_max_row_kernel_values_only_propagates_nan_and_inf(semiring: str) -> None:
+    # No gradient can be asked for: values only, NaN propagates, -inf/+inf rows stay.
+    a, b = _rows_inputs("neg_inf", F32)
+    a[1, 3, 20] = math.nan
+    b[0, 5, 2] = math.inf
+    if semiring == "min":
+        a, b = -a, -b
+    fn = func.max_einsum if semiring == "max" else func.min_einsum
+    got = fn("bij,bjk->bik", a, b)
+    want = brute(semiring, "bij,bjk->bik", a.double(), b.double())
+    torch.testing.assert_close(got.double(), want, equal_nan=True)

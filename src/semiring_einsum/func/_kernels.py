@@ -290,8 +290,8 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     device = aligned[0].device
     if not step.windows:
         return add_only(step, ops), torch.zeros(shape, dtype=torch.int64, device=device)
-    if argmax and not tracing():
-        found = _max_forward_rows(step, ops, shape)
+    if not tracing():
+        found = _max_forward_rows(step, ops, shape, argmax)
         if found is not None:
             return found
     if argmax and math.prod(shape) >= _SLICE_LOOP_MIN_OUTPUT:
@@ -338,7 +338,7 @@ _ROWS_MIN_TERMS = 16
 
 
 def _max_forward_rows(
-    step: Step, ops: Sequence[Tensor], shape: list[int]
+    step: Step, ops: Sequence[Tensor], shape: list[int], argmax: bool = True
 ) -> tuple[Tensor, Tensor] | None:
     """Max and first argmax with every summed index innermost (eager only).
 
@@ -352,7 +352,8 @@ def _max_forward_rows(
     is the weight of the first maximiser in row-major order.  Returns
     ``None`` where it does not apply (few terms per cell, rows over the
     bound, weights not exact in the dtype, a NaN among the values): the
-    caller's kernels handle those.
+    caller's kernels handle those.  With ``argmax=False`` only the first
+    pass runs (NaN is then fine: ``amax`` propagates it).
     """
     size = step.size
     summed = step.summed
@@ -360,7 +361,7 @@ def _max_forward_rows(
     dtype = ops[0].dtype
     exact = 2**24 if dtype == torch.float32 else 2**53 if dtype == torch.float64 else 0
     limit = step.window_elements
-    if terms < _ROWS_MIN_TERMS or terms > limit or terms >= exact:
+    if terms < _ROWS_MIN_TERMS or terms > limit or (argmax and terms >= exact):
         return None
     # Inside a row, the summed indices of the operand with the most summed
     # terms go last, in its own order: the biggest sum then runs over
@@ -388,28 +389,29 @@ def _max_forward_rows(
     per_chunk = max(1, limit // terms)  # output cells per chunk
     # Chunk the output dims: whole trailing dims, a window of one dim, and
     # single coordinates of the dims before it.
-    split, inner = nout, 1
-    while split > 0 and inner * shape[split - 1] <= per_chunk:
+    split, tail = nout, 1  # the whole dims from split on hold tail cells
+    while split > 0 and tail * shape[split - 1] <= per_chunk:
         split -= 1
-        inner *= shape[split]
+        tail *= shape[split]
     chunks: list[list[tuple[int, int]]] = [[]]
     for d in range(split):
-        extent = 1 if d < split - 1 else max(1, per_chunk // inner)
+        extent = 1 if d < split - 1 else max(1, per_chunk // tail)
         chunks = [
             c + [(lo, min(lo + extent, shape[d]))]
             for c in chunks
             for lo in range(0, shape[d], extent)
         ]
     device = ops[0].device
-    rank = torch.arange(terms, device=device).reshape([size[c] for c in summed])
-    rank = rank.permute([summed.index(c) for c in row]).reshape(-1)
-    weights = (terms - rank).to(dtype)  # terms, ..., 1 in the step's row-major order
-    buffer = torch.empty(min(per_chunk, math.prod(shape)) * terms, dtype=dtype, device=device)
+    ncells = math.prod(shape)
+    if argmax:
+        rank = torch.arange(terms, device=device).reshape([size[c] for c in summed])
+        rank = rank.permute([summed.index(c) for c in row]).reshape(-1)
+        weights = (terms - rank).to(dtype)  # terms, ..., 1 in the step's row-major order
+        first = torch.empty(ncells, dtype=dtype, device=device)  # the first maximiser's weight
+    buffer = torch.empty(min(per_chunk, ncells) * terms, dtype=dtype, device=device)
     # A chunk is a contiguous run of output cells in row-major order, so its
     # results go straight into flat slices of the outputs.
-    ncells = math.prod(shape)
     values = torch.empty(ncells, dtype=dtype, device=device)
-    first = torch.empty(ncells, dtype=dtype, device=device)  # weight of the first maximiser
     strides = [math.prod(shape[d + 1 :]) for d in range(split)]
     for chunk in chunks:
         views = []
@@ -430,7 +432,10 @@ def _max_forward_rows(
         start = sum(lo * stride for (lo, _), stride in zip(chunk, strides))
         v = values[start : start + count].unsqueeze(-1)
         torch.amax(t, -1, keepdim=True, out=v)
-        torch.amax(t.eq_(v).mul_(weights), -1, out=first[start : start + count])
+        if argmax:
+            torch.amax(t.eq_(v).mul_(weights), -1, out=first[start : start + count])
+    if not argmax:  # a stand-in shaped like the output, no memory
+        return values.view(shape), torch.zeros((), dtype=torch.int64, device=device).expand(shape)
     if bool(torch.isnan(values).any()):  # the first NaN must win: leave it to the others
         return None
     return values.view(shape), (terms - first.long()).view(shape)
