@@ -231,3 +231,56 @@ def test_max_row_kernel_values_only_propagates_nan_and_inf(semiring: str) -> Non
     got = fn("bij,bjk->bik", a, b)
     want = brute(semiring, "bij,bjk->bik", a.double(), b.double())
     torch.testing.assert_close(got.double(), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["spread", "dead", "pos_inf", "nan", "floor"])
+@pytest.mark.parametrize("block_size", [None, 2], ids=["default", "block2"])
+def test_log_row_kernel_matches_the_oracle(
+    case: str, dtype: torch.dtype, block_size: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inputs the BLAS path gives up on (most cells at risk), so the row
+    # kernel takes the step; block_size=2 cuts the output into many chunks.
+    taken = []
+    original = _kernels.log_forward_rows
+
+    def spy(*args: object) -> object:
+        found = original(*args)  # type: ignore[arg-type]
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_kernels, "log_forward_rows", spy)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 10, 40, generator=g, dtype=F64) * 800
+    b = torch.randn(3, 40, 9, generator=g, dtype=F64) * 800
+    if case == "dead":  # all -inf cells (probability zero) stay -inf, not a sum of floors
+        a[0, 2, :] = -math.inf
+        b[1, :, 4] = -math.inf
+        a[2, 5, :30] = -math.inf
+    elif case == "pos_inf":
+        a[0, 1, 7] = math.inf
+    elif case == "nan":
+        a[1, 3, 20] = math.nan
+    elif case == "floor":  # every term but one per cell far below the maximum
+        a = torch.full_like(a, -5000.0)
+        a[..., 0] = 0.0
+    got = func.log_einsum("bij,bjk->bik", a.to(dtype), b.to(dtype), block_size=block_size)
+    want = brute("log", "bij,bjk->bik", a.to(dtype).double(), b.to(dtype).double())
+    assert True in taken
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = torch.isfinite(want)
+    # float32 keeps ~7 digits of values in the thousands
+    tol = {"rtol": 1e-6, "atol": 2e-3} if dtype == F32 else TOL[F64]
+    torch.testing.assert_close(got.double()[finite], want[finite], **tol)
+
+
+def test_log_row_kernel_joint_step_of_three_operands() -> None:
+    # optimize=False: one joint step over x, y and k, on spread entries.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 4, 2, generator=g, dtype=F64) * 300
+    y = torch.randn(2, 3, 4, 2, generator=g, dtype=F64) * 300
+    z = torch.randn(4, 4, 5, generator=g, dtype=F64) * 300
+    eq = "bsxk,bsyk,xyz->bsz"
+    got = func.log_einsum(eq, x, y, z, optimize=False)
+    torch.testing.assert_close(got, brute("log", eq, x, y, z), **TOL[F64])

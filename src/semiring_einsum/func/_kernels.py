@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import product
 
 import torch
@@ -337,37 +337,18 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
 _ROWS_MIN_TERMS = 16
 
 
-def _max_forward_rows(
-    step: Step, ops: Sequence[Tensor], shape: list[int], argmax: bool = True
-) -> tuple[Tensor, Tensor] | None:
-    """Max and first argmax with every summed index innermost (eager only).
+def _row_layout(step: Step, ops: Sequence[Tensor]) -> tuple[str, list[Tensor]]:
+    """The order of the summed indices inside a row, and the operands laid out for rows.
 
-    The window tensor is laid out output dims first, then all summed indices
-    flattened into one contiguous row per output cell, and cut into chunks of
-    whole rows (at most ``step.window_elements`` elements, the plan's bound).
-    Each chunk then takes four vectorized passes, all in place but the first:
-    ``v = amax(row)``; ``row.eq_(v)`` (1 at the maximisers; a float result,
-    several times faster than a bool one); ``row.mul_(w)`` with weights
-    ``w = n - rank``, ``rank`` being a term's row-major position; ``amax(row)``
-    is the weight of the first maximiser in row-major order.  Returns
-    ``None`` where it does not apply (few terms per cell, rows over the
-    bound, weights not exact in the dtype, a NaN among the values): the
-    caller's kernels handle those.  With ``argmax=False`` only the first
-    pass runs (NaN is then fine: ``amax`` propagates it).
+    Inside a row, the summed indices of the operand with the most summed
+    terms go last, in its own order: the biggest sum then runs over
+    contiguous memory (several times faster than broadcasting along the
+    innermost dim).  The operands come back permuted to output-then-row
+    order, contiguous, with size-1 dims for the indices they lack, the
+    biggest one last (it is added last, straight into the chunk buffer).
     """
     size = step.size
     summed = step.summed
-    terms = step.terms
-    dtype = ops[0].dtype
-    exact = 2**24 if dtype == torch.float32 else 2**53 if dtype == torch.float64 else 0
-    limit = step.window_elements
-    if terms < _ROWS_MIN_TERMS or terms > limit or (argmax and terms >= exact):
-        return None
-    # Inside a row, the summed indices of the operand with the most summed
-    # terms go last, in its own order: the biggest sum then runs over
-    # contiguous memory (several times faster than broadcasting along the
-    # innermost dim).  The weights below carry the row-major rank in the
-    # step's own order, so ties still go to the first maximiser.
     big = max(
         range(len(ops)),
         key=lambda k: math.prod(size[c] for c in step.inputs[k] if c in summed),
@@ -375,9 +356,6 @@ def _max_forward_rows(
     inner = "".join(c for c in step.inputs[big] if c in summed)
     row = "".join(c for c in summed if c not in inner) + inner
     order = step.output + row
-    # Operands in output-then-row order, contiguous, so that the summed
-    # indices are innermost in every sum below (and in its result); the
-    # biggest operand is added last.
     aligned = []
     for term, x in sorted(zip(step.inputs, ops), key=lambda p: p[0] == step.inputs[big]):
         x = x.permute(sorted(range(len(term)), key=lambda i: order.index(term[i]))).contiguous()
@@ -385,11 +363,25 @@ def _max_forward_rows(
             if c not in term:
                 x = x.unsqueeze(d)
         aligned.append(x)
-    nout = len(shape)
-    per_chunk = max(1, limit // terms)  # output cells per chunk
-    # Chunk the output dims: whole trailing dims, a window of one dim, and
-    # single coordinates of the dims before it.
-    split, tail = nout, 1  # the whole dims from split on hold tail cells
+    return row, aligned
+
+
+def _row_chunks(
+    step: Step, row: str, aligned: Sequence[Tensor], shape: list[int], per_chunk: int
+) -> Iterator[tuple[Tensor, int, int]]:
+    """The window tensor in chunks of whole rows: ``(rows, start, count)``.
+
+    ``rows`` is a ``(count, terms)`` tensor holding the terms of ``count``
+    output cells, which are the cells ``start, ..., start + count - 1`` in
+    row-major order of the output.  Every chunk lives in the same buffer (no
+    fresh allocation, and page faults, per chunk), so each is only valid
+    until the next one is made, and may be overwritten.
+    """
+    size = step.size
+    terms = step.terms
+    # Chunks of the output dims: whole trailing dims, a window of one dim,
+    # single coordinates of the dims before it -- a contiguous run of cells.
+    split, tail = len(shape), 1  # the whole dims from split on hold tail cells
     while split > 0 and tail * shape[split - 1] <= per_chunk:
         split -= 1
         tail *= shape[split]
@@ -401,18 +393,9 @@ def _max_forward_rows(
             for c in chunks
             for lo in range(0, shape[d], extent)
         ]
-    device = ops[0].device
-    ncells = math.prod(shape)
-    if argmax:
-        rank = torch.arange(terms, device=device).reshape([size[c] for c in summed])
-        rank = rank.permute([summed.index(c) for c in row]).reshape(-1)
-        weights = (terms - rank).to(dtype)  # terms, ..., 1 in the step's row-major order
-        first = torch.empty(ncells, dtype=dtype, device=device)  # the first maximiser's weight
-    buffer = torch.empty(min(per_chunk, ncells) * terms, dtype=dtype, device=device)
-    # A chunk is a contiguous run of output cells in row-major order, so its
-    # results go straight into flat slices of the outputs.
-    values = torch.empty(ncells, dtype=dtype, device=device)
     strides = [math.prod(shape[d + 1 :]) for d in range(split)]
+    cells = min(per_chunk, math.prod(shape))
+    buffer = torch.empty(cells * terms, dtype=aligned[-1].dtype, device=aligned[-1].device)
     for chunk in chunks:
         views = []
         for x in aligned:
@@ -422,14 +405,61 @@ def _max_forward_rows(
             views.append(x)
         out_part = [hi - lo for lo, hi in chunk] + shape[split:]
         count = math.prod(out_part)
-        # One buffer for every chunk: no fresh allocation (and page faults) each time.
         t = buffer[: count * terms].view(out_part + [size[c] for c in row])
         if len(views) == 1:
             t.copy_(views[0])
         else:  # the smaller operands first, then the biggest straight into the buffer
             torch.add(functools.reduce(torch.add, views[:-1]), views[-1], out=t)
-        t = t.view(count, terms)
         start = sum(lo * stride for (lo, _), stride in zip(chunk, strides))
+        yield t.view(count, terms), start, count
+
+
+def _rows_apply(step: Step, dtype: torch.dtype, argmax: bool = False) -> int | None:
+    """Output cells per chunk of the row kernels, or ``None`` where they do not apply.
+
+    They need enough terms per cell for the innermost reductions to
+    vectorize, whole rows inside the plan's bound (``step.window_elements``)
+    and, for an argmax, weights that are exact in the dtype.
+    """
+    terms = step.terms
+    limit = step.window_elements
+    exact = 2**24 if dtype == torch.float32 else 2**53 if dtype == torch.float64 else 0
+    if terms < _ROWS_MIN_TERMS or terms > limit or (argmax and terms >= exact):
+        return None
+    return max(1, limit // terms)
+
+
+def _max_forward_rows(
+    step: Step, ops: Sequence[Tensor], shape: list[int], argmax: bool = True
+) -> tuple[Tensor, Tensor] | None:
+    """Max and first argmax with every summed index innermost (eager only).
+
+    Each chunk of rows (see :func:`_row_chunks`) takes four vectorized
+    passes, all in place but the first: ``v = amax(row)``; ``row.eq_(v)``
+    (1 at the maximisers; a float result, several times faster than a bool
+    one); ``row.mul_(w)`` with weights ``w = n - rank``, ``rank`` being a
+    term's row-major position in the step's order of summed indices;
+    ``amax(row)`` is the weight of the first maximiser.  Returns ``None``
+    where it does not apply (see :func:`_rows_apply`, and a NaN among the
+    values: the first NaN must win); the caller's kernels handle those.
+    With ``argmax=False`` only the first pass runs (NaN is then fine:
+    ``amax`` propagates it).
+    """
+    dtype = ops[0].dtype
+    per_chunk = _rows_apply(step, dtype, argmax)
+    if per_chunk is None:
+        return None
+    size, summed, terms = step.size, step.summed, step.terms
+    row, aligned = _row_layout(step, ops)
+    device = ops[0].device
+    ncells = math.prod(shape)
+    values = torch.empty(ncells, dtype=dtype, device=device)
+    if argmax:
+        rank = torch.arange(terms, device=device).reshape([size[c] for c in summed])
+        rank = rank.permute([summed.index(c) for c in row]).reshape(-1)
+        weights = (terms - rank).to(dtype)  # terms, ..., 1 in the step's row-major order
+        first = torch.empty(ncells, dtype=dtype, device=device)  # the first maximiser's weight
+    for t, start, count in _row_chunks(step, row, aligned, shape, per_chunk):
         v = values[start : start + count].unsqueeze(-1)
         torch.amax(t, -1, keepdim=True, out=v)
         if argmax:
@@ -439,6 +469,48 @@ def _max_forward_rows(
     if bool(torch.isnan(values).any()):  # the first NaN must win: leave it to the others
         return None
     return values.view(shape), (terms - first.long()).view(shape)
+
+
+def log_forward_rows(step: Step, ops: Sequence[Tensor]) -> Tensor | None:
+    """Log-sum-exp with every summed index innermost (eager only), or ``None``.
+
+    Per chunk of rows (see :func:`_row_chunks`): ``m = amax(row)``, then in
+    place ``exp(row - m')`` with ``m' = m`` where finite and 0 elsewhere, a
+    sum and ``log(sum) + m'``; the same arithmetic as :func:`log_forward` on
+    one window, but every reduction runs over contiguous rows.  ``None``
+    where the row kernels do not apply (see :func:`_rows_apply`).
+    """
+    dtype = ops[0].dtype
+    per_chunk = _rows_apply(step, dtype)
+    if per_chunk is None:
+        return None
+    shape = _out_shape(step)
+    row, aligned = _row_layout(step, ops)
+    out = torch.empty(math.prod(shape), dtype=dtype, device=ops[0].device)
+    floor = -_EXP_FLOOR.get(dtype, _DEFAULT_EXP_FLOOR)
+    for t, start, count in _row_chunks(step, row, aligned, shape, per_chunk):
+        # The shift: the row's maximum where finite, else 0 (inf and NaN
+        # then propagate through exp and the sum).
+        m = t.amax(-1, keepdim=True)
+        shift = m.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        part = out[start : start + count].unsqueeze(-1)
+        # Shifted terms are <= 0; those below the floor are raised to it
+        # before exp, whose results would be (denormal) zeros computed on a
+        # slow path, ten times slower.  Each adds at most exp(floor) to a
+        # sum that is at least 1 (its largest term): a relative change far
+        # below the dtype's precision.
+        torch.sum(t.sub_(shift).clamp_(min=floor).exp_(), -1, keepdim=True, out=part)
+        part.log_().add_(shift)
+        # A row of -inf only (probability zero) is -inf, not a sum of floors.
+        part.masked_fill_(m == -math.inf, -math.inf)
+    return out.view(shape)
+
+
+# How far below a row's maximum a term may be before it is raised to the
+# floor in log_forward_rows: exp of the floor is a normal float, and the
+# terms raised to it add a relative error of at most (terms) * exp(-floor).
+_EXP_FLOOR = {torch.float64: 700.0}
+_DEFAULT_EXP_FLOOR = 80.0
 
 
 # With at least this many output cells, one output-sized slice per summed

@@ -135,6 +135,10 @@ def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
         fast = LB.forward(spec.blas, xs[0], xs[1])
         if fast is not None:
             return fast  # the output, then maybe residuals (non-differentiable)
+    if not spec.extras and not K.tracing():
+        rows = K.log_forward_rows(spec.step, xs)
+        if rows is not None:
+            return (rows,)
     out, m, s = K.log_forward(spec.step, xs)
     if spec.extras:
         return out, m, s
