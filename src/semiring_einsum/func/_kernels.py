@@ -358,7 +358,9 @@ def _row_layout(step: Step, ops: Sequence[Tensor]) -> tuple[str, list[Tensor]]:
     order = step.output + row
     aligned = []
     for term, x in sorted(zip(step.inputs, ops), key=lambda p: p[0] == step.inputs[big]):
-        x = x.permute(sorted(range(len(term)), key=lambda i: order.index(term[i]))).contiguous()
+        x = x.permute(sorted(range(len(term)), key=lambda i: order.index(term[i])))
+        if 0 not in x.stride():  # a broadcast operand stays a view, not a big copy
+            x = x.contiguous()
         for d, c in enumerate(order):
             if c not in term:
                 x = x.unsqueeze(d)
