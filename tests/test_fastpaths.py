@@ -147,6 +147,20 @@ def test_pairwise_viterbi_rebuilds_every_argmax(equation: str, shapes: list) -> 
     assert torch.equal(argmax, want_argmax)
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[bool]:
+    """Record, for each call of the kernel ``_kernels.<name>``, whether it took the step."""
+    taken: list[bool] = []
+    original = getattr(_kernels, name)
+
+    def spy(*args: object) -> object:
+        found = original(*args)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_kernels, name, spy)
+    return taken
+
+
 def _rows_inputs(case: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     if case == "ties":  # three values only: most cells have several maximisers
@@ -177,15 +191,7 @@ def test_max_row_kernel_matches_the_oracle(
 ) -> None:
     # 40 terms per cell (>= 16): the row kernel; block_size=2 cuts the output
     # into many chunks of whole rows.
-    taken = []
-    original = _kernels._max_forward_rows
-
-    def spy(*args: object) -> object:
-        found = original(*args)  # type: ignore[arg-type]
-        taken.append(found is not None)
-        return found
-
-    monkeypatch.setattr(_kernels, "_max_forward_rows", spy)
+    taken = _spy(monkeypatch, "_max_forward_rows")
     a, b = _rows_inputs(case, dtype)
     values, argmax = func.viterbi_einsum("bij,bjk->bik", a, b, block_size=block_size)
     want_values, want_argmax = brute_viterbi("bij,bjk->bik", a.double(), b.double())
@@ -241,15 +247,7 @@ def test_log_row_kernel_matches_the_oracle(
 ) -> None:
     # Inputs the BLAS path gives up on (most cells at risk), so the row
     # kernel takes the step; block_size=2 cuts the output into many chunks.
-    taken = []
-    original = _kernels.log_forward_rows
-
-    def spy(*args: object) -> object:
-        found = original(*args)  # type: ignore[arg-type]
-        taken.append(found is not None)
-        return found
-
-    monkeypatch.setattr(_kernels, "log_forward_rows", spy)
+    taken = _spy(monkeypatch, "log_forward_rows")
     g = torch.Generator().manual_seed(5)
     a = torch.randn(3, 10, 40, generator=g, dtype=F64) * 800
     b = torch.randn(3, 40, 9, generator=g, dtype=F64) * 800

@@ -142,7 +142,11 @@ def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
 
 
 def narrow(step: Step, aligned: Sequence[Tensor], rng: Range) -> list[Tensor]:
-    """The parts of the aligned operands that fall in one window."""
+    """The parts of the aligned operands that fall in one window.
+
+    ``rng`` holds a ``(start, stop)`` for each of the leading dims; operands
+    of size 1 there (broadcast) are left whole.
+    """
     views = []
     for x in aligned:
         for d, (lo, hi) in enumerate(rng):
@@ -399,12 +403,7 @@ def _row_chunks(
     cells = min(per_chunk, math.prod(shape))
     buffer = torch.empty(cells * terms, dtype=aligned[-1].dtype, device=aligned[-1].device)
     for chunk in chunks:
-        views = []
-        for x in aligned:
-            for d, (lo, hi) in enumerate(chunk):
-                if x.shape[d] != 1:
-                    x = x.narrow(d, lo, hi - lo)
-            views.append(x)
+        views = narrow(step, aligned, tuple(chunk))  # leading (output) dims narrowed
         out_part = [hi - lo for lo, hi in chunk] + shape[split:]
         count = math.prod(out_part)
         t = buffer[: count * terms].view(out_part + [size[c] for c in row])
