@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from oracle import brute, brute_viterbi
+from oracle import brute, brute_viterbi, log_vjp
 from semiring_einsum import func
 from semiring_einsum.func import _kernels, _logblas
 
@@ -282,3 +282,27 @@ def test_log_row_kernel_joint_step_of_three_operands() -> None:
     eq = "bsxk,bsyk,xyz->bsz"
     got = func.log_einsum(eq, x, y, z, optimize=False)
     torch.testing.assert_close(got, brute("log", eq, x, y, z), **TOL[F64])
+
+
+@pytest.mark.parametrize(
+    "equation,shapes",
+    [
+        ("bij,bjk->bik", [(3, 6, 7), (3, 7, 5)]),  # operands like the output: exps kept
+        ("bi,ij->bj", [(4, 30), (30, 20)]),  # an HMM step: the transition exp is recomputed
+        ("ij,bj->bi", [(20, 30), (4, 30)]),
+    ],
+)
+def test_log_blas_backward_keeps_at_most_output_sized_residuals(
+    equation: str, shapes: list
+) -> None:
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in shapes]
+    out = func.log_einsum(equation, *xs)
+    saved = out.grad_fn.saved_tensors  # the inputs, then the outputs and residuals
+    assert len(saved) == 6  # a, b, out, two residuals and S: the certified BLAS route
+    assert max(t.numel() for t in saved[2:]) <= out.numel()
+    cotangent = torch.randn(out.shape, generator=g, dtype=F64)
+    got = torch.autograd.grad(out, xs, cotangent)
+    want = log_vjp(equation, xs, cotangent, math.nan)
+    for gk, wk in zip(got, want, strict=True):
+        torch.testing.assert_close(gk, wk, **TOL[F64])

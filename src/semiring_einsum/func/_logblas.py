@@ -70,6 +70,9 @@ class Program:
         chunk_elements: Elements per chunk of the exact fix-up.
         back_a: The product ``(output, B) -> A`` of the backward.
         back_b: The product ``(A, output) -> B`` of the backward.
+        save_a: Whether the forward keeps ``exp(A - mA)`` for the backward
+            (when it is no bigger than the output) rather than ``mA``.
+        save_b: The same for the second operand.
     """
 
     step: Step
@@ -81,6 +84,8 @@ class Program:
     chunk_elements: int
     back_a: Callable[[Tensor, Tensor], Tensor]
     back_b: Callable[[Tensor, Tensor], Tensor]
+    save_a: bool
+    save_b: bool
 
 
 def program(step: Step, budget_bytes: int | None, itemsize: int) -> Program | None:
@@ -99,7 +104,17 @@ def program(step: Step, budget_bytes: int | None, itemsize: int) -> Program | No
         chunk_elements(budget_bytes, itemsize),
         einsum_product((out, tb), ta),
         einsum_product((ta, out), tb),
+        # Residuals bigger than the output (an HMM's transition matrix next
+        # to a batch of state vectors) are recomputed instead: what a step
+        # keeps for its backward stays within a few output-sized tensors.
+        _numel(step, ta) <= _numel(step, out),
+        _numel(step, tb) <= _numel(step, out),
     )
+
+
+def _numel(step: Step, letters: str) -> int:
+    size = step.size
+    return math.prod(size[c] for c in letters)
 
 
 def can_branch(*tensors: Tensor) -> bool:
@@ -204,9 +219,10 @@ def _lined_up(m: Tensor, plan: tuple[tuple[int, ...], tuple[int, ...]]) -> Tenso
 def forward(prog: Program, a: Tensor, b: Tensor) -> tuple[Tensor, ...] | None:
     """The step's output: BLAS, with an exact log-sum-exp at the cells that need it.
 
-    Returns ``(out, exp(A - mA), exp(B - mB), S)`` when every cell passed the
-    certificate (the last three are what a first-order backward needs, see
-    :func:`vjp_from_residuals`), ``(out,)`` when some cells were recomputed,
+    Returns ``(out, exp(A - mA) or mA, exp(B - mB) or mB, S)`` when every
+    cell passed the certificate (what a first-order backward needs, see
+    :func:`vjp_from_residuals`; each exponential is kept only where the
+    program says so), ``(out,)`` when some cells were recomputed,
     and ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
     Written with as few torch calls (and Python calls) as possible: on small
@@ -228,20 +244,35 @@ def forward(prog: Program, a: Tensor, b: Tensor) -> tuple[Tensor, ...] | None:
     result = result.add_(mb if prog.view_b is None else _lined_up(mb, prog.view_b))
     if mask is None:
         # (An empty output certifies nothing: its operands may hold NaN rows.)
-        return (result, ea, eb, product) if product.numel() else (result,)
+        if not product.numel():
+            return (result,)
+        return result, ea if prog.save_a else ma, eb if prog.save_b else mb, product
     return (_fix_cells(prog.step, a, b, result, mask, prog.chunk_elements),)
 
 
 def vjp_from_residuals(
-    prog: Program, ea: Tensor, eb: Tensor, product: Tensor, g: Tensor, needs: Sequence[bool]
+    prog: Program,
+    a: Tensor,
+    b: Tensor,
+    res_a: Tensor,
+    res_b: Tensor,
+    product: Tensor,
+    g: Tensor,
+    needs: Sequence[bool],
 ) -> list[Tensor | None]:
-    """First-order gradients from the forward's certified residuals (no recompute).
+    """First-order gradients from the forward's certified residuals.
+
+    ``res_a`` is ``exp(A - mA)``, or ``mA`` where the program did not keep
+    the exponential (it is then recomputed, without the maxima or the
+    certificate).
 
     ``∂out/∂A[.., s] · g = exp(A - mA) · Σ exp(B - mB) · g / S``.  Every cell
     passed the certificate, so ``S`` is positive and finite and both operands
     are free of inf and NaN.  The residuals are constants, so the result must
     not be differentiated again (the caller checks).
     """
+    ea = res_a if prog.save_a else torch.exp(a - res_a)
+    eb = res_b if prog.save_b else torch.exp(b - res_b)
     w = g / product
     grad_a = ea * prog.back_a(w, eb) if needs[0] else None
     grad_b = eb * prog.back_b(ea, w) if needs[1] else None

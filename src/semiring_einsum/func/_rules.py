@@ -181,7 +181,9 @@ def _log_vjp(
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     if len(outs) == 4 and spec.blas is not None and not _differentiated() and LB.can_branch(gs[0]):
-        return LB.vjp_from_residuals(spec.blas, outs[1], outs[2], outs[3], gs[0], needs)
+        return LB.vjp_from_residuals(
+            spec.blas, xs[0], xs[1], outs[1], outs[2], outs[3], gs[0], needs
+        )
     weights = _log_weights(spec, outs[0])
     if not _blas_log_derivative(spec, xs, gs[0]):
         g = gs[0]
