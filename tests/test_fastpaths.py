@@ -12,6 +12,7 @@ from torch.autograd import gradcheck
 from oracle import brute, brute_viterbi, log_vjp
 from semiring_einsum import func
 from semiring_einsum.func import _kernels, _logblas
+from semiring_einsum.func._api import log_einsum_with_extras
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: {"rtol": 1e-5, "atol": 1e-4}, F64: {"rtol": 1e-10, "atol": 1e-9}}
@@ -306,3 +307,29 @@ def test_log_blas_backward_keeps_at_most_output_sized_residuals(
     want = log_vjp(equation, xs, cotangent, math.nan)
     for gk, wk in zip(got, want, strict=True):
         torch.testing.assert_close(gk, wk, **TOL[F64])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("block_size", [None, 3], ids=["default", "block3"])
+def test_log_blocked_kernel_floor_keeps_dead_cells_and_late_maxima(
+    dtype: torch.dtype, block_size: int | None
+) -> None:
+    # 10 terms per cell (< 16): the windowed one-pass kernel, on spread
+    # entries; with windows of 3, some cells are all -inf in early windows
+    # and finite later, and some are -inf throughout.
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(2, 6, 10, generator=g, dtype=F64) * 800
+    b = torch.randn(2, 10, 5, generator=g, dtype=F64) * 800
+    a[0, 1, :6] = -math.inf  # dead in the first windows only
+    a[1, 2, :] = -math.inf  # dead throughout
+    a, b = a.to(dtype), b.to(dtype)
+    got = func.log_einsum("bij,bjk->bik", a, b, block_size=block_size)
+    want = brute("log", "bij,bjk->bik", a.double(), b.double())
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    tol = {"rtol": 1e-6, "atol": 2e-3} if dtype == F32 else TOL[F64]
+    torch.testing.assert_close(got.double()[finite], want[finite], **tol)
+    # the compatibility layer's route with the max and scaled sum always takes this kernel
+    extras = log_einsum_with_extras("bij,bjk->bik", a, b, block_size=block_size)
+    torch.testing.assert_close(extras[0].double()[finite], want[finite], **tol)
+    assert torch.equal(torch.isneginf(extras[0]), torch.isneginf(want))

@@ -219,7 +219,8 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     (as in streaming softmax): with ``M' = max(M, max(window))``,
     ``S' = S·exp(M − M') + Σ exp(window − M')``.  Every exponent is ≤ 0, so
     nothing overflows, and the largest term contributes exactly 1, so finite
-    cells never underflow to -inf.  Cells whose terms are all -inf keep
+    cells never underflow to -inf.  Exponents below a floor are raised to it
+    (see :func:`log_forward_rows`).  Cells whose terms are all -inf keep
     ``M = -inf``; the shift ``M'`` is then 0 and ``exp(-inf − 0) = 0`` leaves
     ``S = 0``, so the output is ``log 0 = -inf`` without a NaN.
     """
@@ -230,22 +231,26 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     s_run: Tensor | None = None
     shift: Tensor | None = None
     inplace = not tracing()
+    floor = -_EXP_FLOOR.get(aligned[0].dtype, _DEFAULT_EXP_FLOOR)
     for rng in step.ranges():
         t, owned = _term(narrow(step, aligned, rng), torch.add)
         owned = owned and inplace
         m = t.amax(dims) if dims else t.clone()  # t may be overwritten below
         m_new = m if m_run is None else torch.maximum(m_run, m)
         shift = torch.where(torch.isfinite(m_new), m_new, 0.0)
+        # The floor under exp's argument: see log_forward_rows.
         if owned:
-            e = t.sub_(shift).exp_()
+            e = t.sub_(shift).clamp_(min=floor).exp_()
         else:
-            e = torch.exp(t - shift)
+            e = torch.exp((t - shift).clamp(min=floor))
         s = e.sum(dims) if dims else e
         s_run = s if s_run is None or m_run is None else s_run * torch.exp(m_run - shift) + s
         m_run = m_new
     if m_run is None or s_run is None or shift is None:  # a summed index of size 0
         full = aligned[0].new_full(shape, -math.inf)
         return full, full.clone(), torch.zeros_like(full)
+    # Cells with no finite term summed floors, not zeros: their sum is 0.
+    s_run = torch.where(torch.isneginf(m_run), 0.0, s_run)
     out = torch.log(s_run) + shift
     return _sized(out, shape), _sized(m_run, shape), _sized(s_run, shape)
 
