@@ -285,6 +285,10 @@ def window_linear_index(step: Step, rng: Range, device: torch.device) -> Tensor:
 def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[Tensor, Tensor]:
     """Max-plus step: values and the row-major linear index of the argmax.
 
+    Eager calls with enough terms per cell take the row kernel
+    (:func:`_max_forward_rows`); large outputs with few terms per cell the
+    per-coordinate loop (:func:`_max_forward_by_slices`); the rest, and
+    every traced call, the windows below.
     Ties go to the first maximiser in row-major order of the summed indices,
     whatever the windows: inside a window the first maximiser is found by
     scoring matches with descending weights (``amax`` of ``(t == max) ·
@@ -341,8 +345,9 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     return _sized(best, shape), where
 
 
-# Fewest terms per cell for which _max_forward_rows beats the other kernels:
-# below it its innermost reductions are too short to vectorize.
+# Fewest terms per cell for which the row kernels (_max_forward_rows,
+# log_forward_rows) beat the windowed ones: below it their innermost
+# reductions are too short to vectorize.
 _ROWS_MIN_TERMS = 16
 
 

@@ -131,7 +131,7 @@ def _differentiated() -> bool:
 def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
     if not spec.step.windows and not spec.extras:  # one term per cell: log(exp(t)) = t
         return (K.add_only(spec.step, xs),)
-    if spec.blas is not None and LB.can_branch(*xs):
+    if spec.blas is not None and _blas_log(spec, *xs):
         fast = LB.forward(spec.blas, xs[0], xs[1])
         if fast is not None:
             return fast  # the output, then maybe residuals (non-differentiable)
