@@ -395,7 +395,7 @@ def semiring_einsum_forward(
     """
     source = _source(equation)
     eq, clean, xs = canonicalize(source, list(args))
-    budget = resolve_budget(block_size, xs[0].device, f" (equation {source!r})")
+    budget = resolve_budget(block_size, xs[0].device, source)
     step = joint_step(clean, budget, xs[0].element_size(), xs[0].device.type, eq.summed)
     size = step.size
     nout = len(step.output)

@@ -12,7 +12,7 @@ import torch
 
 from . import _kernels as K
 from ._autograd import apply, derivative_possible
-from ._budget import BlockSize, Budget, resolve_budget
+from ._budget import BlockSize, Budget, budget_of, resolve_budget
 from ._compile import in_graph
 from ._parse import (
     Contraction,
@@ -244,7 +244,7 @@ def _budget(block_size: object, operands: Sequence[object], equation: object) ->
     """Resolve ``block_size`` for the operands' device (validating it)."""
     first = operands[0] if operands else None
     device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-    return resolve_budget(block_size, device, f" (equation {equation!r})")
+    return resolve_budget(block_size, device, equation)
 
 
 @in_graph
@@ -264,7 +264,7 @@ def _contract(
     """
     # int(): the compiler turns an int argument that changed between calls
     # into a symbolic one; plans are cached on concrete values.
-    budget = Budget(_int(extent), _int(nbytes))
+    budget = budget_of(_int(extent), _int(nbytes))
     if kind == "real":
         p = _Prepared(REAL, equation, operands, budget, optimize, blas=True)
 
@@ -634,7 +634,8 @@ def _contract_custom(
 ) -> Tensor:
     """A user semiring's contraction; the semiring travels as its token (a constant)."""
     token = int(token)
-    p = _Prepared(lookup(token), equation, operands, Budget(_int(extent), _int(nbytes)), optimize)
+    budget = budget_of(_int(extent), _int(nbytes))
+    p = _Prepared(lookup(token), equation, operands, budget, optimize)
     return p.run(lambda s, args: apply(CUSTOM_RULE, replace(p.spec(s), semiring=token), *args)[0])
 
 
@@ -693,7 +694,7 @@ def plan(
     meta = [t if t.device.type == "meta" else t.to("meta") for t in tensors]
     if dtype is not None:
         meta = [t.to(dtype) for t in meta]
-    budget = resolve_budget(block_size, target, f" (equation {equation!r})")
+    budget = resolve_budget(block_size, target, equation)
     p = _Prepared(semiring, equation, meta, budget, optimize, blas=semiring is REAL, device=target)
     return p.plan
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -119,12 +120,26 @@ class Budget:
     bytes: int | None = None
 
 
-def resolve_budget(block_size: object, device: torch.device, where: str = "") -> Budget:
-    """Validate ``block_size`` and turn it into a hashable :class:`Budget`."""
+@functools.lru_cache(maxsize=256)
+def budget_of(extent: int | None, nbytes: int | None) -> Budget:
+    """The :class:`Budget` with these fields, one shared object per value.
+
+    For the in-graph contraction functions (Dynamo does not trace into them,
+    and it warns about ``lru_cache`` in code it traces).
+    """
+    return Budget(extent, nbytes)
+
+
+def resolve_budget(block_size: object, device: torch.device, equation: object = None) -> Budget:
+    """Validate ``block_size`` and turn it into a hashable :class:`Budget`.
+
+    ``equation``, when given, is named in the error messages.
+    """
     if block_size is None:
         block_size = AUTOMATIC_BLOCK_SIZE
     if isinstance(block_size, AutomaticBlockSize):
         return Budget(bytes=block_size.budget_bytes(device))
+    where = "" if equation is None else f" (equation {equation!r})"
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(
             f"block_size must be a positive int or an AutomaticBlockSize, got "
