@@ -298,15 +298,15 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     wins).  All terms -inf gives -inf with index 0.  With ``argmax=False``
     the index is not computed (an empty tensor is returned in its place).
     """
-    aligned = align(step, ops)
     shape = _out_shape(step)
-    device = aligned[0].device
+    device = ops[0].device
     if not step.windows:
         return add_only(step, ops), torch.zeros(shape, dtype=torch.int64, device=device)
     if not tracing():
         found = _max_forward_rows(step, ops, shape, argmax)
         if found is not None:
             return found
+    aligned = align(step, ops)
     if argmax and math.prod(shape) >= _SLICE_LOOP_MIN_OUTPUT:
         return _max_forward_by_slices(step, aligned, shape)
     strides = _strides(step)
