@@ -26,7 +26,7 @@ from ._parse import (
 )
 from ._plan import Plan, Step, _optimize_key, clear_plan_caches, make_plan
 from ._rules import CUSTOM_RULE, LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
-from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, lookup
+from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
 Tensor = torch.Tensor
 Optimize = str | bool | Sequence[Sequence[int]]
@@ -135,7 +135,8 @@ class _Prepared:
         key: tuple[object, ...] | None = None
         try:
             raw = (
-                semiring.token,
+                semiring.name,
+                semiring is REAL,
                 equation,
                 budget,
                 optimize,
@@ -251,8 +252,8 @@ def _budget(block_size: object, operands: Sequence[object], equation: object) ->
 def _contract(
     kind: str,
     equation: str,
-    extent: int | None,
-    nbytes: int | None,
+    extent: int,
+    nbytes: int,
     optimize: Optimize,
     policy: float | str,
     *operands: Tensor,
@@ -262,9 +263,7 @@ def _contract(
     This is the node ``torch.compile`` sees (see :mod:`._compile`); the public
     functions only validate and resolve their options into constants.
     """
-    # int(): the compiler turns an int argument that changed between calls
-    # into a symbolic one; plans are cached on concrete values.
-    budget = budget_of(_int(extent), _int(nbytes))
+    budget = budget_of(extent, nbytes)
     if kind == "real":
         p = _Prepared(REAL, equation, operands, budget, optimize, blas=True)
 
@@ -301,10 +300,6 @@ def _contract(
         values = p.run(viterbi_step)
         return values, _backtrack(p, backpointers)
     raise AssertionError(f"unknown contraction kind {kind!r}")  # pragma: no cover
-
-
-def _int(n: int | None) -> int | None:
-    return None if n is None else int(n)
 
 
 def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
@@ -351,7 +346,7 @@ def _run(
     policy: float | str = "nan",
 ) -> Any:
     b = _budget(block_size, operands, equation)
-    return _contract(kind, equation, b.extent, b.bytes, optimize, policy, *operands)
+    return _contract(kind, equation, *b.as_ints(), optimize, policy, *operands)
 
 
 def einsum(
@@ -620,23 +615,24 @@ def semiring_einsum(
         if semiring is known:
             return fn(equation, *operands, block_size=block_size, optimize=optimize)
     b = _budget(block_size, operands, equation)
-    return _contract_custom(semiring.token, equation, b.extent, b.bytes, optimize, *operands)
+    return _contract_custom(semiring, equation, *b.as_ints(), optimize, *operands)
 
 
 @in_graph
 def _contract_custom(
-    token: int,
+    semiring: Semiring,
     equation: str,
-    extent: int | None,
-    nbytes: int | None,
+    extent: int,
+    nbytes: int,
     optimize: Optimize,
     *operands: Tensor,
 ) -> Tensor:
-    """A user semiring's contraction; the semiring travels as its token (a constant)."""
-    token = int(token)
-    budget = budget_of(_int(extent), _int(nbytes))
-    p = _Prepared(lookup(token), equation, operands, budget, optimize)
-    return p.run(lambda s, args: apply(CUSTOM_RULE, replace(p.spec(s), semiring=token), *args)[0])
+    """A user semiring's contraction; the semiring travels as itself (a graph constant)."""
+    budget = budget_of(extent, nbytes)
+    p = _Prepared(semiring, equation, operands, budget, optimize)
+    return p.run(
+        lambda s, args: apply(CUSTOM_RULE, replace(p.spec(s), semiring=semiring), *args)[0]
+    )
 
 
 def plan(

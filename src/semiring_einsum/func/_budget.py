@@ -119,15 +119,26 @@ class Budget:
     extent: int | None = None
     bytes: int | None = None
 
+    def as_ints(self) -> tuple[int, int]:
+        """``(extent, bytes)`` with 0 for the field not set (see :func:`budget_of`)."""
+        return self.extent or 0, self.bytes or 0
+
+
+def budget_of(extent: int, nbytes: int) -> Budget:
+    """The :class:`Budget` of :meth:`Budget.as_ints`, one shared object per value.
+
+    For the in-graph contraction functions, which take plain ints (Dynamo
+    does not trace into them, and it warns about ``lru_cache`` in code it
+    traces).  ``int()`` turns a value the compiler made symbolic (an int
+    argument that changed between calls) back into the concrete one that
+    plans are cached on, before the cache hashes it.
+    """
+    return _budget_of(int(extent), int(nbytes))
+
 
 @functools.lru_cache(maxsize=256)
-def budget_of(extent: int | None, nbytes: int | None) -> Budget:
-    """The :class:`Budget` with these fields, one shared object per value.
-
-    For the in-graph contraction functions (Dynamo does not trace into them,
-    and it warns about ``lru_cache`` in code it traces).
-    """
-    return Budget(extent, nbytes)
+def _budget_of(extent: int, nbytes: int) -> Budget:
+    return Budget(extent or None, nbytes or None)
 
 
 def resolve_budget(block_size: object, device: torch.device, equation: object = None) -> Budget:

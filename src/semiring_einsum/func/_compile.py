@@ -3,39 +3,57 @@
 Dynamo should not trace our Python planning (parsing, opt_einsum's path
 search, window sizing): it is pure bookkeeping on shapes, and Dynamo either
 chokes on it or turns sizes symbolic.  Functions marked with :func:`in_graph`
-are registered with ``torch._dynamo.allow_in_graph``: Dynamo puts one call in
+are registered with ``torch._dynamo.nonstrict_trace``: Dynamo puts one call in
 its graph and AOTAutograd then runs our Python on fake tensors, where shapes
-are concrete (``int()`` specialises symbolic ones), our autograd Functions and
-their backward rules are traced as written, and the windows become ordinary
-graph ops.  Such a function may only take tensors and Python constants.
+are concrete, our autograd Functions and their backward rules are traced as
+written, and the windows become ordinary graph ops.  Such a function takes
+tensors, Python constants and :class:`~._semiring.Semiring` values: a
+semiring is registered as a pytree constant, so the graph holds the semiring
+object itself (never an id that could outlive it) and Dynamo guards on its
+equality, so an equal semiring built anew reuses the compiled graph.  On a
+torch without ``nonstrict_trace`` (before 2.8), ``allow_in_graph`` is used
+instead, which takes tensors and Python constants only.
 
 Importing ``torch._dynamo`` costs about a second, so registration waits until
 something else imports it (``torch.compile`` does), through a one-shot
-import hook; if it is already imported, registration is immediate.
+import hook; if it is already imported, registration is immediate.  Until
+then an in-graph function runs as itself.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+import torch.utils._pytree as pytree
+
+from ._semiring import Semiring
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _DYNAMO = "torch._dynamo"
-_pending: list[Callable[..., Any]] = []
+# (function, the one-element list its caller reads the registered version from)
+_pending: list[tuple[Callable[..., Any], list[Callable[..., Any]]]] = []
 _lock = threading.Lock()
 
+if hasattr(pytree, "register_constant"):
+    pytree.register_constant(Semiring)
 
-def _register(fns: Sequence[Callable[..., Any]]) -> None:
+
+def _register(entries: Sequence[tuple[Callable[..., Any], list[Callable[..., Any]]]]) -> None:
     import torch._dynamo
 
-    for fn in fns:
-        torch._dynamo.allow_in_graph(fn)
+    for fn, slot in entries:
+        if hasattr(torch._dynamo, "nonstrict_trace"):
+            slot[0] = torch._dynamo.nonstrict_trace(fn)
+        else:  # pragma: no cover - torch < 2.8
+            slot[0] = torch._dynamo.allow_in_graph(fn)
 
 
 class _AfterDynamoImport(importlib.abc.MetaPathFinder):
@@ -56,8 +74,8 @@ class _AfterDynamoImport(importlib.abc.MetaPathFinder):
         def exec_then_register(module: ModuleType) -> None:
             exec_module(module)
             with _lock:
-                fns, _pending[:] = list(_pending), []
-            _register(fns)
+                entries, _pending[:] = list(_pending), []
+            _register(entries)
 
         loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
@@ -67,12 +85,23 @@ _hook = _AfterDynamoImport()
 
 
 def in_graph(fn: F) -> F:
-    """Mark ``fn`` to appear as one node in ``torch.compile`` graphs."""
+    """Mark ``fn`` to appear as one node in ``torch.compile`` graphs.
+
+    ``nonstrict_trace`` returns a new function, and registration may come
+    later than the import of the caller, so the returned function calls
+    whichever version is registered by then.
+    """
+    slot: list[Callable[..., Any]] = [fn]
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        return slot[0](*args)
+
     with _lock:
         if _DYNAMO in sys.modules:
-            _register([fn])
-            return fn
-        _pending.append(fn)
-        if _hook not in sys.meta_path:
-            sys.meta_path.insert(0, _hook)
-    return fn
+            _register([(fn, slot)])
+        else:
+            _pending.append((fn, slot))
+            if _hook not in sys.meta_path:
+                sys.meta_path.insert(0, _hook)
+    return cast(F, call)

@@ -24,7 +24,7 @@ from . import _kernels as K
 from . import _logblas as LB
 from ._budget import Budget
 from ._plan import Step, window_extents
-from ._semiring import REAL, Semiring, lookup
+from ._semiring import REAL, Semiring
 
 Tensor = torch.Tensor
 NegInf = float | str  # a float, 'nan' or 'uniform'
@@ -42,7 +42,8 @@ class Spec:
         neg_inf: Log semiring: softmax weight of each term of an all -inf
             cell in backward/forward mode: ``'nan'``, ``'uniform'`` or a float.
         extras: Log semiring: also return the per-cell max and scaled sum.
-        semiring: User semirings: the :class:`Semiring`'s token.
+        semiring: User semirings: the :class:`Semiring` itself, so that an
+            autograd graph or a ``vjp`` closure keeps it alive.
     """
 
     step: Step
@@ -51,7 +52,7 @@ class Spec:
     device_type: str
     neg_inf: NegInf = "nan"
     extras: bool = False
-    semiring: int = 0  # user semirings: the Semiring's token
+    semiring: Semiring | None = None  # user semirings only
     values_only: bool = False  # max-plus: no gradient can be asked for, skip the argmax
     # Log semiring: the BLAS program of the step, when it has one (derived).
     blas: LB.Program | None = field(init=False, compare=False, hash=False, repr=False)
@@ -311,8 +312,13 @@ REAL_RULE = Rule("RealEinsum", _real_forward, _real_vjp, _real_jvp)
 
 
 # ------------------------------------------------------------ user semirings
+def _semiring(spec: Spec) -> Semiring:
+    assert spec.semiring is not None, "a user-semiring step without its semiring"
+    return spec.semiring
+
+
 def _custom_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
-    return (K.contract(lookup(spec.semiring), spec.step, xs),)
+    return (K.contract(_semiring(spec), spec.step, xs),)
 
 
 def _window_fn(semiring: Semiring, dims: tuple[int, ...]) -> Callable[..., Tensor]:
@@ -337,7 +343,7 @@ def _custom_vjp(
     ``torch.func.vjp`` call, so memory stays at one window plus O(√n)
     output-sized tensors, for twice the forward's compute.
     """
-    semiring = lookup(spec.semiring)
+    semiring = _semiring(spec)
     step = spec.step
     aligned = K.align(step, xs)
     part = _window_fn(semiring, K.reduce_dims(step))
@@ -406,7 +412,7 @@ def _custom_jvp(
     spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
     """Forward sweep: push tangents through each window and each ⊕."""
-    semiring = lookup(spec.semiring)
+    semiring = _semiring(spec)
     step = spec.step
     part = _window_fn(semiring, K.reduce_dims(step))
     aligned, t_aligned = K.align(step, xs), K.align(step, ts)
