@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from matrix import examples
 from oracle import brute, brute_viterbi, log_vjp
 from semiring_einsum import func
 
@@ -35,9 +36,10 @@ with warnings.catch_warnings():
 
 USER_LOG = dataclasses.replace(func.LOG)  # equal to LOG, not LOG: the generic path
 
-FORWARD_EXAMPLES = 4000
-GRADIENT_EXAMPLES = 1000
-NEG_INF_GRADIENT_EXAMPLES = 1000
+# Examples per test in the full run (python -m pytest --full); the default run draws a quarter.
+FORWARD_EXAMPLES = examples(4000)
+GRADIENT_EXAMPLES = examples(1000)
+NEG_INF_GRADIENT_EXAMPLES = examples(1000)
 TOTAL_EXAMPLES = FORWARD_EXAMPLES + GRADIENT_EXAMPLES + NEG_INF_GRADIENT_EXAMPLES
 """Hypothesis examples run by this module in all."""
 

@@ -272,10 +272,12 @@ def test_compile_with_a_new_semiring_per_call(backend: str) -> None:
         backend=backend,
         fullgraph=True,
     )
+    calls = []
     for _ in range(12):  # more than Dynamo's recompile limit (8)
         a, b = operands()
-        out = compiled(inline_real(), a, b)
-        gc.collect()
+        calls.append((compiled(inline_real(), a, b), a, b))
+    gc.collect()  # every semiring passed in is gone but for what the graphs hold
+    for out, a, b in calls:
         out.sum().backward()
         torch.testing.assert_close(out, a.detach() @ b)
         torch.testing.assert_close(a.grad, expected_grad_a(b))

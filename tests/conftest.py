@@ -1,0 +1,85 @@
+"""How much of the test matrix runs: a pairwise-covering sample by default, all of it with --full.
+
+``python -m pytest`` (the README's test command) runs, of every test function parametrized
+over three or more axes (equation x semiring x block size x dtype x plan kind, ...), a subset
+that still covers every *pair* of parameter values at least once (all-pairs testing): each
+equation meets each semiring, each block size, each dtype; each semiring each block size; and
+so on.  Matrices of one or two axes run whole, since all pairs are all cases.  The Hypothesis
+tests draw a quarter of their examples (see :mod:`matrix`).  ``python -m pytest --full`` runs
+every case and every example; ``.ci/run`` runs both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import pytest
+
+import matrix
+
+# A parametrized function with at most this many cases runs whole.
+SAMPLE_ABOVE = 16
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="run every case of the parametrized matrices and every Hypothesis example "
+        "(default: a sample covering every pair of parameter values)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    matrix.FULL = bool(config.getoption("--full"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if matrix.FULL:
+        return "semiring_einsum tests: the full matrix (--full)"
+    return "semiring_einsum tests: a pairwise-covering sample of the matrices (--full runs all)"
+
+
+def _value(name: str, value: object) -> Hashable:
+    """A parameter value as a hashable key (by identity when it is not hashable)."""
+    try:
+        hash(value)
+    except TypeError:
+        return name, "id", id(value)  # the same parameter object in every case that uses it
+    return name, type(value), value
+
+
+def _features(item: pytest.Item) -> list[Hashable]:
+    """The parameter values of a case, alone and in pairs."""
+    params = item.callspec.params  # type: ignore[attr-defined]
+    values = [_value(name, params[name]) for name in sorted(params)]
+    features: list[Hashable] = list(values)
+    features += [(a, b) for i, a in enumerate(values) for b in values[i + 1 :]]
+    return features
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m, so that a case picked by hand always runs
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if matrix.FULL:
+        return
+    groups: dict[object, list[pytest.Item]] = {}
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and len(callspec.params) >= 3:
+            key = (item.path, getattr(item, "cls", None), getattr(item, "originalname", None))
+            groups.setdefault(key, []).append(item)
+    dropped: set[int] = set()
+    for group in groups.values():
+        if len(group) <= SAMPLE_ABOVE:
+            continue
+        covered: set[Hashable] = set()
+        for item in group:  # in collection order: deterministic
+            new = set(_features(item)) - covered
+            if new:
+                covered |= new
+            else:
+                dropped.add(id(item))
+    if dropped:
+        config.hook.pytest_deselected(items=[i for i in items if id(i) in dropped])
+        items[:] = [i for i in items if id(i) not in dropped]
