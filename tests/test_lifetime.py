@@ -264,14 +264,19 @@ def fresh_dynamo():  # type: ignore[no-untyped-def]
     counters.clear()
 
 
-@pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compile_with_a_new_semiring_per_call(backend: str) -> None:
-    compiled = torch.compile(
+def compiled_contraction(backend: str) -> Callable[[func.Semiring, Tensor, Tensor], Tensor]:
+    """A compiled function that takes the semiring as an argument."""
+    return torch.compile(
         lambda s, a, b: func.semiring_einsum(s, EQ, a, b, block_size=2),
         backend=backend,
         fullgraph=True,
     )
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_with_a_new_semiring_per_call(backend: str) -> None:
+    compiled = compiled_contraction(backend)
     calls = []
     for _ in range(12):  # more than Dynamo's recompile limit (8)
         a, b = operands()
@@ -288,11 +293,7 @@ def test_compile_with_a_new_semiring_per_call(backend: str) -> None:
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compile_tells_different_semirings_apart() -> None:
     """Semirings that differ only in a closure's contents get graphs of their own."""
-    compiled = torch.compile(
-        lambda s, a, b: func.semiring_einsum(s, EQ, a, b, block_size=2),
-        backend="aot_eager",
-        fullgraph=True,
-    )
+    compiled = compiled_contraction("aot_eager")
     a, b = operands(requires_grad=False)
     for c in (2.0, 3.0, 2.0):
         torch.testing.assert_close(compiled(scaled(c), a, b), c * a @ b)
@@ -302,11 +303,7 @@ def test_compile_tells_different_semirings_apart() -> None:
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_graph_holds_its_semiring() -> None:
     """A semiring given once to a compiled function stays usable by its graph."""
-    compiled = torch.compile(
-        lambda s, a, b: func.semiring_einsum(s, EQ, a, b, block_size=2),
-        backend="eager",
-        fullgraph=True,
-    )
+    compiled = compiled_contraction("eager")
     a, b = operands()
     compiled(scaled(2.0), a, b)
     gc.collect()
