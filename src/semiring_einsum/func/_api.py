@@ -610,8 +610,10 @@ def semiring_einsum(
         raise TypeError(
             f"semiring must be a Semiring, got {type(semiring).__name__} (equation {equation!r})"
         )
-    builtin = {REAL: einsum, LOG: log_einsum, MAX_PLUS: max_einsum, MIN_PLUS: min_einsum}
-    for known, fn in builtin.items():
+    # By identity (a semiring equal to a built-in one takes the generic path), and
+    # without hashing: a Semiring hashes by value, which is not free.
+    builtin = ((REAL, einsum), (LOG, log_einsum), (MAX_PLUS, max_einsum), (MIN_PLUS, min_einsum))
+    for known, fn in builtin:
         if semiring is known:
             return fn(equation, *operands, block_size=block_size, optimize=optimize)
     b = _budget(block_size, operands, equation)
