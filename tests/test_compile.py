@@ -101,12 +101,12 @@ VARIANTS: dict[str, tuple[Fn, Fn, Callable[..., Any]]] = {
     "user_log": (
         lambda a, b: func.semiring_einsum(USER_LOG, EQ, a, b, block_size=2),
         _oracle("log"),
-        _api._contract_custom,
+        _api._contract,
     ),
     "user_max": (
         lambda a, b: func.semiring_einsum(USER_MAX, EQ, a, b, block_size=2),
         _oracle("max"),
-        _api._contract_custom,
+        _api._contract,
     ),
     "top_real": (
         lambda a, b: semiring_einsum.einsum(EQ, a, b, block_size=2),

@@ -192,7 +192,7 @@ def test_max_row_kernel_matches_the_oracle(
 ) -> None:
     # 40 terms per cell (>= 16): the row kernel; block_size=2 cuts the output
     # into many chunks of whole rows.
-    taken = _spy(monkeypatch, "_max_forward_rows")
+    taken = _spy(monkeypatch, "max_rows")
     a, b = _rows_inputs(case, dtype)
     values, argmax = func.viterbi_einsum("bij,bjk->bik", a, b, block_size=block_size)
     want_values, want_argmax = brute_viterbi("bij,bjk->bik", a.double(), b.double())
@@ -248,7 +248,7 @@ def test_log_row_kernel_matches_the_oracle(
 ) -> None:
     # Inputs the BLAS path gives up on (most cells at risk), so the row
     # kernel takes the step; block_size=2 cuts the output into many chunks.
-    taken = _spy(monkeypatch, "log_forward_rows")
+    taken = _spy(monkeypatch, "log_rows")
     g = torch.Generator().manual_seed(5)
     a = torch.randn(3, 10, 40, generator=g, dtype=F64) * 800
     b = torch.randn(3, 40, 9, generator=g, dtype=F64) * 800
@@ -300,7 +300,9 @@ def test_log_blas_backward_keeps_at_most_output_sized_residuals(
     xs = [torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in shapes]
     out = func.log_einsum(equation, *xs)
     saved = out.grad_fn.saved_tensors  # the inputs, then the outputs and residuals
-    assert len(saved) == 6  # a, b, out, two residuals and S: the certified BLAS route
+    # a, b, out, two residuals, S and the certificate: the certified BLAS route
+    assert len(saved) == 7
+    assert saved[-1].dtype == torch.bool and bool(saved[-1])
     assert max(t.numel() for t in saved[2:]) <= out.numel()
     cotangent = torch.randn(out.shape, generator=g, dtype=F64)
     got = torch.autograd.grad(out, xs, cotangent)

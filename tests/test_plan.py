@@ -34,11 +34,50 @@ def test_explicit_path_is_honoured() -> None:
     assert p.steps[0].inputs == ("bc", "cd")
 
 
-def test_real_steps_go_to_blas_and_others_are_blocked() -> None:
-    real = func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7))
-    log = func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7), semiring=func.LOG)
-    assert all(s.blas for s in real.steps)
-    assert not any(s.blas for s in log.steps)
+def test_the_plan_names_each_steps_kernel() -> None:
+    shapes = [(4, 5), (5, 6), (6, 7)]
+    assert [s.kernel for s in func.plan("ab,bc,cd->ad", *shapes).steps] == ["blas", "blas"]
+    log = func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG)
+    assert [s.kernel for s in log.steps] == ["log_blas", "log_blas"]
+    joint = func.plan("ab,bc,cd->ad", *shapes, optimize=False)
+    assert [s.kernel for s in joint.steps] == ["windows"]
+    user = func.Semiring("u", torch.add, torch.mul, lambda x, d: x.sum(d) if d else x, 0.0, 1.0)
+    assert [s.kernel for s in func.plan("ab,bc->ac", *shapes[:2], semiring=user).steps] == [
+        "windows"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("equation", "shapes", "semiring", "kernels"),
+    [
+        # 40 terms per cell: rows; 3 terms and a big output: slices; few of both: windows
+        ("bij,bjk->bik", [(3, 10, 40), (3, 40, 9)], "max", ["rows"]),
+        ("ij,jk->ik", [(100, 3), (3, 100)], "max", ["slices"]),
+        ("ij,jk->ik", [(3, 3), (3, 3)], "max", ["windows"]),
+        ("ij,ij->ij", [(3, 3), (3, 3)], "max", ["unsummed"]),
+        ("ij,jk->ik", [(3, 0), (0, 4)], "max", ["empty"]),
+        # a summed index that only one operand has: not BLAS; 40 terms: rows
+        ("ijk,jl->il", [(3, 4, 10), (4, 5)], "log", ["rows"]),
+        ("ijk,jl->il", [(3, 2, 2), (2, 5)], "log", ["windows"]),
+        ("ij,jk->ik", [(3, 0), (0, 4)], "log", ["empty"]),
+    ],
+)
+def test_kernel_choice(equation: str, shapes: list, semiring: str, kernels: list[str]) -> None:
+    s = {"max": func.MAX_PLUS, "log": func.LOG}[semiring]
+    assert [step.kernel for step in func.plan(equation, *shapes, semiring=s).steps] == kernels
+
+
+def test_compiled_max_plus_plans_take_the_value_free_kernels() -> None:
+    shapes = [(3, 10, 40), (3, 40, 9)]
+    eager = func.plan("bij,bjk->bik", *shapes, semiring=func.MAX_PLUS)
+    compiled = func.plan("bij,bjk->bik", *shapes, semiring=func.MAX_PLUS, compiled=True)
+    assert [s.kernel for s in eager.steps] == ["rows"]
+    assert [s.kernel for s in compiled.steps] == ["windows"]
+
+
+def test_the_printed_plan_shows_the_kernels() -> None:
+    text = str(func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7), semiring=func.LOG))
+    assert "kernel" in text and text.count("log_blas") == 2
 
 
 def test_int_block_size_caps_every_window() -> None:

@@ -748,9 +748,9 @@ def spy() -> Iterator[Spy]:
     result = Spy(mock.MagicMock(wraps=_rules.fold_batch), [])
 
     def wrap(original: Callable[..., Any]) -> Any:
-        def forward(spec: Any, *xs: Tensor) -> Any:
+        def forward(spec: Any, context: Any, *xs: Tensor) -> Any:
             result.forwards.append((spec, list(xs)))
-            return original(spec, *xs)
+            return original(spec, context, *xs)
 
         return staticmethod(forward)
 

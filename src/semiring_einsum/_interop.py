@@ -20,6 +20,7 @@ from .func import _kernels as K
 from .func._api import log_einsum_vjp, log_einsum_with_extras
 from .func._autograd import apply
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, resolve_budget
+from .func._context import Context, call_context
 from .func._parse import ELLIPSIS, canonicalize, parse_subscripts, resolve
 from .func._plan import joint_step
 from .func._rules import Rule
@@ -494,7 +495,7 @@ def combine(
     forward_options = tuple(forward_options)
     backward_options = tuple(backward_options)
 
-    def forward_rule(spec: _CombinedSpec, *xs: Tensor) -> tuple[Tensor]:
+    def forward_rule(spec: _CombinedSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor]:
         return (forward(spec.equation, *xs, **spec.forward_kwargs),)
 
     def vjp_rule(
@@ -526,6 +527,6 @@ def combine(
         fwd = {k: kwargs[k] for k in forward_options if k in kwargs}
         bwd = {k: kwargs[k] for k in backward_options if k in kwargs}
         fwd["block_size"] = bwd["block_size"] = block_size
-        return apply(rule, _CombinedSpec(equation, fwd, bwd), *args)[0]
+        return apply(rule, _CombinedSpec(equation, fwd, bwd), call_context(args), *args)[0]
 
     return combined

@@ -6,14 +6,16 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from . import _kernels as K
-from ._autograd import apply, derivative_possible
+from . import _ops as OPS
+from ._autograd import apply
 from ._budget import BlockSize, Budget, budget_of, resolve_budget
 from ._compile import in_graph
+from ._context import call_context
 from ._parse import (
     Contraction,
     Equation,
@@ -24,8 +26,19 @@ from ._parse import (
     parse_subscripts,
     resolve,
 )
-from ._plan import Plan, Step, _optimize_key, clear_plan_caches, make_plan
-from ._rules import CUSTOM_RULE, LOG_RULE, MAX_RULE, REAL_RULE, Spec, neg_inf_policy
+from ._plan import Plan, Step, _optimize_key, clear_plan_caches, make_plan, with_kernels
+from ._rules import (
+    LOG_FAMILY,
+    LOG_RULE,
+    REAL_FAMILY,
+    CustomSpec,
+    Family,
+    LogSpec,
+    MaxSpec,
+    Spec,
+    family_of,
+    neg_inf_policy,
+)
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
 Tensor = torch.Tensor
@@ -36,33 +49,33 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class _Setup:
-    """Everything about a call that depends only on shapes, dtypes and options."""
+    """Everything about a call that depends only on shapes, dtypes, options and the family."""
 
     recipe: Recipe
     plan: Plan
     compute: torch.dtype
-    specs: dict[int, Spec]  # id(step) -> the step's Spec
+    specs: dict[tuple[int, bool], Spec]  # (id(step), argmax) -> the step's Spec
 
 
 @functools.lru_cache(maxsize=1024)
 def _setup(
+    family: Family,
     semiring: str,
-    real: bool,
     equation: str,
     shapes: tuple[tuple[int, ...], ...],
     dtypes: tuple[torch.dtype, ...],
     device_type: str,
     budget: Budget,
     optimize: object,
-    blas: bool,
     joint: bool,
     policy: float | str,
     extras: bool,
+    traced: bool,
 ) -> _Setup:
-    """Validate, canonicalize and plan a call (cached: one lookup per call)."""
+    """Validate, canonicalize and plan a call, kernels included (cached: one lookup per call)."""
     recipe = analyze(equation, shapes, dtypes)
     dtype = recipe.dtype
-    if not real and not dtype.is_floating_point:
+    if family is not REAL_FAMILY and not dtype.is_floating_point:
         raise TypeError(
             f"the {semiring} semiring needs floating-point operands, got "
             f"{dtype} (equation {equation!r})"
@@ -73,24 +86,31 @@ def _setup(
         equation,
         recipe.contraction,
         semiring=semiring,
-        blas=blas,
         joint=joint,
         itemsize=itemsize,
         budget=budget,
         optimize=optimize,
         device_type=device_type,
     )
+    plan = with_kernels(plan, lambda step: family.kernel(step, compute, traced, extras))
     last = plan.steps[-1]
-    # grad_of_neg_inf is about the cells of the *whole* contraction.  An
-    # intermediate cell that is all -inf only matters through a final cell:
-    # if that final cell is finite, the intermediate's terms have weight 0
-    # there (exactly as in the joint sum); if it is all -inf too, the final
-    # step's policy already reaches the intermediate through the chain rule.
-    # So intermediate steps use weight 0, which also passes a NaN cotangent on.
-    specs = {
-        id(step): Spec(step, budget, itemsize, device_type, policy if step is last else 0.0, extras)
-        for step in plan.steps
-    }
+    specs: dict[tuple[int, bool], Spec] = {}
+    for step in plan.steps:
+        common = (step, budget, itemsize, device_type)
+        if family.spec is LogSpec:
+            # grad_of_neg_inf is about the cells of the *whole* contraction.  An
+            # intermediate cell that is all -inf only matters through a final cell:
+            # if that final cell is finite, the intermediate's terms have weight 0
+            # there (exactly as in the joint sum); if it is all -inf too, the final
+            # step's policy already reaches the intermediate through the chain rule.
+            # So intermediate steps use weight 0, which also passes a NaN cotangent on.
+            neg_inf = policy if step is last else 0.0
+            specs[(id(step), True)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
+        elif family.spec is MaxSpec:
+            specs[(id(step), True)] = MaxSpec(*common, argmax=True)
+            specs[(id(step), False)] = MaxSpec(*common, argmax=False)
+        else:
+            specs[(id(step), True)] = family.spec(*common)
     return _Setup(recipe, plan, compute, specs)
 
 
@@ -101,7 +121,7 @@ _SEEN_MAX = 1024
 
 
 class _Prepared:
-    """A canonicalized call: clean operands, their plan, and how to finish."""
+    """A canonicalized call: clean operands, their plan (kernels chosen), and how to finish."""
 
     __slots__ = (
         "recipe",
@@ -109,7 +129,7 @@ class _Prepared:
         "contraction",
         "operands",
         "plan",
-        "spec",
+        "specs",
         "out_dtype",
         "compute_dtype",
     )
@@ -117,12 +137,13 @@ class _Prepared:
     def __init__(
         self,
         semiring: Semiring,
+        family: Family,
         equation: str,
         operands: Sequence[Tensor],
         budget: Budget,
         optimize: Optimize,
         *,
-        blas: bool = False,
+        traced: bool = False,
         joint: bool = False,
         neg_inf: object = math.nan,
         extras: bool = False,
@@ -136,11 +157,11 @@ class _Prepared:
         try:
             raw = (
                 semiring.name,
-                semiring is REAL,
+                family.name,
                 equation,
                 budget,
                 optimize,
-                blas,
+                traced,
                 joint,
                 neg_inf,
                 extras,
@@ -154,8 +175,27 @@ class _Prepared:
         if hit is not None:
             setup, as_is = hit
         else:
-            setup, as_is = self._validate(
-                semiring, equation, operands, budget, optimize, blas, joint, neg_inf, extras, device
+            shapes, dtypes = check_operands(equation, operands)
+            device_type = (device or operands[0].device).type
+            setup = _setup(
+                family,
+                semiring.name,
+                equation,
+                shapes,
+                dtypes,
+                device_type,
+                budget,
+                _optimize_key(equation, optimize, len(operands)),
+                joint,
+                neg_inf_policy(neg_inf, equation),
+                extras,
+                traced,
+            )
+            recipe = setup.recipe
+            as_is = (
+                not any(recipe.diagonals)
+                and recipe.shapes == shapes
+                and all(dtype == setup.compute for dtype in dtypes)
             )
             if key is not None:
                 if len(_SEEN) >= _SEEN_MAX:
@@ -170,46 +210,11 @@ class _Prepared:
         self.compute_dtype = setup.compute
         ops = list(operands) if as_is else apply_recipe(setup.recipe, operands, setup.compute)
         self.operands = ops
-        specs = setup.specs
-        self.spec: Callable[[Step], Spec] = lambda step: specs[id(step)]
+        self.specs = setup.specs
 
-    @staticmethod
-    def _validate(
-        semiring: Semiring,
-        equation: str,
-        operands: Sequence[Tensor],
-        budget: Budget,
-        optimize: Optimize,
-        blas: bool,
-        joint: bool,
-        neg_inf: object,
-        extras: bool,
-        device: torch.device | None,
-    ) -> tuple[_Setup, bool]:
-        """The call's setup, and whether its operands are already clean."""
-        shapes, dtypes = check_operands(equation, operands)
-        device = device or operands[0].device
-        setup = _setup(
-            semiring.name,
-            semiring is REAL,
-            equation,
-            shapes,
-            dtypes,
-            device.type,
-            budget,
-            _optimize_key(equation, optimize, len(operands)),
-            blas,
-            joint,
-            neg_inf_policy(neg_inf, equation),
-            extras,
-        )
-        recipe = setup.recipe
-        as_is = (
-            not any(recipe.diagonals)
-            and recipe.shapes == shapes
-            and all(dtype == setup.compute for dtype in dtypes)
-        )
-        return setup, as_is
+    def spec(self, step: Step, argmax: bool = True) -> Spec:
+        """The step's spec (max-plus: the one with or without an argmax)."""
+        return self.specs[(id(step), argmax)]
 
     def canonical(self, operands: Sequence[Tensor]) -> list[Tensor]:
         """The clean operands of ``operands`` (differentiably), as in ``__init__``."""
@@ -233,14 +238,6 @@ class _Prepared:
         return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
 
 
-def _blas(step: Step, args: list[Tensor]) -> Tensor:
-    """A real step of at most two operands, on torch.einsum (BLAS)."""
-    out = K.einsum_letters(step.inputs, step.output, *args)
-    if len(args) == 1 and not step.windows:  # a pure permutation may be a view
-        out = out.clone()
-    return out
-
-
 def _budget(block_size: object, operands: Sequence[object], equation: object) -> Budget:
     """Resolve ``block_size`` for the operands' device (validating it)."""
     first = operands[0] if operands else None
@@ -250,56 +247,67 @@ def _budget(block_size: object, operands: Sequence[object], equation: object) ->
 
 @in_graph
 def _contract(
-    kind: str,
+    semiring: Semiring,
     equation: str,
     extent: int,
     nbytes: int,
     optimize: Optimize,
     policy: float | str,
+    viterbi: bool,
     *operands: Tensor,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Every built-in contraction, behind one signature of tensors and constants.
+    """Every contraction, behind one signature of tensors, constants and the semiring.
 
     This is the node ``torch.compile`` sees (see :mod:`._compile`); the public
-    functions only validate and resolve their options into constants.
+    functions only validate and resolve their options into constants.  The
+    semiring picks its family (:func:`._rules.family_of`); the call's context is
+    worked out here, once.
     """
     budget = budget_of(extent, nbytes)
-    if kind == "real":
-        p = _Prepared(REAL, equation, operands, budget, optimize, blas=True)
-
-        def real_step(s: Step, args: list[Tensor]) -> Tensor:
-            if s.blas:
-                return _blas(s, args)
-            return apply(REAL_RULE, p.spec(s), *args)[0]
-
-        return p.run(real_step)
-    if kind == "log":
-        joint = policy != "nan"
-        p = _Prepared(LOG, equation, operands, budget, optimize, joint=joint, neg_inf=policy)
-        return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), *args)[0])
-    if kind in ("max", "min"):
-        p = _Prepared(MAX_PLUS if kind == "max" else MIN_PLUS, equation, operands, budget, optimize)
+    ctx = call_context(operands)
+    family = family_of(semiring)
+    traced = ctx.traced
+    if family.name in ("max_plus", "min_plus"):
+        p = _Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
         # The argmax is the backward's residual: skip it when no derivative can come.
-        values_only = not derivative_possible(operands)
-
-        def max_step(s: Step, args: list[Tensor]) -> Tensor:
-            return apply(MAX_RULE, replace(p.spec(s), values_only=values_only), *args)[0]
-
-        if kind == "max":
-            return p.run(max_step)
-        return -p.run(max_step, [-x for x in p.operands])
-    if kind == "viterbi":
-        p = _Prepared(MAX_PLUS, equation, operands, budget, optimize)
+        argmax = viterbi or ctx.derivative
         backpointers: list[tuple[Step, Tensor]] = []
 
-        def viterbi_step(s: Step, args: list[Tensor]) -> Tensor:
-            values, linear = apply(MAX_RULE, p.spec(s), *args)
-            backpointers.append((s, linear))
+        def max_step(s: Step, args: list[Tensor]) -> Tensor:
+            values, linear = apply(family.rule, p.spec(s, argmax), ctx, *args)
+            if viterbi:
+                backpointers.append((s, linear))
             return values
 
-        values = p.run(viterbi_step)
-        return values, _backtrack(p, backpointers)
-    raise AssertionError(f"unknown contraction kind {kind!r}")  # pragma: no cover
+        if family.name == "min_plus":  # min(x) = -max(-x)
+            return -p.run(max_step, [-x for x in p.operands])
+        values = p.run(max_step)
+        return (values, _backtrack(p, backpointers)) if viterbi else values
+    if family is LOG_FAMILY:
+        joint = policy != "nan"
+        p = _Prepared(
+            semiring, family, equation, operands, budget, optimize,
+            traced=traced, joint=joint, neg_inf=policy,
+        )  # fmt: skip
+        return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), ctx, *args)[0])
+    p = _Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
+    if family is REAL_FAMILY:
+
+        def real_step(s: Step, args: list[Tensor]) -> Tensor:
+            # On BLAS, autograd and torch.func differentiate torch's own products.
+            if s.kernel == "blas":
+                return OPS.REAL_BLAS(ctx, p.spec(s), args)
+            return apply(family.rule, p.spec(s), ctx, *args)[0]
+
+        return p.run(real_step)
+    if family.spec is CustomSpec:
+
+        def custom_step(s: Step, args: list[Tensor]) -> Tensor:
+            spec = replace(cast(CustomSpec, p.spec(s)), semiring=semiring)
+            return apply(family.rule, spec, ctx, *args)[0]
+
+        return p.run(custom_step)
+    return p.run(lambda s, args: apply(family.rule, p.spec(s), ctx, *args)[0])
 
 
 def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
@@ -338,15 +346,16 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
 
 
 def _run(
-    kind: str,
+    semiring: Semiring,
     equation: str,
     operands: Sequence[Tensor],
     block_size: BlockSize,
     optimize: Optimize,
     policy: float | str = "nan",
+    viterbi: bool = False,
 ) -> Any:
     b = _budget(block_size, operands, equation)
-    return _contract(kind, equation, *b.as_ints(), optimize, policy, *operands)
+    return _contract(semiring, equation, *b.as_ints(), optimize, policy, viterbi, *operands)
 
 
 def einsum(
@@ -381,7 +390,7 @@ def einsum(
         tensor([[3., 3., 3., 3.],
                 [3., 3., 3., 3.]])
     """
-    return _run("real", equation, operands, block_size, optimize)
+    return _run(REAL, equation, operands, block_size, optimize)
 
 
 def log_einsum(
@@ -421,7 +430,7 @@ def log_einsum(
                 [1.0986, 1.0986]])
     """
     policy = neg_inf_policy(grad_of_neg_inf, equation)
-    return _run("log", equation, operands, block_size, optimize, policy)
+    return _run(LOG, equation, operands, block_size, optimize, policy)
 
 
 def log_einsum_with_extras(
@@ -434,9 +443,9 @@ def log_einsum_with_extras(
     ``sumexpsub`` are not differentiable.  (Used by the compatibility layer.)
     """
     budget = _budget(block_size, operands, equation)
-    p = _Prepared(LOG, equation, operands, budget, False, extras=True)
+    p = _Prepared(LOG, LOG_FAMILY, equation, operands, budget, False, extras=True)
     (step,) = p.plan.steps
-    out, m, s = apply(LOG_RULE, p.spec(step), *p.operands)
+    out, m, s = apply(LOG_RULE, p.spec(step), call_context(p.operands), *p.operands)
     return p.finish(out), p.finish(torch.nan_to_num(m, nan=math.nan)), p.finish(s)
 
 
@@ -456,12 +465,12 @@ def log_einsum_vjp(
     of :func:`log_einsum`.  (Used by the compatibility layer.)
     """
     budget = _budget(block_size, operands, equation)
-    p = _Prepared(LOG, equation, operands, budget, False, neg_inf=grad_of_neg_inf)
+    p = _Prepared(LOG, LOG_FAMILY, equation, operands, budget, False, neg_inf=grad_of_neg_inf)
     clean, pull = torch.func.vjp(lambda *xs: tuple(p.canonical(xs)), *operands)[:2]
     (step,) = p.plan.steps
-    spec = p.spec(step)
+    spec = replace(cast(LogSpec, p.spec(step)), residuals=False)
     if out is None:
-        out = apply(LOG_RULE, spec, *clean)[0]
+        out = apply(LOG_RULE, spec, call_context(clean), *clean)[0]
     dtype = clean[0].dtype
     grads = LOG_RULE.vjp(spec, clean, (out.to(dtype),), (cotangent.to(dtype),), [True] * len(clean))
     return tuple(pull(tuple(grads)))
@@ -497,7 +506,7 @@ def max_einsum(
         tensor([[3., 2.],
                 [1., 3.]])
     """
-    return _run("max", equation, operands, block_size, optimize)
+    return _run(MAX_PLUS, equation, operands, block_size, optimize)
 
 
 def min_einsum(
@@ -529,7 +538,7 @@ def min_einsum(
         tensor([[0., 4.],
                 [1., 0.]])
     """
-    return _run("min", equation, operands, block_size, optimize)
+    return _run(MIN_PLUS, equation, operands, block_size, optimize)
 
 
 def viterbi_einsum(
@@ -570,7 +579,7 @@ def viterbi_einsum(
         tensor([[1, 0],
                 [0, 0]])
     """
-    values, argmax = _run("viterbi", equation, operands, block_size, optimize)
+    values, argmax = _run(MAX_PLUS, equation, operands, block_size, optimize, viterbi=True)
     return values, argmax
 
 
@@ -584,7 +593,8 @@ def semiring_einsum(
     """Einsum in any commutative semiring.
 
     The built-in semirings (:data:`REAL`, :data:`LOG`, :data:`MAX_PLUS`,
-    :data:`MIN_PLUS`) go to their fast, custom-differentiated paths; any other
+    :data:`MIN_PLUS`), and any semiring equal to one of them (a pickled copy,
+    say), go to their fast, custom-differentiated kernels; any other
     :class:`Semiring` runs the blocked loop with its own operations.  It is
     differentiable (reverse mode recomputes windows from √n checkpoints, so
     memory stays bounded; forward mode too) as long as those operations are.
@@ -610,31 +620,7 @@ def semiring_einsum(
         raise TypeError(
             f"semiring must be a Semiring, got {type(semiring).__name__} (equation {equation!r})"
         )
-    # By identity (a semiring equal to a built-in one takes the generic path), and
-    # without hashing: a Semiring hashes by value, which is not free.
-    builtin = ((REAL, einsum), (LOG, log_einsum), (MAX_PLUS, max_einsum), (MIN_PLUS, min_einsum))
-    for known, fn in builtin:
-        if semiring is known:
-            return fn(equation, *operands, block_size=block_size, optimize=optimize)
-    b = _budget(block_size, operands, equation)
-    return _contract_custom(semiring, equation, *b.as_ints(), optimize, *operands)
-
-
-@in_graph
-def _contract_custom(
-    semiring: Semiring,
-    equation: str,
-    extent: int,
-    nbytes: int,
-    optimize: Optimize,
-    *operands: Tensor,
-) -> Tensor:
-    """A user semiring's contraction; the semiring travels as itself (a graph constant)."""
-    budget = budget_of(extent, nbytes)
-    p = _Prepared(semiring, equation, operands, budget, optimize)
-    return p.run(
-        lambda s, args: apply(CUSTOM_RULE, replace(p.spec(s), semiring=semiring), *args)[0]
-    )
+    return _run(semiring, equation, operands, block_size, optimize)
 
 
 def plan(
@@ -645,21 +631,25 @@ def plan(
     device: torch.device | str | None = None,
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
+    compiled: bool = False,
 ) -> Plan:
     """Inspect how a contraction would run, without running it.
 
     Args:
         equation: An einsum equation.
         *operands_or_shapes: Tensors, or shapes (tuples of ints).
-        semiring: The semiring the plan is for (``REAL`` allows BLAS steps).
+        semiring: The semiring the plan is for; it decides each step's kernel.
         dtype: dtype for shapes (default: the tensors' dtype, else float32).
         device: device for shapes (default: the tensors' device, else CPU).
         block_size: As for the contraction functions.
         optimize: As for the contraction functions.
+        compiled: The plan of the call under ``torch.compile`` (the max-plus
+            steps then take the kernels the compiler fuses) instead of eager.
 
     Returns:
-        The immutable plan, with ``path``, ``steps``, ``block_sizes`` and
-        ``peak_bytes``; ``print(plan)`` shows a table.
+        The immutable plan, with ``path``, ``steps`` (each naming its
+        ``kernel``), ``block_sizes`` and ``peak_bytes``; ``print(plan)`` shows
+        a table.
 
     Example:
         >>> from semiring_einsum import func
@@ -693,7 +683,12 @@ def plan(
     if dtype is not None:
         meta = [t.to(dtype) for t in meta]
     budget = resolve_budget(block_size, target, equation)
-    p = _Prepared(semiring, equation, meta, budget, optimize, blas=semiring is REAL, device=target)
+    family = family_of(semiring)
+    joint = False
+    p = _Prepared(
+        semiring, family, equation, meta, budget, optimize,
+        traced=compiled, joint=joint, device=target,
+    )  # fmt: skip
     return p.plan
 
 

@@ -2,8 +2,9 @@
 
 Following the findings recorded for torch 2.13 (``shared/notes/torch-func.md``):
 
-* ``forward(spec, x0, ..., xn)`` takes no ``ctx`` and has a fixed arity with
-  no defaults (Dynamo mis-binds ``*args`` and default values), so one class is
+* ``forward(spec, context, x0, ..., xn)`` takes no autograd ``ctx`` (``context``
+  is the call's :class:`~._context.Context`) and has a fixed arity with no
+  defaults (Dynamo mis-binds ``*args`` and default values), so one class is
   generated per arity, at import time for the common arities;
 * ``setup_context`` only saves (compute there is invisible to higher-order
   autograd);
@@ -15,11 +16,11 @@ Following the findings recorded for torch 2.13 (``shared/notes/torch-func.md``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ._context import Context, forward_over_forward
 from ._rules import CUSTOM_RULE, LOG_RULE, MAX_RULE, REAL_RULE, Rule, fold_batch
 
 Tensor = torch.Tensor
@@ -27,21 +28,11 @@ Tensor = torch.Tensor
 PREBUILT_ARITY = 6
 
 
-def _forward_over_forward() -> bool:
-    """Whether two forward-mode (jvp) transforms are active at once."""
-    try:
-        stack = torch._C._functorch.get_interpreter_stack()
-        jvp = torch._C._functorch.TransformType.Jvp
-    except AttributeError:  # pragma: no cover - other torch versions
-        return False
-    return stack is not None and sum(1 for i in stack if i.key() == jvp) >= 2
-
-
 def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
     params = ", ".join(f"x{i}" for i in range(n))
     namespace: dict[str, Any] = {}
     exec(  # fixed arity: see the module docstring
-        f"def forward(spec, {params}):\n    return _forward(spec, {params})\n",
+        f"def forward(spec, context, {params}):\n    return _forward(spec, context, {params})\n",
         {"_forward": rule.forward},
         namespace,
     )
@@ -51,21 +42,21 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
         # No zero cotangents for the non-differentiable outputs (an argmax,
         # residuals): backward would only build and ignore them.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs[1:], *output)
-        ctx.save_for_forward(*inputs[1:], *output)
+        ctx.save_for_backward(*inputs[2:], *output)
+        ctx.save_for_forward(*inputs[2:], *output)
         if len(output) > rule.differentiable:
             ctx.mark_non_differentiable(*output[rule.differentiable :])
 
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[2:]
         if any(g is None for g in grads[: rule.differentiable]):  # no cotangent reached us
-            return (None,) * (n + 1)
+            return (None,) * (n + 2)
         gs = rule.vjp(ctx.spec, saved[:n], saved[n:], grads, needs)
-        return (None, *(g if need else None for g, need in zip(gs, needs)))
+        return (None, None, *(g if need else None for g, need in zip(gs, needs)))
 
-    def jvp(ctx: Any, _spec_tangent: None, *tangents: Tensor) -> Any:
-        if _forward_over_forward():
+    def jvp(ctx: Any, _spec_tangent: None, _context_tangent: None, *tangents: Tensor) -> Any:
+        if forward_over_forward():
             raise NotImplementedError(
                 "forward-over-forward differentiation (jacfwd(jacfwd(...)), "
                 "jvp of jvp) through semiring_einsum returns wrong values in "
@@ -81,9 +72,10 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
         out = rule.jvp(ctx.spec, saved[:n], saved[n:], tangents)
         return out[0] if len(out) == 1 else out
 
-    def vmap(info: Any, in_dims: tuple[Any, ...], spec: Any, *xs: Tensor) -> Any:
-        folded, ys = fold_batch(info.batch_size, in_dims[1:], spec, xs)
-        out = _function(rule, n).apply(folded, *ys)
+    def vmap(info: Any, in_dims: tuple[Any, ...], spec: Any, context: Context, *xs: Tensor) -> Any:
+        folded, ys = fold_batch(info.batch_size, in_dims[2:], spec, xs)
+        inner = context.for_operands(ys)  # one vmap level less
+        out = _function(rule, n, inner.compiling).apply(folded, inner, *ys)
         return out, (0,) * len(out) if isinstance(out, tuple) else 0
 
     attrs: dict[str, Any] = {
@@ -109,12 +101,12 @@ _FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
 }
 
 
-def _function(rule: Rule, n: int) -> type[torch.autograd.Function]:
-    with_jvp = rule.jvp is not None and not torch.compiler.is_compiling()
+def _function(rule: Rule, n: int, compiling: bool) -> type[torch.autograd.Function]:
+    with_jvp = rule.jvp is not None and not compiling
     key = (rule, n, with_jvp)
     fn = _FUNCTIONS.get(key)
     if fn is None:
-        if torch.compiler.is_compiling():
+        if compiling:
             raise NotImplementedError(
                 f"torch.compile supports steps of at most {PREBUILT_ARITY} operands "
                 f"(got {n}); use a pairwise plan (optimize='auto') or call it eagerly once first"
@@ -125,29 +117,11 @@ def _function(rule: Rule, n: int) -> type[torch.autograd.Function]:
     return fn
 
 
-def derivative_possible(xs: Sequence[Tensor], under_vmap: bool = True) -> bool:
-    """Whether any derivative of a result computed from ``xs`` could be asked for.
-
-    True when autograd is on and an input requires grad, when a forward-AD
-    level is open, or when a torch.func transform other than vmap is active
-    (any transform at all with ``under_vmap=False``).
-    """
-    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
-        return True
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    if not under_vmap:
-        return bool(stack)
-    vmap = torch._C._functorch.TransformType.Vmap
-    return any(level.key() != vmap for level in stack)
-
-
-def apply(rule: Rule, spec: object, *xs: Tensor) -> tuple[Tensor, ...]:
+def apply(rule: Rule, spec: object, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
     """Run ``rule`` on ``xs`` through its autograd Function; always a tuple."""
     # Function.apply costs tens of microseconds (argument binding, context,
     # transform dispatch): skip it when nothing can see the call.
-    if not torch.compiler.is_compiling() and not derivative_possible(xs, under_vmap=False):
-        return rule.forward(spec, *xs)
-    out = _function(rule, len(xs)).apply(spec, *xs)
+    if not ctx.traced and not ctx.transformed:
+        return rule.forward(spec, ctx, *xs)
+    out = _function(rule, len(xs), ctx.compiling).apply(spec, ctx, *xs)
     return out if isinstance(out, tuple) else (out,)

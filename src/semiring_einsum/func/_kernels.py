@@ -32,25 +32,6 @@ Tensor = torch.Tensor
 Range = tuple[tuple[int, int], ...]
 
 
-_TRACING_MODES = ("ProxyTorchDispatchMode", "FakeTensorMode", "FunctionalTensorMode")
-
-
-def tracing() -> bool:
-    """Whether our ops are being traced into a graph rather than run.
-
-    Dynamo (``torch.compile``), and ``make_fx`` (``torch.func.linearize``,
-    AOTAutograd) through its dispatch modes.  Traced code must not branch on
-    values, and should not mutate tensors in place: a tracer may constant-fold
-    a tensor and replay the mutation on it at every call.
-    """
-    if torch.compiler.is_compiling():
-        return True
-    if not torch._C._len_torch_dispatch_stack():  # the common case, cheaply
-        return False
-    stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
-    return any(type(mode).__name__ in _TRACING_MODES for mode in stack)
-
-
 def einsum_letters(inputs: Sequence[str], output: str, *xs: Tensor) -> Tensor:
     """:func:`torch.einsum` over index strings of any symbols, on the cheapest call.
 
@@ -208,7 +189,9 @@ def add_only(step: Step, ops: Sequence[Tensor]) -> Tensor:
     return t if owned and list(t.shape) == shape else _fresh(t, shape)
 
 
-def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def log_forward(
+    step: Step, ops: Sequence[Tensor], inplace: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Log-semiring step in one pass over the operands (online log-sum-exp).
 
     Returns ``(out, m, s)`` with ``out = log(s) + m'`` where ``m`` is the
@@ -220,9 +203,11 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     ``S' = S·exp(M − M') + Σ exp(window − M')``.  Every exponent is ≤ 0, so
     nothing overflows, and the largest term contributes exactly 1, so finite
     cells never underflow to -inf.  Exponents below a floor are raised to it
-    (see :func:`log_forward_rows`).  Cells whose terms are all -inf keep
+    (see :func:`log_rows`).  Cells whose terms are all -inf keep
     ``M = -inf``; the shift ``M'`` is then 0 and ``exp(-inf − 0) = 0`` leaves
-    ``S = 0``, so the output is ``log 0 = -inf`` without a NaN.
+    ``S = 0``, so the output is ``log 0 = -inf`` without a NaN.  With
+    ``inplace``, window tensors are overwritten (not while tracing: a tracer
+    may constant-fold a tensor and replay the mutation at every call).
     """
     aligned = align(step, ops)
     dims = reduce_dims(step)
@@ -230,7 +215,6 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
     m_run: Tensor | None = None
     s_run: Tensor | None = None
     shift: Tensor | None = None
-    inplace = not tracing()
     floor = -_EXP_FLOOR.get(aligned[0].dtype, _DEFAULT_EXP_FLOOR)
     for rng in step.ranges():
         t, owned = _term(narrow(step, aligned, rng), torch.add)
@@ -238,7 +222,7 @@ def log_forward(step: Step, ops: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tens
         m = t.amax(dims) if dims else t.clone()  # t may be overwritten below
         m_new = m if m_run is None else torch.maximum(m_run, m)
         shift = torch.where(torch.isfinite(m_new), m_new, 0.0)
-        # The floor under exp's argument: see log_forward_rows.
+        # The floor under exp's argument: see log_rows.
         if owned:
             e = t.sub_(shift).clamp_(min=floor).exp_()
         else:
@@ -282,33 +266,22 @@ def window_linear_index(step: Step, rng: Range, device: torch.device) -> Tensor:
     return grid
 
 
-def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[Tensor, Tensor]:
-    """Max-plus step: values and the row-major linear index of the argmax.
+def max_windows(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[Tensor, Tensor]:
+    """Max-plus step over windows: values and the row-major linear index of the argmax.
 
-    Eager calls with enough terms per cell take the row kernel
-    (:func:`_max_forward_rows`); large outputs with few terms per cell the
-    per-coordinate loop (:func:`_max_forward_by_slices`); the rest, and
-    every traced call, the windows below.
     Ties go to the first maximiser in row-major order of the summed indices,
     whatever the windows: inside a window the first maximiser is found by
     scoring matches with descending weights (``amax`` of ``(t == max) ·
     (W - position)``; ``argmax`` over a leading dim is far slower), and
     across windows a later window only wins on a strictly larger value or, on
     a tie, a smaller linear index.  NaN beats everything (the first NaN
-    wins).  All terms -inf gives -inf with index 0.  With ``argmax=False``
-    the index is not computed (an empty tensor is returned in its place).
+    wins).  All terms -inf gives -inf with index 0.  No value branches: the
+    kernel a tracer inlines.  With ``argmax=False`` the index is not computed
+    (a zero stand-in shaped like the output, no memory, is returned).
     """
     shape = _out_shape(step)
     device = ops[0].device
-    if not step.windows:
-        return add_only(step, ops), torch.zeros(shape, dtype=torch.int64, device=device)
-    if not tracing():
-        found = _max_forward_rows(step, ops, shape, argmax)
-        if found is not None:
-            return found
     aligned = align(step, ops)
-    if argmax and math.prod(shape) >= _SLICE_LOOP_MIN_OUTPUT:
-        return _max_forward_by_slices(step, aligned, shape)
     strides = _strides(step)
     best: Tensor | None = None
     where: Tensor | None = None
@@ -336,19 +309,26 @@ def max_forward(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
         best = torch.where(better, m, best)
         where = torch.where(better, lin, where)
     if best is None:  # a summed index of size 0
-        return (
-            aligned[0].new_full(shape, -math.inf),
-            torch.zeros(shape, dtype=torch.int64, device=device),
-        )
-    if where is None:  # values only: a stand-in shaped like the output, no memory
-        where = torch.zeros((), dtype=torch.int64, device=device).expand(shape)
+        return empty(step, ops, -math.inf), no_argmax(step, device)
+    if where is None:
+        where = no_argmax(step, device)
     return _sized(best, shape), where
 
 
-# Fewest terms per cell for which the row kernels (_max_forward_rows,
-# log_forward_rows) beat the windowed ones: below it their innermost
-# reductions are too short to vectorize.
-_ROWS_MIN_TERMS = 16
+def no_argmax(step: Step, device: torch.device) -> Tensor:
+    """The argmax of a step without terms or without an argmax: zeros, no memory."""
+    return torch.zeros((), dtype=torch.int64, device=device).expand(_out_shape(step))
+
+
+def empty(step: Step, ops: Sequence[Tensor], zero: float) -> Tensor:
+    """A step whose summed indices include one of size 0: every cell is ``zero``."""
+    return ops[0].new_full(_out_shape(step), zero)
+
+
+# Fewest terms per cell for which the row kernels (max_rows, log_rows) beat
+# the windowed ones: below it their innermost reductions are too short to
+# vectorize.
+ROWS_MIN_TERMS = 16
 
 
 def _row_layout(step: Step, ops: Sequence[Tensor]) -> tuple[str, list[Tensor]]:
@@ -425,7 +405,7 @@ def _row_chunks(
         yield t.view(count, terms), start, count
 
 
-def _rows_apply(step: Step, dtype: torch.dtype, argmax: bool = False) -> int | None:
+def rows_apply(step: Step, dtype: torch.dtype, argmax: bool = False) -> int | None:
     """Output cells per chunk of the row kernels, or ``None`` where they do not apply.
 
     They need enough terms per cell for the innermost reductions to
@@ -435,15 +415,15 @@ def _rows_apply(step: Step, dtype: torch.dtype, argmax: bool = False) -> int | N
     terms = step.terms
     limit = step.window_elements
     exact = 2**24 if dtype == torch.float32 else 2**53 if dtype == torch.float64 else 0
-    if terms < _ROWS_MIN_TERMS or terms > limit or (argmax and terms >= exact):
+    if terms < ROWS_MIN_TERMS or terms > limit or (argmax and terms >= exact):
         return None
     return max(1, limit // terms)
 
 
-def _max_forward_rows(
-    step: Step, ops: Sequence[Tensor], shape: list[int], argmax: bool = True
+def max_rows(
+    step: Step, ops: Sequence[Tensor], argmax: bool = True
 ) -> tuple[Tensor, Tensor] | None:
-    """Max and first argmax with every summed index innermost (eager only).
+    """Max and first argmax with every summed index innermost (values are read).
 
     Each chunk of rows (see :func:`_row_chunks`) takes four vectorized
     passes, all in place but the first: ``v = amax(row)``; ``row.eq_(v)``
@@ -451,15 +431,16 @@ def _max_forward_rows(
     one); ``row.mul_(w)`` with weights ``w = n - rank``, ``rank`` being a
     term's row-major position in the step's order of summed indices;
     ``amax(row)`` is the weight of the first maximiser.  Returns ``None``
-    where it does not apply (see :func:`_rows_apply`, and a NaN among the
+    where it does not apply (see :func:`rows_apply`, and a NaN among the
     values: the first NaN must win); the caller's kernels handle those.
     With ``argmax=False`` only the first pass runs (NaN is then fine:
     ``amax`` propagates it).
     """
     dtype = ops[0].dtype
-    per_chunk = _rows_apply(step, dtype, argmax)
+    per_chunk = rows_apply(step, dtype, argmax)
     if per_chunk is None:
         return None
+    shape = _out_shape(step)
     size, summed, terms = step.size, step.summed, step.terms
     row, aligned = _row_layout(step, ops)
     device = ops[0].device
@@ -475,24 +456,24 @@ def _max_forward_rows(
         torch.amax(t, -1, keepdim=True, out=v)
         if argmax:
             torch.amax(t.eq_(v).mul_(weights), -1, out=first[start : start + count])
-    if not argmax:  # a stand-in shaped like the output, no memory
-        return values.view(shape), torch.zeros((), dtype=torch.int64, device=device).expand(shape)
+    if not argmax:
+        return values.view(shape), no_argmax(step, device)
     if bool(torch.isnan(values).any()):  # the first NaN must win: leave it to the others
         return None
     return values.view(shape), (terms - first.long()).view(shape)
 
 
-def log_forward_rows(step: Step, ops: Sequence[Tensor]) -> Tensor | None:
-    """Log-sum-exp with every summed index innermost (eager only), or ``None``.
+def log_rows(step: Step, ops: Sequence[Tensor]) -> Tensor | None:
+    """Log-sum-exp with every summed index innermost (in place on its buffer), or ``None``.
 
     Per chunk of rows (see :func:`_row_chunks`): ``m = amax(row)``, then in
     place ``exp(row - m')`` with ``m' = m`` where finite and 0 elsewhere, a
     sum and ``log(sum) + m'``; the same arithmetic as :func:`log_forward` on
     one window, but every reduction runs over contiguous rows.  ``None``
-    where the row kernels do not apply (see :func:`_rows_apply`).
+    where the row kernels do not apply (see :func:`rows_apply`).
     """
     dtype = ops[0].dtype
-    per_chunk = _rows_apply(step, dtype)
+    per_chunk = rows_apply(step, dtype)
     if per_chunk is None:
         return None
     shape = _out_shape(step)
@@ -518,7 +499,7 @@ def log_forward_rows(step: Step, ops: Sequence[Tensor]) -> Tensor | None:
 
 
 # How far below a row's maximum a term may be before it is raised to the
-# floor in log_forward_rows: exp of the floor is a normal float, and the
+# floor in log_rows: exp of the floor is a normal float, and the
 # terms raised to it add a relative error of at most (terms) * exp(-floor).
 _EXP_FLOOR = {torch.float64: 700.0}
 _DEFAULT_EXP_FLOOR = 80.0
@@ -527,11 +508,11 @@ _DEFAULT_EXP_FLOOR = 80.0
 # With at least this many output cells, one output-sized slice per summed
 # coordinate is big enough that a loop of a few fused elementwise ops per
 # slice beats scoring whole windows.
-_SLICE_LOOP_MIN_OUTPUT = 4096
+SLICES_MIN_OUTPUT = 4096
 
 
-def _max_forward_by_slices(
-    step: Step, aligned: Sequence[Tensor], shape: list[int]
+def max_slices(
+    step: Step, ops: Sequence[Tensor], argmax: bool = True, traced: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Max and argmax visiting the summed coordinates one at a time, in row-major order.
 
@@ -539,17 +520,25 @@ def _max_forward_by_slices(
     first.  NaN must win, and the first NaN must stay: ``maximum`` propagates
     NaN, and the index of the first NaN is found in a second pass over the
     cells that ended NaN (when tracing for the compiler, where that check
-    cannot branch, every step tests for NaN instead).
+    cannot branch, every step tests for NaN instead).  With ``argmax=False``
+    only the values are computed.
     """
     size = step.size
+    shape = _out_shape(step)
+    aligned = align(step, ops)
+    if step.terms == 0:  # a summed index of size 0
+        return empty(step, ops, -math.inf), no_argmax(step, ops[0].device)
     coords = list(product(*(range(size[c]) for c, _ in step.windows)))
 
     def slice_at(point: tuple[int, ...]) -> Tensor:
         views = [x[tuple(min(i, x.shape[d] - 1) for d, i in enumerate(point))] for x in aligned]
         return functools.reduce(torch.add, views)
 
-    traced = tracing()
     best = slice_at(coords[0]).expand(shape).clone()
+    if not argmax:
+        for lin in range(1, len(coords)):
+            best = torch.maximum(best, slice_at(coords[lin]))
+        return best, no_argmax(step, best.device)
     # int32 halves the traffic of the index updates; widened at the end.
     index_dtype = torch.int32 if len(coords) < 2**31 else torch.int64
     where = torch.zeros_like(best, dtype=index_dtype)
@@ -700,3 +689,101 @@ def tangent_sum(
     if acc is None:
         return aligned[0].new_zeros(shape)
     return acc if list(acc.shape) == shape else acc.expand(shape).contiguous()
+
+
+def _term_index(
+    step: Step, term: str, shape: Sequence[int], coords: Tensor | None, device: torch.device
+) -> Tensor:
+    """The flat index into an operand (``term``, ``shape``) of each output cell's argmax term.
+
+    ``coords`` holds the argmax coordinate of every summed index (last dim), or
+    ``None`` when the step sums none.  Broadcast (size-1) dims index 0.
+    """
+    out, summed = step.output, step.summed
+    nout = len(out)
+    index = torch.zeros((), dtype=torch.int64, device=device)
+    stride = 1
+    for d in reversed(range(len(term))):
+        c = term[d]
+        if shape[d] != 1:
+            if c in out:
+                view = [1] * nout
+                view[out.index(c)] = shape[d]
+                coord = torch.arange(shape[d], device=device).reshape(view)
+            else:
+                assert coords is not None
+                coord = coords[..., summed.index(c)]
+            index = index + coord * stride
+        stride *= shape[d]
+    return index
+
+
+def argmax_pullback(
+    step: Step, ops: Sequence[Tensor], linear: Tensor, g: Tensor, needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """The max-plus vjp: each cell's cotangent goes to its argmax term, one scatter per operand.
+
+    Out of place, and linear in ``g``, so it is differentiable again (its
+    derivative in the operands is zero almost everywhere, in ``g`` a gather).
+    """
+    shape = _out_shape(step)
+    if step.terms == 0:  # no terms: nothing to route
+        return [torch.zeros_like(x) if need else None for x, need in zip(ops, needs)]
+    coords = unravel(step, linear) if step.windows else None
+    flat_g = g.expand(shape).reshape(-1)
+    grads: list[Tensor | None] = []
+    for term, x, need in zip(step.inputs, ops, needs):
+        if not need:
+            grads.append(None)
+            continue
+        index = _term_index(step, term, x.shape, coords, g.device).expand(shape).reshape(-1)
+        zeros = torch.zeros(x.numel(), dtype=g.dtype, device=g.device)
+        grads.append(zeros.index_add(0, index, flat_g).reshape(x.shape))
+    return grads
+
+
+def argmax_tangent(
+    step: Step, ops: Sequence[Tensor], linear: Tensor, tangents: Sequence[Tensor]
+) -> Tensor:
+    """The max-plus jvp: the sum of the operands' tangents at each cell's argmax term."""
+    shape = _out_shape(step)
+    if step.terms == 0:
+        return tangents[0].new_zeros(shape)
+    coords = unravel(step, linear) if step.windows else None
+    total: Tensor | None = None
+    for term, x, t in zip(step.inputs, ops, tangents):
+        index = _term_index(step, term, x.shape, coords, t.device).expand(shape).reshape(-1)
+        part = t.reshape(-1).index_select(0, index).reshape(shape)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+NegInf = float | str  # a grad_of_neg_inf policy: a float, 'nan' or 'uniform'
+
+
+def log_weights(
+    step: Step, neg_inf: NegInf, out: Tensor
+) -> Callable[[list[Tensor], Range], Tensor]:
+    """d out / d term = exp(term - out) per window, with the ``grad_of_neg_inf`` policy.
+
+    A cell whose terms are all -inf has out = -inf and every exp(term - out)
+    = exp(-inf + inf) = NaN.  Unless the policy is NaN, those weights are
+    replaced by the policy's weight; the subtraction uses a finite stand-in
+    for such cells so that no NaN is created (and none leaks into second
+    derivatives through ``torch.where``).
+    """
+    if neg_inf == "nan":
+        return lambda views, rng: torch.exp(sum(views[1:], views[0]) - out)
+    dead = torch.isneginf(out)
+    if neg_inf == "uniform":
+        weight = 1.0 / step.terms if step.terms else 0.0
+    else:
+        weight = float(neg_inf)
+    finite_out = torch.where(dead, 0.0, out)
+
+    def weights(views: list[Tensor], rng: Range) -> Tensor:
+        e = torch.exp(sum(views[1:], views[0]) - finite_out)
+        return torch.where(dead, weight, e)
+
+    return weights

@@ -27,13 +27,15 @@ which is exact too.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ._kernels import einsum_letters, einsum_product, tracing
+from . import _kernels as K
+from ._kernels import einsum_letters, einsum_product
 from ._plan import Step
 
 Tensor = torch.Tensor
@@ -88,7 +90,8 @@ class Program:
     save_b: bool
 
 
-def program(step: Step, budget_bytes: int | None, itemsize: int) -> Program | None:
+@functools.lru_cache(maxsize=4096)
+def program(step: Step) -> Program | None:
     """The step's :class:`Program`, or ``None`` when it cannot run on BLAS."""
     if not applicable(step):
         return None
@@ -101,7 +104,7 @@ def program(step: Step, budget_bytes: int | None, itemsize: int) -> Program | No
         einsum_product(step.inputs, out),
         _broadcast_plan(ta, summed, out),
         _broadcast_plan(tb, summed, out),
-        chunk_elements(budget_bytes, itemsize),
+        max(1, step.window_elements),  # the exact fix-up keeps within the plan's bound
         einsum_product((out, tb), ta),
         einsum_product((ta, out), tb),
         # Residuals bigger than the output (an HMM's transition matrix next
@@ -115,23 +118,6 @@ def program(step: Step, budget_bytes: int | None, itemsize: int) -> Program | No
 def _numel(step: Step, letters: str) -> int:
     size = step.size
     return math.prod(size[c] for c in letters)
-
-
-def can_branch(*tensors: Tensor) -> bool:
-    """Whether Python may look at these tensors' values (no vmap, no tracing)."""
-    if tracing():
-        return False
-    functorch = torch._C._functorch
-    for t in tensors:
-        if functorch.is_legacy_batchedtensor(t):  # torch.autograd's own vmap
-            return False
-        while functorch.is_functorch_wrapped_tensor(t):
-            if functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t):
-                return False
-            t = functorch.get_unwrapped(t)
-        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-            return False  # a fake or other subclass tensor: values are not there
-    return True
 
 
 def _to(t: Tensor, letters: str, target: str) -> Tensor:
@@ -354,8 +340,47 @@ def jvp(
     return t * inverse, mask
 
 
-def chunk_elements(budget_bytes: int | None, itemsize: int) -> int:
-    """How many elements one chunk of the exact fix-up may hold."""
-    if budget_bytes is None:
-        return 1 << 20
-    return max(1, min(budget_bytes, 4 << 20) // itemsize)
+def vjp_exact(
+    step: Step,
+    neg_inf: K.NegInf,
+    xs: Sequence[Tensor],
+    out: Tensor,
+    g: Tensor,
+    needs: Sequence[bool],
+    plain: bool,
+) -> list[Tensor | None]:
+    """The log step's vjp, exact and differentiable (out of place).
+
+    With ``plain`` operands (values readable) of a BLAS step, certified cells
+    go through BLAS and the others through the blocked path on a masked
+    cotangent; otherwise the blocked path does every cell.
+    """
+    weights = K.log_weights(step, neg_inf, out)
+    blas = plain and applicable(step) and backward_applicable(xs[0], xs[1])
+    if not blas:
+        return K.pullback(step, xs, needs, lambda v, r: weights(v, r) * g)
+    grad_a, grad_b, unsafe = vjp(step, xs[0], xs[1], out, g)
+    grads: list[Tensor | None] = [grad_a, grad_b]
+    if unsafe is not None:  # the cells at risk, exactly, through the blocked path
+        masked = torch.where(unsafe, g, 0.0)
+        exact = K.pullback(step, xs, needs, lambda v, r: weights(v, r) * masked)
+        grads = [f if e is None or f is None else f + e for f, e in zip(grads, exact, strict=True)]
+    return [gk if need else None for gk, need in zip(grads, needs, strict=True)]
+
+
+def jvp_exact(
+    step: Step,
+    neg_inf: K.NegInf,
+    xs: Sequence[Tensor],
+    out: Tensor,
+    ts: Sequence[Tensor],
+    plain: bool,
+) -> Tensor:
+    """The log step's jvp, exact and differentiable (see :func:`vjp_exact`)."""
+    if plain and applicable(step) and backward_applicable(xs[0], xs[1]):
+        t, unsafe = jvp(step, xs[0], xs[1], out, ts[0], ts[1])
+        if unsafe is None:
+            return t
+        exact = K.tangent_sum(step, xs, ts, K.log_weights(step, neg_inf, out))
+        return torch.where(unsafe, exact, t)
+    return K.tangent_sum(step, xs, ts, K.log_weights(step, neg_inf, out))

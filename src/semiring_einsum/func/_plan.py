@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from itertools import product
 
 import opt_einsum
@@ -37,14 +37,13 @@ class Step:
         sizes: ``(index, size)`` for every index of the step.
         windows: ``(index, extent)`` for every summed index, in order of first
             appearance; the kernel loops over windows of these extents.
-        blas: Whether the step goes to ``torch.einsum`` (real semiring, at most
-            two operands) instead of the blocked loop.
+        kernel: The kernel that computes the step (see :data:`KERNELS`).
 
     Example:
         >>> from semiring_einsum import func
         >>> step = func.plan("ab,bc->ac", (4, 100), (100, 5), block_size=32).steps[0]
-        >>> step.inputs, step.output, step.windows, step.blas
-        (('ab', 'bc'), 'ac', (('b', 32),), True)
+        >>> step.inputs, step.output, step.windows, step.kernel
+        (('ab', 'bc'), 'ac', (('b', 32),), 'blas')
     """
 
     operands: tuple[int, ...]
@@ -52,7 +51,7 @@ class Step:
     output: str
     sizes: tuple[tuple[str, int], ...]
     windows: tuple[tuple[str, int], ...]
-    blas: bool = False
+    kernel: str = "windows"
 
     @property
     def size(self) -> dict[str, int]:
@@ -84,6 +83,94 @@ class Step:
 
     def equation(self) -> str:
         return ",".join(self.inputs) + "->" + self.output
+
+    def key(self, budget: Budget, itemsize: int, device_type: str) -> str:
+        """The step and how its windows were sized, as one string (for operators).
+
+        Operators take no Python objects, so a step travels as, e.g.,
+        ``"ab,bc->ac;a4b100c5;b32;blas;0,4194304,4,cpu"``: the equation, each
+        index with its size, each summed index with its window extent, the
+        kernel, and the budget (extent, bytes; 0 where unset), item size and
+        device type the windows were sized for.  :func:`decode` reads it back.
+        (Index symbols are letters, never digits or ``,;->``.)
+        """
+        sizes = "".join(f"{c}{n}" for c, n in self.sizes)
+        windows = "".join(f"{c}{w}" for c, w in self.windows)
+        extent, nbytes = budget.as_ints()
+        sizing = f"{extent},{nbytes},{itemsize},{device_type}"
+        return f"{self.equation()};{sizes};{windows};{self.kernel};{sizing}"
+
+
+KERNELS = {
+    "blas": "real semiring: torch.einsum / matmul (BLAS)",
+    "log_blas": "log semiring: max-shifted exponentials around BLAS, certified, exact fix-up",
+    "rows": "every summed index innermost, in chunks of whole rows (log, max-plus)",
+    "slices": "max-plus: one output-sized slice per summed coordinate (few terms, big outputs)",
+    "windows": "the blocked loop over windows of the summed indices (any semiring)",
+    "unsummed": "no summed index: the ⊗-product of the operands",
+    "empty": "a summed index of size 0: the semiring's zero",
+}
+"""The kernels a step may name, and what each does."""
+
+
+def _pairs(text: str) -> tuple[tuple[str, int], ...]:
+    """``"a4b100"`` -> ``(("a", 4), ("b", 100))``."""
+    out: list[tuple[str, int]] = []
+    digits = ""
+    letter = ""
+    for ch in text:
+        if ch in "0123456789":
+            digits += ch
+        else:
+            if letter:
+                out.append((letter, int(digits)))
+            letter, digits = ch, ""
+    if letter:
+        out.append((letter, int(digits)))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Sized:
+    """A step with what its windows were sized for (see :meth:`Step.key`)."""
+
+    step: Step
+    budget: Budget
+    itemsize: int
+    device_type: str
+
+
+@functools.lru_cache(maxsize=4096)
+def decode(key: str) -> Sized:
+    """The step of :meth:`Step.key` (its ``operands`` are ``0, ..., n-1``) and its sizing."""
+    equation, sizes, windows, kernel, sizing = key.split(";")
+    lhs, output = equation.split("->")
+    inputs = tuple(lhs.split(","))
+    step = Step(tuple(range(len(inputs))), inputs, output, _pairs(sizes), _pairs(windows), kernel)
+    extent, nbytes, itemsize, device_type = sizing.split(",")
+    budget = Budget(int(extent) or None, int(nbytes) or None)
+    return Sized(step, budget, int(itemsize), device_type)
+
+
+def fold(sized: Sized, batch: int, batched: Sequence[bool], letter: str | None = None) -> Step:
+    """The step with a batch of ``batch`` as a new leading output index.
+
+    Operands marked in ``batched`` get the new index first; the others
+    broadcast along it.  The windows are sized anew with the batch in view.
+    """
+    step = sized.step
+    if letter is None:
+        used = set("".join(step.inputs))
+        letter = next(
+            opt_einsum.get_symbol(i)
+            for i in range(len(used) + 1)
+            if opt_einsum.get_symbol(i) not in used
+        )
+    inputs = tuple(letter + t if b else t for t, b in zip(step.inputs, batched))
+    output = letter + step.output
+    sizes = ((letter, batch),) + step.sizes
+    windows = window_extents(inputs, output, sizes, sized.budget, sized.itemsize, sized.device_type)
+    return Step(step.operands, inputs, output, sizes, windows, step.kernel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +221,36 @@ class Plan:
             "-" * 78,
         ]
         for i, s in enumerate(self.steps):
-            kernel = "blas" if s.blas else "blocked"
             windows = ",".join(f"{_show(c)}:{w}" for c, w in s.windows) or "-"
-            nbytes = 0 if s.blas else s.window_elements * self.itemsize
+            nbytes = _window_bytes(s, self.itemsize)
             rows.append(
-                f"{i:>4}  {_show_eq(s.equation()):<30} {kernel:<8} {windows:<20} {nbytes:>10}"
+                f"{i:>4}  {_show_eq(s.equation()):<30} {s.kernel:<8} {windows:<20} {nbytes:>10}"
             )
         return "\n".join(rows)
+
+
+def _window_bytes(step: Step, itemsize: int) -> int:
+    """Bytes of the largest window-sized temporary the step's kernel makes."""
+    if step.kernel in ("blas", "unsummed", "empty"):
+        return 0
+    return step.window_elements * itemsize
+
+
+def _peak(steps: Sequence[Step], itemsize: int) -> int:
+    """The largest window temporary or intermediate result of the steps."""
+    peak = 0
+    for k, step in enumerate(steps):
+        peak = max(peak, _window_bytes(step, itemsize))
+        if k < len(steps) - 1:  # an intermediate result
+            size = step.size
+            peak = max(peak, itemsize * math.prod(size[c] for c in step.output))
+    return peak
+
+
+def with_kernels(plan: Plan, choose: Callable[[Step], str]) -> Plan:
+    """``plan`` with the kernel of every step chosen by ``choose``."""
+    steps = tuple(replace(s, kernel=choose(s)) for s in plan.steps)
+    return replace(plan, steps=steps, peak_bytes=_peak(steps, plan.itemsize))
 
 
 def _show(c: str) -> str:
@@ -246,7 +356,6 @@ def make_plan(
     contraction: Contraction,
     *,
     semiring: str,
-    blas: bool,
     joint: bool,
     itemsize: int,
     budget: Budget,
@@ -259,7 +368,6 @@ def make_plan(
         equation: The user's equation, for messages.
         contraction: The clean contraction.
         semiring: Semiring name (recorded in the plan).
-        blas: Whether steps of at most two operands may go to ``torch.einsum``.
         joint: Force one step over all operands (``optimize=False``).
         itemsize: Bytes per element of the accumulation dtype.
         budget: The resolved block size.
@@ -267,9 +375,7 @@ def make_plan(
         device_type: ``'cpu'``, ``'cuda'``, ...
     """
     key = _optimize_key(equation, optimize, len(contraction.inputs))
-    return _make_plan(
-        equation, contraction, semiring, blas, joint, itemsize, budget, key, device_type
-    )
+    return _make_plan(equation, contraction, semiring, joint, itemsize, budget, key, device_type)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -277,7 +383,6 @@ def _make_plan(
     equation: str,
     contraction: Contraction,
     semiring: str,
-    blas: bool,
     joint: bool,
     itemsize: int,
     budget: Budget,
@@ -285,10 +390,8 @@ def _make_plan(
     device_type: str,
 ) -> Plan:
     path = _path(equation, contraction, joint, itemsize, budget, optimize)
-    size = contraction.size
     current = list(contraction.inputs)
     steps: list[Step] = []
-    peak = 0
     for k, ids in enumerate(path):
         taken = [current[i] for i in ids]
         for i in sorted(ids, reverse=True):
@@ -301,13 +404,9 @@ def _make_plan(
         letters = set("".join(taken))
         step_sizes = tuple((c, n) for c, n in contraction.sizes if c in letters)
         windows = window_extents(tuple(taken), out, step_sizes, budget, itemsize, device_type)
-        step = Step(tuple(ids), tuple(taken), out, step_sizes, windows, blas and len(ids) <= 2)
-        steps.append(step)
-        if not step.blas:
-            peak = max(peak, step.window_elements * itemsize)
-        if k < len(path) - 1:
-            peak = max(peak, itemsize * math.prod(size[c] for c in out))
+        steps.append(Step(tuple(ids), tuple(taken), out, step_sizes, windows))
         current.append(out)
+    peak = _peak(steps, itemsize)
     return Plan(equation, semiring, contraction, tuple(path), tuple(steps), itemsize, peak)
 
 

@@ -1,12 +1,22 @@
-"""Derivative rules, one set per semiring family, as pure functions.
+"""Semiring families: which kernel runs each step, and the derivative rules, as pure functions.
 
-Each family is a :class:`Rule`: ``forward(spec, *xs) -> outputs`` (a tuple),
-``vjp(spec, xs, outs, cotangents, needs) -> gradients`` and
-``jvp(spec, xs, outs, tangents) -> output tangents``, in the spirit of JAX's
-``custom_vjp``/``custom_jvp``.  ``vjp`` and ``jvp`` use only out-of-place,
-differentiable torch operations, so second derivatives come from autograd
-differentiating them.  :mod:`._autograd` registers each rule once as a family
-of ``torch.autograd.Function`` classes.
+A semiring maps to its :class:`Family` in one place, :func:`family_of`, by value: the
+built-in semirings (and anything equal to one, a pickled copy say) to their own family,
+any other :class:`~._semiring.Semiring` to the generic one.  A family has
+
+* ``kernel(step, dtype, traced, extras)``: the kernel of a step, chosen when the plan is
+  made and named in it (see :data:`~._plan.KERNELS`);
+* a :class:`Rule`: ``forward(spec, ctx, *xs) -> outputs`` (a tuple),
+  ``vjp(spec, xs, outs, cotangents, needs) -> gradients`` and
+  ``jvp(spec, xs, outs, tangents) -> output tangents``, in the spirit of JAX's
+  ``custom_vjp``/``custom_jvp``;
+* its own :class:`Spec` type, with the options only that family has.
+
+``vjp`` and ``jvp`` are differentiable (out of place, built from torch operations and our
+own differentiable functions) wherever their result may be differentiated again; where it
+cannot be (a first-order backward) they may call the first-order operators.
+:mod:`._autograd` registers each rule once as a family of ``torch.autograd.Function``
+classes.
 """
 
 from __future__ import annotations
@@ -18,48 +28,78 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from opt_einsum import get_symbol
 
 from . import _kernels as K
 from . import _logblas as LB
+from . import _ops as OPS
 from ._budget import Budget
-from ._plan import Step, window_extents
-from ._semiring import REAL, Semiring
+from ._context import Context, rule_context
+from ._plan import Sized, Step, fold, window_extents
+from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
 Tensor = torch.Tensor
-NegInf = float | str  # a float, 'nan' or 'uniform'
+NegInf = K.NegInf
 
 
+# --------------------------------------------------------------------- specs
 @dataclass(frozen=True, slots=True)
 class Spec:
-    """Everything a rule needs besides tensors; hashable, so Dynamo can guard on it.
+    """A step and what its rule needs besides tensors; hashable.
 
     Attributes:
-        step: The step being computed.
+        step: The step being computed (its kernel included).
         budget: The resolved block size (backward steps are windowed with it).
         itemsize: Bytes per element of the accumulation dtype.
         device_type: Device type of the operands.
-        neg_inf: Log semiring: softmax weight of each term of an all -inf
-            cell in backward/forward mode: ``'nan'``, ``'uniform'`` or a float.
-        extras: Log semiring: also return the per-cell max and scaled sum.
-        semiring: User semirings: the :class:`Semiring` itself, so that an
-            autograd graph or a ``vjp`` closure keeps it alive.
+        key: The step as an operator argument (derived, see :meth:`Step.key`).
     """
 
     step: Step
     budget: Budget
     itemsize: int
     device_type: str
-    neg_inf: NegInf = "nan"
-    extras: bool = False
-    semiring: Semiring | None = None  # user semirings only
-    values_only: bool = False  # max-plus: no gradient can be asked for, skip the argmax
-    # Log semiring: the BLAS program of the step, when it has one (derived).
-    blas: LB.Program | None = field(init=False, compare=False, hash=False, repr=False)
+    key: str = field(init=False, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        prog = None if self.extras else LB.program(self.step, self.budget.bytes, self.itemsize)
-        object.__setattr__(self, "blas", prog)
+        object.__setattr__(self, "key", self.step.key(self.budget, self.itemsize, self.device_type))
+
+    def batched(self, step: Step) -> Spec:
+        """This spec for ``step``, the batch of a vmap folded into it."""
+        return replace(self, step=step)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSpec(Spec):
+    """The log semiring's options.
+
+    Attributes:
+        neg_inf: Softmax weight of each term of an all -inf cell in the derivatives:
+            ``'nan'``, ``'uniform'`` or a float.
+        extras: Also return the per-cell max and scaled sum.
+        residuals: A BLAS step returns its residuals for a first-order backward.
+    """
+
+    neg_inf: NegInf = "nan"
+    extras: bool = False
+    residuals: bool = True
+
+    def batched(self, step: Step) -> Spec:
+        # A backward under vmap is differentiable recomputation: no residuals.
+        return replace(self, step=step, residuals=False)
+
+
+@dataclass(frozen=True, slots=True)
+class MaxSpec(Spec):
+    """Max-plus: whether the argmax (the backward's residual, Viterbi's answer) is computed."""
+
+    argmax: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CustomSpec(Spec):
+    """A user semiring: the :class:`Semiring` itself, so that what keeps the spec keeps it."""
+
+    semiring: Semiring | None = None
 
 
 @dataclass(frozen=True)
@@ -84,130 +124,65 @@ def fold_batch(
     contractions.  Batched operands get the new index first; the others
     broadcast along it (no copy).  Every output has the batch at dim 0.
     """
-    step = spec.step
-    used = set("".join(step.inputs))
-    letter = next(get_symbol(i) for i in range(len(used) + 1) if get_symbol(i) not in used)
-    inputs, ys = [], []
-    for term, x, d in zip(step.inputs, xs, in_dims):
-        if d is None:
-            inputs.append(term)
-            ys.append(x)
-        else:
-            inputs.append(letter + term)
-            ys.append(x.movedim(d, 0))
-    output = letter + step.output
-    sizes = ((letter, batch_size),) + step.sizes
-    windows = window_extents(
-        tuple(inputs), output, sizes, spec.budget, spec.itemsize, spec.device_type
-    )
-    folded = Step(step.operands, tuple(inputs), output, sizes, windows)
-    return replace(spec, step=folded), ys
+    sized = Sized(spec.step, spec.budget, spec.itemsize, spec.device_type)
+    folded = fold(sized, batch_size, [d is not None for d in in_dims])
+    ys = [x if d is None else x.movedim(d, 0) for x, d in zip(xs, in_dims)]
+    return spec.batched(folded), ys
+
+
+def _rule_ctx(*tensors: Tensor | None) -> Context:
+    return rule_context([t for t in tensors if t is not None])
 
 
 # ----------------------------------------------------------------------- log
-def _blas_log(spec: Spec, *tensors: Tensor) -> bool:
-    """Whether this log step runs on BLAS (see :mod:`._logblas`)."""
-    return spec.blas is not None and LB.can_branch(*tensors)
+def _log_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+    if not step.windows and not extras:
+        return "unsummed"  # one term per cell: log(exp(t)) = t
+    if step.terms == 0:
+        return "empty"
+    if extras:
+        return "windows"  # the only kernel that returns the per-cell max and sum
+    if LB.applicable(step):
+        return "log_blas"
+    if K.rows_apply(step, dtype) is not None:
+        return "rows"
+    return "windows"
 
 
-def _blas_log_derivative(spec: Spec, xs: Sequence[Tensor], *others: Tensor) -> bool:
-    """Whether this log step's vjp/jvp runs on BLAS (operands free of +inf/NaN too)."""
-    return _blas_log(spec, *xs, *others) and LB.backward_applicable(xs[0], xs[1])
-
-
-def _differentiated() -> bool:
-    """Whether a backward running now may itself be differentiated.
-
-    True under ``create_graph`` (grad mode stays on in backward), an open
-    forward-AD level, or any torch.func transform; a backward that uses
-    constant residuals instead of differentiable recomputation must not run then.
-    """
-    return (
-        torch.is_grad_enabled()
-        or torch.autograd.forward_ad._current_level >= 0
-        or bool(torch._C._functorch.get_interpreter_stack())
-    )
-
-
-def _log_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
-    if not spec.step.windows and not spec.extras:  # one term per cell: log(exp(t)) = t
+def _log_forward(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    kernel = spec.step.kernel
+    if kernel == "unsummed":
         return (K.add_only(spec.step, xs),)
-    if spec.blas is not None and _blas_log(spec, *xs):
-        fast = LB.forward(spec.blas, xs[0], xs[1])
-        if fast is not None:
-            return fast  # the output, then maybe residuals (non-differentiable)
-    if not spec.extras and not K.tracing():
-        rows = K.log_forward_rows(spec.step, xs)
-        if rows is not None:
-            return (rows,)
-    out, m, s = K.log_forward(spec.step, xs)
-    if spec.extras:
-        return out, m, s
-    return (out,)
-
-
-def _log_weights(spec: Spec, out: Tensor) -> Callable[[list[Tensor], K.Range], Tensor]:
-    """d out / d term = exp(term - out), with the ``grad_of_neg_inf`` policy.
-
-    A cell whose terms are all -inf has out = -inf and every exp(term - out)
-    = exp(-inf + inf) = NaN.  Unless the policy is NaN, those weights are
-    replaced by the policy's weight; the subtraction uses a finite stand-in
-    for such cells so that no NaN is created (and none leaks into second
-    derivatives through ``torch.where``).
-    """
-    policy = spec.neg_inf
-    if policy == "nan":
-        out_b = out
-        return lambda views, rng: torch.exp(sum(views[1:], views[0]) - out_b)
-    dead = torch.isneginf(out)
-    if policy == "uniform":
-        weight = 1.0 / spec.step.terms if spec.step.terms else 0.0
-    else:
-        weight = float(policy)
-    out_b = torch.where(dead, 0.0, out)
-    dead_b = dead
-
-    def weights(views: list[Tensor], rng: K.Range) -> Tensor:
-        e = torch.exp(sum(views[1:], views[0]) - out_b)
-        return torch.where(dead_b, weight, e)
-
-    return weights
+    if kernel == "log_blas":
+        outs = OPS.LOG_BLAS(ctx, spec, xs[0], xs[1])
+        return outs if spec.residuals else outs[:1]
+    if kernel == "rows":
+        return (OPS.LOG_ROWS(ctx, spec, list(xs)),)
+    out, m, s = OPS.LOG_WINDOWS(ctx, spec, not ctx.traced, list(xs))  # windows, empty
+    return (out, m, s) if spec.extras else (out,)
 
 
 def _log_vjp(
-    spec: Spec,
+    spec: LogSpec,
     xs: Sequence[Tensor],
     outs: Sequence[Tensor],
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
-    if len(outs) == 4 and spec.blas is not None and not _differentiated() and LB.can_branch(gs[0]):
-        return LB.vjp_from_residuals(
-            spec.blas, xs[0], xs[1], outs[1], outs[2], outs[3], gs[0], needs
-        )
-    weights = _log_weights(spec, outs[0])
-    if not _blas_log_derivative(spec, xs, gs[0]):
-        g = gs[0]
-        return K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g)
-    grad_a, grad_b, unsafe = LB.vjp(spec.step, xs[0], xs[1], outs[0], gs[0])
-    grads: list[Tensor | None] = [grad_a, grad_b]
-    if unsafe is not None:  # the cells at risk, exactly, through the blocked path
-        g = torch.where(unsafe, gs[0], 0.0)
-        exact = K.pullback(spec.step, xs, needs, lambda v, r: weights(v, r) * g)
-        grads = [f if e is None or f is None else f + e for f, e in zip(grads, exact, strict=True)]
-    return [gk if need else None for gk, need in zip(grads, needs, strict=True)]
+    ctx = _rule_ctx(*xs, gs[0])
+    if len(outs) == 5 and not ctx.differentiated and not ctx.batched:
+        # A first-order backward of a BLAS step: from the forward's residuals.
+        policy = OPS.policy_key(spec.neg_inf)
+        ga, gb = OPS.LOG_BLAS_VJP(ctx, spec, policy, xs[0], xs[1], *outs, gs[0], *needs)
+        return [ga if needs[0] else None, gb if needs[1] else None]
+    return LB.vjp_exact(spec.step, spec.neg_inf, xs, outs[0], gs[0], needs, ctx.plain)
 
 
 def _log_jvp(
-    spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
+    spec: LogSpec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
-    if _blas_log_derivative(spec, xs, *ts):
-        t, unsafe = LB.jvp(spec.step, xs[0], xs[1], outs[0], ts[0], ts[1])
-        if unsafe is not None:
-            exact = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
-            t = torch.where(unsafe, exact, t)
-        return (t,) + (None,) * (len(outs) - 1)
-    t = K.tangent_sum(spec.step, xs, ts, _log_weights(spec, outs[0]))
+    ctx = _rule_ctx(*xs, *ts)
+    t = LB.jvp_exact(spec.step, spec.neg_inf, xs, outs[0], ts, ctx.plain)
     return (t,) + (None,) * (len(outs) - 1)  # extras or residuals: no tangent
 
 
@@ -215,48 +190,68 @@ LOG_RULE = Rule("LogEinsum", _log_forward, _log_vjp, _log_jvp)
 
 
 # ----------------------------------------------------------------- max-plus
-def _max_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
-    return K.max_forward(spec.step, xs, argmax=not spec.values_only)
+def _max_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+    if not step.windows:
+        return "unsummed"
+    if step.terms == 0:
+        return "empty"
+    # While tracing, the value-free kernels: the compiler fuses them well.
+    if not traced and K.rows_apply(step, dtype, argmax=True) is not None:
+        return "rows"
+    size = step.size
+    if math.prod(size[c] for c in step.output) >= K.SLICES_MIN_OUTPUT:
+        return "slices"
+    return "windows"
 
 
-def _argmax_mask(spec: Spec, linear: Tensor) -> Callable[[list[Tensor], K.Range], Tensor]:
-    """Weight 1 on the single maximising term of each cell, 0 elsewhere."""
-    lin_b = linear
-    device = linear.device
+_MAX_OPERATORS = {"rows": OPS.MAX_ROWS, "slices": OPS.MAX_SLICES}
 
-    def mask(views: list[Tensor], rng: K.Range) -> Tensor:
-        return K.window_linear_index(spec.step, rng, device) == lin_b
 
-    return mask
+def _max_forward(spec: MaxSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    step = spec.step
+    if step.kernel == "unsummed":
+        return K.add_only(step, xs), K.no_argmax(step, xs[0].device)
+    operator = _MAX_OPERATORS.get(step.kernel, OPS.MAX_WINDOWS)  # windows, empty
+    values, index = operator(ctx, spec, spec.argmax, list(xs))
+    return values, index if spec.argmax else K.no_argmax(step, values.device)
 
 
 def _max_vjp(
-    spec: Spec,
+    spec: MaxSpec,
     xs: Sequence[Tensor],
     outs: Sequence[Tensor],
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
-    mask = _argmax_mask(spec, outs[1])
-    g_b = gs[0]
-    zero = torch.zeros((), dtype=g_b.dtype, device=g_b.device)
-    return K.pullback(spec.step, xs, needs, lambda v, r: torch.where(mask(v, r), g_b, zero))
+    return K.argmax_pullback(spec.step, xs, outs[1], gs[0], needs)
 
 
 def _max_jvp(
-    spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
+    spec: MaxSpec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
-    mask = _argmax_mask(spec, outs[1])
-    dtype = outs[0].dtype
-    t = K.tangent_sum(spec.step, xs, ts, lambda v, r: mask(v, r).to(dtype))
-    return t, None
+    return K.argmax_tangent(spec.step, xs, outs[1], ts), None
 
 
 MAX_RULE = Rule("MaxEinsum", _max_forward, _max_vjp, _max_jvp)
 
 
 # --------------------------------------------------------------------- real
-def _real_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
+def _real_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+    if len(step.inputs) <= 2:
+        return "blas"
+    return "empty" if step.terms == 0 else "windows"
+
+
+def _real_product(step: Step, xs: Sequence[Tensor]) -> Tensor:
+    """The real contraction of a step, differentiably (BLAS for at most two operands)."""
+    if len(xs) <= 2:
+        return K.einsum_letters(step.inputs, step.output, *xs)
+    return K.contract(REAL, step, xs)
+
+
+def _real_forward(spec: Spec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    if spec.step.kernel == "blas":
+        return (OPS.REAL_BLAS(ctx, spec, list(xs)),)
     return (K.contract(REAL, spec.step, xs),)
 
 
@@ -289,7 +284,7 @@ def _real_vjp(
         step, kept = _operand_grad_step(spec, k)
         # conj() is a no-op view for real dtypes; for complex it gives d/dz̄.
         others = [x.conj() for x in (*xs[:k], *xs[k + 1 :])]
-        g = K.contract(REAL, step, [gs[0], *others])
+        g = _real_product(step, [gs[0], *others])
         term = spec.step.inputs[k]
         if kept != term:  # indices only this operand has: the gradient is constant along them
             g = g.reshape([x.shape[i] if c in kept else 1 for i, c in enumerate(term)])
@@ -303,7 +298,7 @@ def _real_jvp(
 ) -> tuple[Tensor | None, ...]:
     total: Tensor | None = None
     for k, t in enumerate(ts):
-        part = K.contract(REAL, spec.step, [*xs[:k], t, *xs[k + 1 :]])
+        part = _real_product(spec.step, [*xs[:k], t, *xs[k + 1 :]])
         total = part if total is None else total + part
     return (total,)
 
@@ -312,12 +307,16 @@ REAL_RULE = Rule("RealEinsum", _real_forward, _real_vjp, _real_jvp)
 
 
 # ------------------------------------------------------------ user semirings
-def _semiring(spec: Spec) -> Semiring:
+def _custom_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+    return "empty" if step.terms == 0 else "windows"
+
+
+def _semiring(spec: CustomSpec) -> Semiring:
     assert spec.semiring is not None, "a user-semiring step without its semiring"
     return spec.semiring
 
 
-def _custom_forward(spec: Spec, *xs: Tensor) -> tuple[Tensor, ...]:
+def _custom_forward(spec: CustomSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
     return (K.contract(_semiring(spec), spec.step, xs),)
 
 
@@ -327,7 +326,7 @@ def _window_fn(semiring: Semiring, dims: tuple[int, ...]) -> Callable[..., Tenso
 
 
 def _custom_vjp(
-    spec: Spec,
+    spec: CustomSpec,
     xs: Sequence[Tensor],
     outs: Sequence[Tensor],
     gs: Sequence[Tensor],
@@ -409,7 +408,7 @@ def _jvp_by_transposition(
 
 
 def _custom_jvp(
-    spec: Spec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
+    spec: CustomSpec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
     """Forward sweep: push tangents through each window and each ⊕."""
     semiring = _semiring(spec)
@@ -433,6 +432,47 @@ def _custom_jvp(
 
 
 CUSTOM_RULE = Rule("SemiringEinsum", _custom_forward, _custom_vjp, _custom_jvp)
+
+
+# ------------------------------------------------------------------ families
+KernelChoice = Callable[[Step, torch.dtype, bool, bool], str]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one kind of semiring runs: its kernels, its rule and its spec type."""
+
+    name: str
+    rule: Rule
+    kernel: KernelChoice
+    spec: type[Spec]
+
+
+REAL_FAMILY = Family("real", REAL_RULE, _real_kernel, Spec)
+LOG_FAMILY = Family("log", LOG_RULE, _log_kernel, LogSpec)
+MAX_FAMILY = Family("max_plus", MAX_RULE, _max_kernel, MaxSpec)
+MIN_FAMILY = Family("min_plus", MAX_RULE, _max_kernel, MaxSpec)  # computed as -max(-x)
+GENERIC_FAMILY = Family("generic", CUSTOM_RULE, _custom_kernel, CustomSpec)
+
+_BUILTIN = (
+    (REAL, REAL_FAMILY),
+    (LOG, LOG_FAMILY),
+    (MAX_PLUS, MAX_FAMILY),
+    (MIN_PLUS, MIN_FAMILY),
+)
+
+
+def family_of(semiring: Semiring) -> Family:
+    """The family of a semiring, by value: a built-in's, or the generic one.
+
+    An equal copy of a built-in semiring (a pickled one, say) runs on the
+    built-in's kernels.  Names are compared first, so a user semiring costs no
+    hashing here.
+    """
+    for known, family in _BUILTIN:
+        if semiring is known or (semiring.name == known.name and semiring == known):
+            return family
+    return GENERIC_FAMILY
 
 
 def neg_inf_policy(grad_of_neg_inf: object, equation: object = None) -> NegInf:

@@ -1,0 +1,173 @@
+"""The call context: what torch's state and the operands say about how a call may run.
+
+It is worked out once per call (and once per backward or forward-mode rule call, which run
+later and perhaps under other transforms) and passed down.  This module is the only one that
+looks at torch's private state (tracers, functorch levels, forward-AD levels); kernels and
+operators only read the flags.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+Tensor = torch.Tensor
+
+_TRACING_MODES = ("ProxyTorchDispatchMode", "FakeTensorMode", "FunctionalTensorMode")
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """How one call (or one rule call) may run.
+
+    Attributes:
+        device_type: The operands' device type (``'cpu'``, ``'cuda'``, ...).
+        traced: A tracer records the call (``torch.compile``'s AOTAutograd, ``make_fx``,
+            ``torch.func.linearize``): code must not branch on values, and value-branching
+            kernels run as opaque operators.
+        compiling: ``torch.compile`` traces the call (Dynamo refuses autograd Functions
+            that define ``jvp``, so the jvp-less twins are used).
+        batched: Some operand is a ``vmap`` tensor at this level.
+        derivative: A derivative of the result may be asked for: autograd records the call,
+            or a forward-AD level or a torch.func transform other than ``vmap`` is open.
+        transformed: A torch.func transform (``vmap`` included) or forward-AD level is open,
+            or autograd records the call: the autograd Function must run.
+        differentiated: (Rule calls only.)  The rule's own result may be differentiated
+            again: grad mode is on in a backward (``create_graph``), or a forward-AD level
+            or a torch.func transform is open.
+    """
+
+    device_type: str
+    traced: bool
+    compiling: bool
+    batched: bool
+    derivative: bool
+    transformed: bool
+    differentiated: bool = False
+
+    def for_operands(self, xs: Sequence[Tensor]) -> Context:
+        """This context for a call on ``xs`` (after a vmap rule folded a batch away)."""
+        return replace(self, batched=_batched(xs))
+
+    @property
+    def plain(self) -> bool:
+        """Whether Python may read the operands' values (nothing traces, nothing batches)."""
+        return not self.traced and not self.batched
+
+
+def tracing() -> bool:
+    """Whether torch ops are being recorded into a graph rather than run."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch._C._len_torch_dispatch_stack():  # the common case, cheaply
+        return False
+    stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    return any(type(mode).__name__ in _TRACING_MODES for mode in stack)
+
+
+def _batched(tensors: Sequence[Tensor]) -> bool:
+    """Whether a tensor is a vmap tensor, or a tensor whose values are not there."""
+    functorch = torch._C._functorch
+    for t in tensors:
+        if functorch.is_legacy_batchedtensor(t):  # torch.autograd's own vmap
+            return True
+        while functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t):
+                return True
+            t = functorch.get_unwrapped(t)
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            return True  # a fake or other subclass tensor: treated as not plain
+    return False
+
+
+def _levels() -> tuple[bool, bool]:
+    """(a transform other than vmap is open, any transform or forward-AD level is open)."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True, True
+    stack = torch._C._functorch.get_interpreter_stack()
+    if not stack:
+        return False, False
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(level.key() != vmap for level in stack), True
+
+
+@functools.lru_cache(maxsize=64)
+def _eager(device_type: str, recorded: bool) -> Context:
+    """The context of an eager call on plain tensors (one shared object per case)."""
+    return Context(device_type, False, False, False, recorded, recorded)
+
+
+def _plain_eager(xs: Sequence[object]) -> Context | None:
+    """The context when nothing traces or transforms and every operand is a plain tensor.
+
+    The common case, checked with the cheapest calls first; ``None`` otherwise.
+    """
+    if (
+        torch._C._len_torch_dispatch_stack()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._functorch.get_interpreter_stack()
+        or torch.compiler.is_compiling()
+        or not xs
+    ):
+        return None
+    recorded = False
+    legacy = torch._C._functorch.is_legacy_batchedtensor
+    for x in xs:
+        if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+            return None
+        if legacy(x):
+            return None
+        recorded = recorded or x.requires_grad
+    first = xs[0]
+    assert isinstance(first, torch.Tensor)
+    device = "cpu" if first.is_cpu else first.device.type
+    return _eager(device, recorded and torch.is_grad_enabled())
+
+
+def call_context(xs: Sequence[Tensor]) -> Context:
+    """The context of a contraction call on ``xs``."""
+    plain = _plain_eager(xs)
+    if plain is not None:
+        return plain
+    xs = [x for x in xs if isinstance(x, torch.Tensor)]  # others are refused later, by name
+    device = xs[0].device.type if xs else "cpu"
+    recorded = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+    traced = tracing()
+    other, any_level = _levels()
+    batched = _batched(xs)
+    return Context(
+        device_type=device,
+        traced=traced,
+        compiling=torch.compiler.is_compiling(),
+        batched=batched,
+        derivative=recorded or other,
+        transformed=recorded or any_level,
+    )
+
+
+def rule_context(tensors: Sequence[Tensor]) -> Context:
+    """The context of a vjp or jvp rule running now on ``tensors``."""
+    other, any_level = _levels()
+    return Context(
+        device_type=tensors[0].device.type if tensors else "cpu",
+        traced=tracing(),
+        compiling=torch.compiler.is_compiling(),
+        batched=_batched(tensors),
+        derivative=False,
+        transformed=any_level,
+        # A compiled graph is never differentiated twice (AOTAutograd refuses).
+        differentiated=not torch.compiler.is_compiling() and (torch.is_grad_enabled() or any_level),
+    )
+
+
+def forward_over_forward() -> bool:
+    """Whether two forward-mode (jvp) transforms are open at once."""
+    try:
+        stack = torch._C._functorch.get_interpreter_stack()
+        jvp = torch._C._functorch.TransformType.Jvp
+    except AttributeError:  # pragma: no cover - other torch versions
+        return False
+    return stack is not None and sum(1 for i in stack if i.key() == jvp) >= 2

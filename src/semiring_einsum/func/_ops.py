@@ -1,0 +1,436 @@
+"""The step kernels as registered operators: ``torch.ops.semiring_einsum.<name>``.
+
+Each built-in step kernel is a ``torch.library.custom_op`` with a fake (shape-only)
+implementation and a vmap rule, so that
+
+* ``torch.compile`` places one opaque node per step and runs the eager kernel, value
+  branches included (the log certificate, the NaN fallbacks of the max-plus kernels);
+* a device kernel (CUDA, Triton, ...) can be registered for the same operator
+  (:meth:`Operator.register_kernel`), and a sharding rule attached to it.
+
+Operators take no Python objects: a step travels as its key (:meth:`~._plan.Step.key`).
+They are called only inside the rules' forward and first-order backward, which autograd
+never records, so they need no autograd formula.
+
+Calling through the dispatcher costs about 12 µs, more than a whole small contraction, so
+:meth:`Operator.__call__` runs the Python kernel directly where nothing needs the operator:
+plain operands on a device without a registered kernel.  Kernels that never branch on values
+(the windowed ones, real BLAS) are also run directly while tracing or under ``vmap``, so the
+compiler sees, and fuses, their torch operations; the max-plus slice kernel has a value-free
+form for tracers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import _kernels as K
+from . import _logblas as LB
+from ._context import Context
+from ._plan import Step, decode, fold
+
+Tensor = torch.Tensor
+NAMESPACE = "semiring_einsum"
+
+
+class Operator:
+    """One step kernel, registered as ``semiring_einsum::<name>``.
+
+    Attributes:
+        name: The operator's name in the namespace.
+        impl: The Python kernel (the operator's CPU and default implementation).
+        opaque: Whether the kernel reads values (so it must stay opaque to tracers
+            and to ``vmap``); value-free kernels are run inline there.
+        traced: A value-free form of an opaque kernel, run inline while tracing.
+        definition: The operator's ``torch.library.custom_op`` definition.
+        op: The registered operator (``torch.ops.semiring_einsum.<name>.default``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        schema: str,
+        impl: Callable[..., Any],
+        fake: Callable[..., Any],
+        *,
+        opaque: bool,
+        vmap: Callable[..., Any] | None = None,
+        traced: Callable[..., Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.impl = impl
+        self.opaque = opaque
+        self.traced = traced
+        self.definition = torch.library.custom_op(
+            f"{NAMESPACE}::{name}", _registered(impl), mutates_args=(), schema=schema
+        )
+        self.definition.register_fake(fake)
+        if vmap is not None:
+            self.definition.register_vmap(vmap)
+        self.op = getattr(getattr(torch.ops, NAMESPACE), name).default
+        self._devices: set[str] = set()
+
+    def register_kernel(self, device_type: str, kernel: Callable[..., Any]) -> None:
+        """Run ``kernel`` for this operator on ``device_type`` (always through the dispatcher)."""
+        torch.library.register_kernel(self.definition, device_type, kernel)
+        self._devices.add(device_type)
+
+    def __call__(self, ctx: Context, spec: Any, *args: Any) -> Any:
+        """Run the kernel on ``spec.step`` (the operator gets ``spec.key``)."""
+        if not (ctx.traced or ctx.batched or self._devices or torch.compiler.is_compiling()):
+            return self.impl(spec.step, *args)  # the common case first
+        if ctx.device_type in self._devices:
+            return self.op(spec.key, *args)
+        # Dynamo may also trace a frame of ours on its own (a rule's forward, after a
+        # graph break), under a context worked out eagerly: it is tracing all the same.
+        if ctx.traced or torch.compiler.is_compiling():
+            if self.traced is not None:
+                return self.traced(spec.step, *args)
+            return self.op(spec.key, *args) if self.opaque else self.impl(spec.step, *args)
+        if ctx.batched and self.opaque:
+            return self.op(spec.key, *args)
+        return self.impl(spec.step, *args)
+
+
+# ------------------------------------------------------------------- helpers
+def _registered(impl: Callable[..., Any]) -> Callable[..., Any]:
+    """The operator's implementation: ``impl`` on the decoded step, outputs contiguous.
+
+    (Compiled code checks an operator's output strides against its fake's, which
+    are contiguous.)  Only the registered operator pays for the copies; direct
+    calls do not.
+    """
+
+    @functools.wraps(impl)
+    def registered(key: str, *args: Any) -> Any:
+        out = impl(decode(key).step, *args)
+        if isinstance(out, tuple):
+            return tuple(t.contiguous() for t in out)
+        return out.contiguous()
+
+    return registered
+
+
+def _out_shape(step: Step) -> list[int]:
+    size = step.size
+    return [size[c] for c in step.output]
+
+
+def _out(step: Step, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return like.new_empty(_out_shape(step), dtype=dtype)
+
+
+def _no_index(like: Tensor) -> Tensor:
+    """What a max-plus operator returns for the argmax when none was asked for."""
+    return like.new_empty((0,), dtype=torch.int64)
+
+
+def _folded(
+    key: str, info: Any, dims: Sequence[int | None], xs: Sequence[Tensor]
+) -> tuple[str, list[Tensor], Step]:
+    """A vmap rule's call: the batch folded into the step as a new leading output index."""
+    sized = decode(key)
+    step = fold(sized, info.batch_size, [d is not None for d in dims])
+    ys = [x if d is None else x.movedim(d, 0) for x, d in zip(xs, dims)]
+    return step.key(sized.budget, sized.itemsize, sized.device_type), ys, step
+
+
+# ---------------------------------------------------------------- real BLAS
+def _real_blas(step: Step, xs: list[Tensor]) -> Tensor:
+    out = K.einsum_letters(step.inputs, step.output, *xs)
+    if len(xs) == 1 and not step.windows:  # a pure permutation may be a view
+        out = out.clone()
+    return out
+
+
+def _real_blas_fake(key: str, xs: list[Tensor]) -> Tensor:
+    return _out(decode(key).step, xs[0])
+
+
+def _one_output_vmap(op: Callable[..., Tensor]) -> Callable[..., Any]:
+    def rule(info: Any, in_dims: tuple[Any, ...], key: str, xs: list[Tensor]) -> Any:
+        folded, ys, _ = _folded(key, info, in_dims[1], xs)
+        return op(folded, ys), 0
+
+    return rule
+
+
+# ------------------------------------------------------------------ log BLAS
+def _residual_shapes(step: Step, a: Tensor, b: Tensor) -> tuple[list[int], list[int]]:
+    prog = LB.program(step)
+    assert prog is not None
+    ra = (
+        list(a.shape)
+        if prog.save_a
+        else [1 if d in prog.dims_a else n for d, n in enumerate(a.shape)]
+    )
+    rb = (
+        list(b.shape)
+        if prog.save_b
+        else [1 if d in prog.dims_b else n for d, n in enumerate(b.shape)]
+    )
+    return ra, rb
+
+
+def _log_blas(step: Step, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+    """Log step on BLAS: ``(out, res_a, res_b, sumexp, certified)``.
+
+    When every cell passed the certificate, the residuals are what a first-order
+    backward needs (see :func:`._logblas.forward`) and ``certified`` is true.
+    Otherwise the cells at risk were recomputed (or, when most were, the whole step
+    ran on the exact row or window kernel), the residuals are placeholders and
+    ``certified`` is false.
+    """
+    prog = LB.program(step)
+    assert prog is not None, f"not a BLAS log step: {step}"
+    fast = LB.forward(prog, a, b)
+    if fast is not None and len(fast) == 4:
+        out, ra, rb, s = fast
+        return out, ra, rb, s, torch.ones((), dtype=torch.bool, device=out.device)
+    if fast is not None:
+        out = fast[0]
+    else:  # most cells at risk (adversarial inputs): an exact kernel for the whole step
+        rows = K.log_rows(step, [a, b])
+        out = rows if rows is not None else K.log_forward(step, [a, b], inplace=True)[0]
+    shape_a, shape_b = _residual_shapes(step, a, b)
+    return (
+        out,
+        a.new_empty(shape_a),
+        b.new_empty(shape_b),
+        _out(step, a),
+        torch.zeros((), dtype=torch.bool, device=out.device),
+    )
+
+
+def _log_blas_fake(key: str, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+    step = decode(key).step
+    shape_a, shape_b = _residual_shapes(step, a, b)
+    return (
+        _out(step, a),
+        a.new_empty(shape_a),
+        b.new_empty(shape_b),
+        _out(step, a),
+        a.new_empty((), dtype=torch.bool),
+    )
+
+
+def _log_blas_vmap(
+    info: Any, in_dims: tuple[Any, ...], key: str, a: Tensor, b: Tensor
+) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
+    folded, (ya, yb), _ = _folded(key, info, in_dims[1:3], [a, b])
+    outs = LOG_BLAS.op(folded, ya, yb)
+    dim_a = 0 if in_dims[1] is not None else None
+    dim_b = 0 if in_dims[2] is not None else None
+    return outs, (0, dim_a, dim_b, 0, None)
+
+
+def _log_blas_vjp(
+    step: Step,
+    neg_inf: str,
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    res_a: Tensor,
+    res_b: Tensor,
+    sumexp: Tensor,
+    certified: Tensor,
+    g: Tensor,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor]:
+    """First-order gradients of a log BLAS step (a not-needed one is an empty tensor).
+
+    From the forward's residuals when it was certified (two matmuls and a
+    division); otherwise exactly, the certified cells on BLAS and the others on
+    the blocked path.
+    """
+    needs = (need_a, need_b)
+    grads: Sequence[Tensor | None]
+    if bool(certified):
+        prog = LB.program(step)
+        assert prog is not None
+        grads = LB.vjp_from_residuals(prog, a, b, res_a, res_b, sumexp, g, needs)
+    else:
+        grads = LB.vjp_exact(step, _policy(neg_inf), (a, b), out, g, needs, plain=True)
+    ga, gb = (gk if gk is not None else x.new_empty((0,)) for gk, x in zip(grads, (a, b)))
+    return ga, gb
+
+
+def _log_blas_vjp_fake(
+    key: str,
+    neg_inf: str,
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    res_a: Tensor,
+    res_b: Tensor,
+    sumexp: Tensor,
+    certified: Tensor,
+    g: Tensor,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor]:
+    return (
+        a.new_empty(a.shape if need_a else (0,)),
+        b.new_empty(b.shape if need_b else (0,)),
+    )
+
+
+def policy_key(neg_inf: K.NegInf) -> str:
+    """A ``grad_of_neg_inf`` policy as an operator argument (see :func:`_policy`)."""
+    return neg_inf if isinstance(neg_inf, str) else repr(float(neg_inf))
+
+
+def _policy(text: str) -> K.NegInf:
+    return text if text in ("nan", "uniform") else float(text)
+
+
+# --------------------------------------------------------------- log kernels
+def _log_rows(step: Step, xs: list[Tensor]) -> Tensor:
+    out = K.log_rows(step, xs)
+    return out if out is not None else K.log_forward(step, xs, inplace=True)[0]
+
+
+def _log_windows(step: Step, inplace: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return K.log_forward(step, xs, inplace=inplace)
+
+
+def _log_windows_fake(key: str, inplace: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    step = decode(key).step
+    return _out(step, xs[0]), _out(step, xs[0]), _out(step, xs[0])
+
+
+def _log_windows_vmap(
+    info: Any, in_dims: tuple[Any, ...], key: str, inplace: bool, xs: list[Tensor]
+) -> Any:
+    folded, ys, _ = _folded(key, info, in_dims[2], xs)
+    return LOG_WINDOWS.op(folded, inplace, ys), (0, 0, 0)
+
+
+# ---------------------------------------------------------- max-plus kernels
+def _max_windows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    values, index = K.max_windows(step, xs, argmax)
+    return values, index if argmax else _no_index(values)
+
+
+def _max_rows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The row kernel; where it does not apply (a NaN value), the NaN-aware kernels."""
+    found = K.max_rows(step, xs, argmax)
+    if found is None:
+        if argmax and math.prod(_out_shape(step)) >= K.SLICES_MIN_OUTPUT:
+            found = K.max_slices(step, xs, argmax)
+        else:
+            found = K.max_windows(step, xs, argmax)
+    values, index = found
+    return values, index if argmax else _no_index(values)
+
+
+def _max_slices(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    values, index = K.max_slices(step, xs, argmax)
+    return values, index if argmax else _no_index(values)
+
+
+def _max_slices_traced(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    values, index = K.max_slices(step, xs, argmax, traced=True)
+    return values, index if argmax else _no_index(values)
+
+
+def _max_fake(key: str, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    step = decode(key).step
+    values = _out(step, xs[0])
+    return values, _out(step, xs[0], torch.int64) if argmax else _no_index(xs[0])
+
+
+def _max_vmap(op: Callable[..., Any]) -> Callable[..., Any]:
+    def rule(info: Any, in_dims: tuple[Any, ...], key: str, argmax: bool, xs: list[Tensor]) -> Any:
+        folded, ys, _ = _folded(key, info, in_dims[2], xs)
+        return op(folded, argmax, ys), (0, 0 if argmax else None)
+
+    return rule
+
+
+# ------------------------------------------------------------- registration
+_MAX_SCHEMA = "(str step, bool argmax, Tensor[] xs) -> (Tensor, Tensor)"
+
+REAL_BLAS: Operator = Operator(
+    "real_blas",
+    "(str step, Tensor[] xs) -> Tensor",
+    _real_blas,
+    _real_blas_fake,
+    opaque=False,
+    vmap=_one_output_vmap(lambda key, ys: REAL_BLAS.op(key, ys)),
+)
+LOG_BLAS: Operator = Operator(
+    "log_blas",
+    "(str step, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _log_blas,
+    _log_blas_fake,
+    opaque=True,
+    vmap=_log_blas_vmap,
+)
+LOG_BLAS_VJP: Operator = Operator(
+    "log_blas_vjp",
+    "(str step, str neg_inf, Tensor a, Tensor b, Tensor out, Tensor res_a, Tensor res_b, "
+    "Tensor sumexp, Tensor certified, Tensor g, bool need_a, bool need_b) -> (Tensor, Tensor)",
+    _log_blas_vjp,
+    _log_blas_vjp_fake,
+    opaque=True,
+)
+LOG_ROWS: Operator = Operator(
+    "log_rows",
+    "(str step, Tensor[] xs) -> Tensor",
+    _log_rows,
+    _real_blas_fake,  # one output-shaped tensor
+    opaque=True,
+    vmap=_one_output_vmap(lambda key, ys: LOG_ROWS.op(key, ys)),
+)
+LOG_WINDOWS: Operator = Operator(
+    "log_windows",
+    "(str step, bool inplace, Tensor[] xs) -> (Tensor, Tensor, Tensor)",
+    _log_windows,
+    _log_windows_fake,
+    opaque=False,
+    vmap=_log_windows_vmap,
+)
+MAX_WINDOWS: Operator = Operator(
+    "max_windows",
+    _MAX_SCHEMA,
+    _max_windows,
+    _max_fake,
+    opaque=False,
+    vmap=_max_vmap(lambda *a: MAX_WINDOWS.op(*a)),
+)
+MAX_ROWS: Operator = Operator(
+    "max_rows",
+    _MAX_SCHEMA,
+    _max_rows,
+    _max_fake,
+    opaque=True,
+    vmap=_max_vmap(lambda *a: MAX_ROWS.op(*a)),
+)
+MAX_SLICES: Operator = Operator(
+    "max_slices",
+    _MAX_SCHEMA,
+    _max_slices,
+    _max_fake,
+    opaque=True,
+    vmap=_max_vmap(lambda *a: MAX_SLICES.op(*a)),
+    traced=_max_slices_traced,
+)
+
+OPERATORS = (
+    REAL_BLAS,
+    LOG_BLAS,
+    LOG_BLAS_VJP,
+    LOG_ROWS,
+    LOG_WINDOWS,
+    MAX_WINDOWS,
+    MAX_ROWS,
+    MAX_SLICES,
+)
+"""Every registered operator."""
