@@ -31,6 +31,8 @@ class Context:
         compiling: ``torch.compile`` traces the call (Dynamo refuses autograd Functions
             that define ``jvp``, so the jvp-less twins are used).
         batched: Some operand is a ``vmap`` tensor at this level.
+        foreign: Some operand is a tensor subclass whose values Python cannot read
+            (a fake tensor, say) though nothing traces or batches.
         derivative: A derivative of the result may be asked for: autograd records the call,
             or a forward-AD level or a torch.func transform other than ``vmap`` is open.
         transformed: A torch.func transform (``vmap`` included) or forward-AD level is open,
@@ -47,15 +49,17 @@ class Context:
     derivative: bool
     transformed: bool
     differentiated: bool = False
+    foreign: bool = False
 
     def for_operands(self, xs: Sequence[Tensor]) -> Context:
         """This context for a call on ``xs`` (after a vmap rule folded a batch away)."""
-        return replace(self, batched=_batched(xs))
+        batched, foreign = _kinds(xs)
+        return replace(self, batched=batched, foreign=foreign)
 
     @property
     def plain(self) -> bool:
-        """Whether Python may read the operands' values (nothing traces, nothing batches)."""
-        return not self.traced and not self.batched
+        """Whether Python may read the operands' values (nothing traces, batches or hides)."""
+        return not (self.traced or self.batched or self.foreign)
 
 
 def tracing() -> bool:
@@ -68,19 +72,23 @@ def tracing() -> bool:
     return any(type(mode).__name__ in _TRACING_MODES for mode in stack)
 
 
-def _batched(tensors: Sequence[Tensor]) -> bool:
-    """Whether a tensor is a vmap tensor, or a tensor whose values are not there."""
+def _kinds(tensors: Sequence[Tensor]) -> tuple[bool, bool]:
+    """(a tensor is a vmap tensor, a tensor is a subclass whose values are not there)."""
     functorch = torch._C._functorch
+    batched = foreign = False
     for t in tensors:
         if functorch.is_legacy_batchedtensor(t):  # torch.autograd's own vmap
-            return True
+            batched = True
+            continue
         while functorch.is_functorch_wrapped_tensor(t):
             if functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t):
-                return True
+                batched = True
+                break
             t = functorch.get_unwrapped(t)
-        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-            return True  # a fake or other subclass tensor: treated as not plain
-    return False
+        else:
+            if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+                foreign = True
+    return batched, foreign
 
 
 def _levels() -> tuple[bool, bool]:
@@ -137,7 +145,7 @@ def call_context(xs: Sequence[Tensor]) -> Context:
     recorded = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
     traced = tracing()
     other, any_level = _levels()
-    batched = _batched(xs)
+    batched, foreign = _kinds(xs)
     return Context(
         device_type=device,
         traced=traced,
@@ -145,17 +153,20 @@ def call_context(xs: Sequence[Tensor]) -> Context:
         batched=batched,
         derivative=recorded or other,
         transformed=recorded or any_level,
+        foreign=foreign,
     )
 
 
 def rule_context(tensors: Sequence[Tensor]) -> Context:
     """The context of a vjp or jvp rule running now on ``tensors``."""
     other, any_level = _levels()
+    batched, foreign = _kinds(tensors)
     return Context(
         device_type=tensors[0].device.type if tensors else "cpu",
         traced=tracing(),
         compiling=torch.compiler.is_compiling(),
-        batched=_batched(tensors),
+        batched=batched,
+        foreign=foreign,
         derivative=False,
         transformed=any_level,
         # A compiled graph is never differentiated twice (AOTAutograd refuses).

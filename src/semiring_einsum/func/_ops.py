@@ -82,7 +82,9 @@ class Operator:
 
     def __call__(self, ctx: Context, spec: Any, *args: Any) -> Any:
         """Run the kernel on ``spec.step`` (the operator gets ``spec.key``)."""
-        if not (ctx.traced or ctx.batched or self._devices or torch.compiler.is_compiling()):
+        if not (ctx.traced or ctx.batched or ctx.foreign or self._devices) and not (
+            torch.compiler.is_compiling()
+        ):
             return self.impl(spec.step, *args)  # the common case first
         if ctx.device_type in self._devices:
             return self.op(spec.key, *args)
@@ -92,7 +94,7 @@ class Operator:
             if self.traced is not None:
                 return self.traced(spec.step, *args)
             return self.op(spec.key, *args) if self.opaque else self.impl(spec.step, *args)
-        if ctx.batched and self.opaque:
+        if (ctx.batched or ctx.foreign) and self.opaque:
             return self.op(spec.key, *args)
         return self.impl(spec.step, *args)
 
