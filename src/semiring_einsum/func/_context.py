@@ -169,8 +169,7 @@ def rule_context(tensors: Sequence[Tensor]) -> Context:
         foreign=foreign,
         derivative=False,
         transformed=any_level,
-        # A compiled graph is never differentiated twice (AOTAutograd refuses).
-        differentiated=not torch.compiler.is_compiling() and (torch.is_grad_enabled() or any_level),
+        differentiated=torch.is_grad_enabled() or any_level,
     )
 
 
