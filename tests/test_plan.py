@@ -139,3 +139,47 @@ def test_plan_resolves_ellipsis_and_diagonals() -> None:
     p = func.plan("...ii,...i->...", (2, 3, 3), (2, 3), semiring=func.LOG)
     assert len(p.contraction.inputs) == 2
     assert all(len(set(t)) == len(t) for t in p.contraction.inputs)
+
+
+def _package_caches() -> dict[str, object]:
+    """Every functools cache defined in a module of semiring_einsum.func."""
+    import functools
+    import importlib
+    import pkgutil
+
+    import semiring_einsum.func as package
+
+    caches: dict[str, object] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, functools._lru_cache_wrapper):
+                caches[f"{info.name}.{name}"] = value
+    return caches
+
+
+def test_clear_caches_empties_every_cache() -> None:
+    from semiring_einsum.func import _api, _autograd
+
+    x = torch.randn(3, 4, requires_grad=True)
+    y = torch.randn(4, 5)
+    seven = [torch.randn(2, requires_grad=True) for _ in range(7)]
+    func.log_einsum("ij,jk->ik", x, y).sum().backward()
+    func.max_einsum("ij,jk->ik", x, y).sum().backward()
+    func.einsum("ij,jk->ik", x, y)
+    func.einsum("a,a,a,a,a,a,a->", *seven, optimize=False)  # a Function made on demand
+    caches = _package_caches()
+    assert len(caches) >= 10, sorted(caches)
+    assert any(cache.cache_info().currsize for cache in caches.values())  # type: ignore[attr-defined]
+    assert _api._SEEN
+    assert any(key[1] > _autograd.PREBUILT_ARITY for key in _autograd._FUNCTIONS)
+    func.clear_caches()
+    full = {n: c.cache_info().currsize for n, c in caches.items() if c.cache_info().currsize}  # type: ignore[attr-defined]
+    assert not full, full
+    assert not _api._SEEN
+    assert all(key[1] <= _autograd.PREBUILT_ARITY for key in _autograd._FUNCTIONS)
+
+
+def test_every_cache_is_bounded() -> None:
+    unbounded = [n for n, c in _package_caches().items() if c.cache_info().maxsize is None]  # type: ignore[attr-defined]
+    assert not unbounded

@@ -416,14 +416,9 @@ def semiring_einsum_forward(
         # The protocol's term layout is output dims first, then window dims.
         to_protocol = list(range(nsum, nsum + nout)) + list(range(nsum))
         dims = tuple(range(nout, nout + nsum))
-        ranges = list(step.ranges())
-        empty = not ranges
-        if empty:
-            ranges = [tuple((0, 0) for _ in step.windows)]
         acc: Any = None
-        for rng in ranges:
+        for rng, views in K.windows(step, aligned, empty=True):
             shape = [size[c] for c in step.output] + [hi - lo for lo, hi in rng]
-            views = K.narrow(step, aligned, rng) if not empty else _empty(aligned, rng)
             views = [v.permute(to_protocol) for v in views]
             term = views[0].expand(shape).clone()
             for factor in views[1:]:
@@ -439,17 +434,6 @@ def semiring_einsum_forward(
         return acc
 
     return func(compute_sum)
-
-
-def _empty(aligned: Sequence[Tensor], rng: tuple[tuple[int, int], ...]) -> list[Tensor]:
-    """Slices of zero extent along every summed dim (the empty window)."""
-    out = []
-    for x in aligned:
-        for d in range(len(rng)):
-            if x.shape[d] != 1:
-                x = x.narrow(d, 0, 0)
-        out.append(x)
-    return out
 
 
 @dataclass(frozen=True, eq=False)

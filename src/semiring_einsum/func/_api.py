@@ -11,10 +11,13 @@ from typing import Any, cast
 import torch
 
 from . import _kernels as K
+from . import _logblas as LB
 from . import _ops as OPS
-from ._autograd import apply
+from ._autograd import apply, clear_functions
 from ._budget import BlockSize, Budget, budget_of, resolve_budget
+from ._budget import cache_clear as budget_of_cache_clear
 from ._compile import in_graph
+from ._context import cache_clear as context_cache_clear
 from ._context import call_context
 from ._parse import (
     Contraction,
@@ -702,10 +705,13 @@ def _shape(x: object) -> tuple[int, ...] | None:
 
 
 def clear_caches() -> None:
-    """Empty every cache of the package (parsed equations, plans, windows).
+    """Empty every cache of the package.
 
-    The caches are bounded; clearing them is only useful to free their memory
-    or to measure cold-start costs.
+    Parsed equations, plans and their kernels, call setups, window sizes, the
+    products chosen for BLAS steps, the log steps' BLAS programs, budgets,
+    call contexts, and the autograd Functions made for steps of more operands
+    than the ones built at import.  Every cache is bounded; clearing them is
+    only useful to free their memory or to measure cold-start costs.
 
     Example:
         >>> from semiring_einsum import func
@@ -717,6 +723,11 @@ def clear_caches() -> None:
     resolve.cache_clear()
     parse_subscripts.cache_clear()
     clear_plan_caches()
+    budget_of_cache_clear()
+    context_cache_clear()
+    K.einsum_product.cache_clear()
+    LB.program.cache_clear()
+    clear_functions()
 
 
 __all__ = [

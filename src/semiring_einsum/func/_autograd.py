@@ -101,6 +101,12 @@ _FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
 }
 
 
+def clear_functions() -> None:
+    """Forget the Functions made on demand (steps of more than ``PREBUILT_ARITY`` operands)."""
+    for key in [k for k in _FUNCTIONS if k[1] > PREBUILT_ARITY]:
+        del _FUNCTIONS[key]
+
+
 def _function(rule: Rule, n: int, compiling: bool) -> type[torch.autograd.Function]:
     with_jvp = rule.jvp is not None and not compiling
     key = (rule, n, with_jvp)

@@ -141,6 +141,11 @@ def _budget_of(extent: int, nbytes: int) -> Budget:
     return Budget(extent or None, nbytes or None)
 
 
+def cache_clear() -> None:
+    """Empty the cache of :func:`budget_of`."""
+    _budget_of.cache_clear()
+
+
 def resolve_budget(block_size: object, device: torch.device, equation: object = None) -> Budget:
     """Validate ``block_size`` and turn it into a hashable :class:`Budget`.
 

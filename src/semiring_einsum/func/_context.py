@@ -108,6 +108,11 @@ def _eager(device_type: str, recorded: bool) -> Context:
     return Context(device_type, False, False, False, recorded, recorded)
 
 
+def cache_clear() -> None:
+    """Empty the cache of shared eager contexts."""
+    _eager.cache_clear()
+
+
 def _plain_eager(xs: Sequence[object]) -> Context | None:
     """The context when nothing traces or transforms and every operand is a plain tensor.
 

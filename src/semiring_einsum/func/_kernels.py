@@ -137,6 +137,32 @@ def narrow(step: Step, aligned: Sequence[Tensor], rng: Range) -> list[Tensor]:
     return views
 
 
+def windows(
+    step: Step, aligned: Sequence[Tensor], empty: bool = False
+) -> Iterator[tuple[Range, list[Tensor]]]:
+    """The windows of a step in row-major order: each one's range and operand parts.
+
+    ``aligned`` are the operands as :func:`align` lays them out.  With ``empty``,
+    a step summing an index of size 0 (no windows) yields one window of extent 0,
+    so that a caller can ask its reduction what an empty sum is.
+    """
+    found = False
+    for rng in step.ranges():
+        found = True
+        yield rng, narrow(step, aligned, rng)
+    if empty and not found:
+        rng = tuple((0, 0) for _ in step.windows)
+        yield rng, [_zero_extent(x, len(rng)) for x in aligned]
+
+
+def _zero_extent(x: Tensor, ndims: int) -> Tensor:
+    """``x`` narrowed to extent 0 along each of its first ``ndims`` dims not broadcast."""
+    for d in range(ndims):
+        if x.shape[d] != 1:
+            x = x.narrow(d, 0, 0)
+    return x
+
+
 def reduce_dims(step: Step) -> tuple[int, ...]:
     """The window dims of a window tensor (the leading ones)."""
     return tuple(range(len(step.windows)))
@@ -160,8 +186,8 @@ def contract(semiring: Semiring, step: Step, ops: Sequence[Tensor]) -> Tensor:
     dims = reduce_dims(step)
     shape = _out_shape(step)
     acc: Tensor | None = None
-    for rng in step.ranges():
-        term = functools.reduce(semiring.mul, narrow(step, aligned, rng))
+    for _, views in windows(step, aligned):
+        term = functools.reduce(semiring.mul, views)
         part = semiring.sum(term, dims)
         acc = part if acc is None else semiring.add(acc, part)
     if acc is None:  # a summed index of size 0: the empty sum
@@ -216,8 +242,8 @@ def log_forward(
     s_run: Tensor | None = None
     shift: Tensor | None = None
     floor = -_EXP_FLOOR.get(aligned[0].dtype, _DEFAULT_EXP_FLOOR)
-    for rng in step.ranges():
-        t, owned = _term(narrow(step, aligned, rng), torch.add)
+    for _, views in windows(step, aligned):
+        t, owned = _term(views, torch.add)
         owned = owned and inplace
         m = t.amax(dims) if dims else t.clone()  # t may be overwritten below
         m_new = m if m_run is None else torch.maximum(m_run, m)
@@ -285,8 +311,8 @@ def max_windows(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     strides = _strides(step)
     best: Tensor | None = None
     where: Tensor | None = None
-    for rng in step.ranges():
-        t, _ = _term(narrow(step, aligned, rng), torch.add)
+    for rng, views in windows(step, aligned):
+        t, _ = _term(views, torch.add)
         extents = [hi - lo for lo, hi in rng]
         flat = t.expand(extents + shape).flatten(0, len(extents) - 1)
         m = flat.amax(0)
@@ -649,8 +675,8 @@ def pullback(
     """
     aligned = align(step, ops)
     acc = GradAccumulator(step, ops, needs)
-    for rng in step.ranges():
-        w = weights(narrow(step, aligned, rng), rng)
+    for rng, views in windows(step, aligned):
+        w = weights(views, rng)
         for k in range(len(ops)):
             if needs[k]:
                 acc.add(k, rng, w)
@@ -680,9 +706,9 @@ def tangent_sum(
     dims = reduce_dims(step)
     shape = _out_shape(step)
     acc: Tensor | None = None
-    for rng in step.ranges():
-        w = weights(narrow(step, aligned, rng), rng)
-        tt = functools.reduce(torch.add, narrow(step, t_aligned, rng))
+    for (rng, views), (_, t_views) in zip(windows(step, aligned), windows(step, t_aligned)):
+        w = weights(views, rng)
+        tt = functools.reduce(torch.add, t_views)
         part = w * tt
         part = part.sum(dims) if dims else part
         acc = part if acc is None else acc + part

@@ -442,9 +442,10 @@ def _path(
 
 
 def clear_plan_caches() -> None:
-    """Empty the plan and window caches."""
+    """Empty the plan, window and step-key caches."""
     _make_plan.cache_clear()
     window_extents.cache_clear()
+    decode.cache_clear()
 
 
 def joint_step(

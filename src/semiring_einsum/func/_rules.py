@@ -417,9 +417,7 @@ def _custom_jvp(
     aligned, t_aligned = K.align(step, xs), K.align(step, ts)
     total: Tensor | None = None
     tangent: Tensor | None = None
-    for rng in step.ranges():
-        views = tuple(K.narrow(step, aligned, rng))
-        t_views = tuple(K.narrow(step, t_aligned, rng))
+    for (_, views), (_, t_views) in zip(K.windows(step, aligned), K.windows(step, t_aligned)):
         p, t_p = _jvp_by_transposition(part, views, t_views)
         if total is None or tangent is None:
             total, tangent = p, t_p
