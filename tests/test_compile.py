@@ -439,3 +439,23 @@ def test_eager_results_unchanged_after_compiling() -> None:
     # eager forward mode still uses the Functions with a jvp (and its guard)
     with pytest.raises(NotImplementedError, match="hessian"):
         jacfwd(jacfwd(lambda x: func.log_einsum(EQ, x, b, block_size=2)))(a)
+
+
+def test_log_blas_relayout_under_compile() -> None:
+    """The log BLAS operator with an operand copied into another layout (its fake shapes too)."""
+    equation = "abcdefg,ceh->abdfgh"
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(4, 4, 4, 4, 4, 4, 16, generator=g, requires_grad=True)
+    b = torch.randn(4, 4, 2, generator=g, requires_grad=True)
+    (step,) = func.plan(equation, a, b, semiring=func.LOG).steps
+    assert step.kernel == "log_blas"
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        return (func.log_einsum(equation, x, y) * 0.5).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(a, b), (a, b))
+    want = torch.autograd.grad(loss(a, b), (a, b))
+    for gk, wk in zip(got, want, strict=True):
+        close(gk, wk)
+    no_graph_breaks()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,6 +75,10 @@ class Program:
         save_a: Whether the forward keeps ``exp(A - mA)`` for the backward
             (when it is no bigger than the output) rather than ``mA``.
         save_b: The same for the second operand.
+        perm_a: The layout the first operand is copied into before anything
+            else, or ``None`` to use it as it is (see :func:`_layout`); ``step``
+            and everything above are then about the copied layout.
+        perm_b: The same for the second operand.
     """
 
     step: Step
@@ -88,6 +92,30 @@ class Program:
     back_b: Callable[[Tensor, Tensor], Tensor]
     save_a: bool
     save_b: bool
+    perm_a: tuple[int, ...] | None = None
+    perm_b: tuple[int, ...] | None = None
+
+
+# An operand this big whose summed indices are scattered through its dims is
+# copied into a layout with them last: the maximum over them then reduces
+# contiguous rows, the shift and exp run in place on the copy, and the product
+# needs no copy of its own (torch.einsum would make one).  Measured on a
+# 7-index operand of 2.2M elements with two summed indices in the middle: 6.2 ms
+# -> about 2 ms, most of it strided amax before.
+_RELAYOUT_MIN_ELEMENTS = 1 << 16
+
+
+def _layout(term: str, summed: str, numel: int) -> tuple[int, ...] | None:
+    """The permutation putting ``term``'s summed indices last, where it pays."""
+    positions = [term.index(c) for c in summed]
+    block = sorted(positions)
+    k = len(block)
+    leading = block == list(range(k))
+    trailing = block == list(range(len(term) - k, len(term)))
+    if leading or trailing or numel < _RELAYOUT_MIN_ELEMENTS:
+        return None
+    keep = [d for d, c in enumerate(term) if c not in summed]
+    return tuple(keep + positions)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -95,6 +123,27 @@ def program(step: Step) -> Program | None:
     """The step's :class:`Program`, or ``None`` when it cannot run on BLAS."""
     if not applicable(step):
         return None
+    ta, tb = step.inputs
+    summed = step.summed
+    perm_a = _layout(ta, summed, _numel(step, ta))
+    perm_b = _layout(tb, summed, _numel(step, tb))
+    if perm_a is None and perm_b is None:
+        return _program(step)
+    relaid = Step(
+        step.operands,
+        (
+            "".join(ta[d] for d in perm_a) if perm_a else ta,
+            "".join(tb[d] for d in perm_b) if perm_b else tb,
+        ),
+        step.output,
+        step.sizes,
+        step.windows,
+        step.kernel,
+    )
+    return replace(_program(relaid), perm_a=perm_a, perm_b=perm_b)
+
+
+def _program(step: Step) -> Program:
     ta, tb = step.inputs
     summed, out = step.summed, step.output
     return Program(
@@ -202,7 +251,14 @@ def _lined_up(m: Tensor, plan: tuple[tuple[int, ...], tuple[int, ...]]) -> Tenso
     return m.permute(perm).reshape([m.shape[d] if d >= 0 else 1 for d in take])
 
 
-def forward(prog: Program, a: Tensor, b: Tensor) -> tuple[Tensor, ...] | None:
+def _laid_out(x: Tensor, perm: tuple[int, ...] | None) -> tuple[Tensor, bool]:
+    """``x`` in the program's layout, and whether that is a fresh copy of ours."""
+    if perm is None:
+        return x, False
+    return x.permute(perm).contiguous(), True
+
+
+def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Tensor, ...] | None:
     """The step's output: BLAS, with an exact log-sum-exp at the cells that need it.
 
     Returns ``(out, exp(A - mA) or mA, exp(B - mB) or mB, S)`` when every
@@ -212,14 +268,19 @@ def forward(prog: Program, a: Tensor, b: Tensor) -> tuple[Tensor, ...] | None:
     and ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
     Written with as few torch calls (and Python calls) as possible: on small
-    and medium steps their fixed cost, not the arithmetic, dominates.
+    and medium steps their fixed cost, not the arithmetic, dominates.  The
+    residuals are in the program's layout (see :attr:`Program.perm_a`).
     """
+    a, b = a_in, b_in
+    a, own_a = _laid_out(a, prog.perm_a)
+    b, own_b = _laid_out(b, prog.perm_b)
     ma = a.amax(prog.dims_a, keepdim=True)
     mb = b.amax(prog.dims_b, keepdim=True)
     # A non-finite maximum (an all -inf row, an inf, a NaN) turns its row
     # into NaN here; BLAS keeps that NaN to the cells of that row, which fail
     # the certificate below and are recomputed from the operands.
-    ea, eb = (a - ma).exp_(), (b - mb).exp_()
+    ea = (a.sub_(ma) if own_a else a - ma).exp_()
+    eb = (b.sub_(mb) if own_b else b - mb).exp_()
     product = prog.product(ea, eb)
     log_sum = torch.log(product)
     mask = risky(log_sum)
@@ -233,6 +294,9 @@ def forward(prog: Program, a: Tensor, b: Tensor) -> tuple[Tensor, ...] | None:
         if not product.numel():
             return (result,)
         return result, ea if prog.save_a else ma, eb if prog.save_b else mb, product
+    # The copies were shifted in place: the fix-up reads the operands anew.
+    a = _laid_out(a_in, prog.perm_a)[0] if own_a else a
+    b = _laid_out(b_in, prog.perm_b)[0] if own_b else b
     return (_fix_cells(prog.step, a, b, result, mask, prog.chunk_elements),)
 
 
@@ -257,12 +321,22 @@ def vjp_from_residuals(
     are free of inf and NaN.  The residuals are constants, so the result must
     not be differentiated again (the caller checks).
     """
-    ea = res_a if prog.save_a else torch.exp(a - res_a)
-    eb = res_b if prog.save_b else torch.exp(b - res_b)
+    ea = res_a if prog.save_a else torch.exp(_laid_out(a, prog.perm_a)[0] - res_a)
+    eb = res_b if prog.save_b else torch.exp(_laid_out(b, prog.perm_b)[0] - res_b)
     w = g / product
-    grad_a = ea * prog.back_a(w, eb) if needs[0] else None
-    grad_b = eb * prog.back_b(ea, w) if needs[1] else None
+    grad_a = _restored(ea * prog.back_a(w, eb), prog.perm_a) if needs[0] else None
+    grad_b = _restored(eb * prog.back_b(ea, w), prog.perm_b) if needs[1] else None
     return [grad_a, grad_b]
+
+
+def _restored(x: Tensor, perm: tuple[int, ...] | None) -> Tensor:
+    """A gradient in the program's layout, back in its operand's layout (a view)."""
+    if perm is None:
+        return x
+    inverse = [0] * len(perm)
+    for d, p in enumerate(perm):
+        inverse[p] = d
+    return x.permute(inverse)
 
 
 def _fix_cells(

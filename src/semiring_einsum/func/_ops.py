@@ -164,19 +164,20 @@ def _one_output_vmap(op: Callable[..., Tensor]) -> Callable[..., Any]:
 
 # ------------------------------------------------------------------ log BLAS
 def _residual_shapes(step: Step, a: Tensor, b: Tensor) -> tuple[list[int], list[int]]:
+    """The shapes of the residuals (``exp(X - mX)`` or ``mX``, in the program's layout)."""
     prog = LB.program(step)
     assert prog is not None
-    ra = (
-        list(a.shape)
-        if prog.save_a
-        else [1 if d in prog.dims_a else n for d, n in enumerate(a.shape)]
+    return (
+        _residual_shape(a, prog.perm_a, prog.dims_a, prog.save_a),
+        _residual_shape(b, prog.perm_b, prog.dims_b, prog.save_b),
     )
-    rb = (
-        list(b.shape)
-        if prog.save_b
-        else [1 if d in prog.dims_b else n for d, n in enumerate(b.shape)]
-    )
-    return ra, rb
+
+
+def _residual_shape(
+    x: Tensor, perm: tuple[int, ...] | None, dims: tuple[int, ...], save: bool
+) -> list[int]:
+    laid = [x.shape[d] for d in perm] if perm is not None else list(x.shape)
+    return laid if save else [1 if d in dims else n for d, n in enumerate(laid)]
 
 
 def _log_blas(step: Step, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
