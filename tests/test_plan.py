@@ -67,6 +67,15 @@ def test_kernel_choice(equation: str, shapes: list, semiring: str, kernels: list
     assert [step.kernel for step in func.plan(equation, *shapes, semiring=s).steps] == kernels
 
 
+def test_compiled_joint_max_plus_step_with_few_cells_keeps_the_row_kernel() -> None:
+    # 768 cells, 4608 terms in several windows: the row kernel beats the fused windows.
+    shapes = [(2, 16, 24, 8), (2, 16, 24, 8), (24, 24, 24)]
+    compiled = func.plan(
+        "bsxk,bsyk,xyz->bsz", *shapes, semiring=func.MAX_PLUS, optimize=False, compiled=True
+    )
+    assert [s.kernel for s in compiled.steps] == ["rows"]
+
+
 def test_compiled_max_plus_plans_take_the_value_free_kernels() -> None:
     shapes = [(3, 10, 40), (3, 40, 9)]
     eager = func.plan("bij,bjk->bik", *shapes, semiring=func.MAX_PLUS)

@@ -195,13 +195,26 @@ def _max_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> s
         return "unsummed"
     if step.terms == 0:
         return "empty"
-    # While tracing, the value-free kernels: the compiler fuses them well.
-    if not traced and K.rows_apply(step, dtype, argmax=True) is not None:
-        return "rows"
     size = step.size
-    if math.prod(size[c] for c in step.output) >= K.SLICES_MIN_OUTPUT:
+    cells = math.prod(size[c] for c in step.output)
+    if K.rows_apply(step, dtype, argmax=True) is not None:
+        if not traced:
+            return "rows"
+        # While tracing, the value-free kernels, which the compiler fuses into
+        # one loop -- unless the step has few cells and several windows: the
+        # fused windows then lose to the row kernel (measured on a joint CKY
+        # step, 768 cells in 4 windows: 4.3 ms fused vs 1.8 ms for the rows;
+        # on a batched matmul, 131k cells: 1.3 ms fused vs 7.3 ms).
+        if cells < K.SLICES_MIN_OUTPUT and _window_count(step) > 1:
+            return "rows"
+    if cells >= K.SLICES_MIN_OUTPUT:
         return "slices"
     return "windows"
+
+
+def _window_count(step: Step) -> int:
+    size = step.size
+    return math.prod(-(-size[c] // w) for c, w in step.windows)
 
 
 _MAX_OPERATORS = {"rows": OPS.MAX_ROWS, "slices": OPS.MAX_SLICES}
