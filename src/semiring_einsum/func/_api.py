@@ -31,8 +31,10 @@ from ._parse import (
 )
 from ._plan import Plan, Step, _optimize_key, clear_plan_caches, make_plan, with_kernels
 from ._rules import (
+    GENERIC_FAMILY,
     LOG_FAMILY,
     LOG_RULE,
+    MIN_FAMILY,
     REAL_FAMILY,
     CustomSpec,
     Family,
@@ -57,7 +59,8 @@ class _Setup:
     recipe: Recipe
     plan: Plan
     compute: torch.dtype
-    specs: dict[tuple[int, bool], Spec]  # (id(step), argmax) -> the step's Spec
+    specs: dict[int, Spec]  # id(step) -> the step's Spec
+    values_only: dict[int, Spec]  # max-plus: id(step) -> its Spec without an argmax
 
 
 @functools.lru_cache(maxsize=1024)
@@ -97,7 +100,8 @@ def _setup(
     )
     plan = with_kernels(plan, lambda step: family.kernel(step, compute, traced, extras))
     last = plan.steps[-1]
-    specs: dict[tuple[int, bool], Spec] = {}
+    specs: dict[int, Spec] = {}
+    values_only: dict[int, Spec] = {}
     for step in plan.steps:
         common = (step, budget, itemsize, device_type)
         if family.spec is LogSpec:
@@ -108,13 +112,13 @@ def _setup(
             # step's policy already reaches the intermediate through the chain rule.
             # So intermediate steps use weight 0, which also passes a NaN cotangent on.
             neg_inf = policy if step is last else 0.0
-            specs[(id(step), True)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
+            specs[id(step)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
         elif family.spec is MaxSpec:
-            specs[(id(step), True)] = MaxSpec(*common, argmax=True)
-            specs[(id(step), False)] = MaxSpec(*common, argmax=False)
+            specs[id(step)] = MaxSpec(*common, argmax=True)
+            values_only[id(step)] = MaxSpec(*common, argmax=False)
         else:
-            specs[(id(step), True)] = family.spec(*common)
-    return _Setup(recipe, plan, compute, specs)
+            specs[id(step)] = family.spec(*common)
+    return _Setup(recipe, plan, compute, specs, values_only)
 
 
 # Setups of recent calls by their raw arguments (see _Prepared), with whether
@@ -133,6 +137,7 @@ class _Prepared:
         "operands",
         "plan",
         "specs",
+        "values_only",
         "out_dtype",
         "compute_dtype",
     )
@@ -214,10 +219,11 @@ class _Prepared:
         ops = list(operands) if as_is else apply_recipe(setup.recipe, operands, setup.compute)
         self.operands = ops
         self.specs = setup.specs
+        self.values_only = setup.values_only
 
     def spec(self, step: Step, argmax: bool = True) -> Spec:
         """The step's spec (max-plus: the one with or without an argmax)."""
-        return self.specs[(id(step), argmax)]
+        return self.specs[id(step)] if argmax else self.values_only[id(step)]
 
     def canonical(self, operands: Sequence[Tensor]) -> list[Tensor]:
         """The clean operands of ``operands`` (differentiably), as in ``__init__``."""
@@ -270,31 +276,8 @@ def _contract(
     ctx = call_context(operands)
     family = family_of(semiring)
     traced = ctx.traced
-    if family.name in ("max_plus", "min_plus"):
-        p = _Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
-        # The argmax is the backward's residual: skip it when no derivative can come.
-        argmax = viterbi or ctx.derivative
-        backpointers: list[tuple[Step, Tensor]] = []
-
-        def max_step(s: Step, args: list[Tensor]) -> Tensor:
-            values, linear = apply(family.rule, p.spec(s, argmax), ctx, *args)
-            if viterbi:
-                backpointers.append((s, linear))
-            return values
-
-        if family.name == "min_plus":  # min(x) = -max(-x)
-            return -p.run(max_step, [-x for x in p.operands])
-        values = p.run(max_step)
-        return (values, _backtrack(p, backpointers)) if viterbi else values
-    if family is LOG_FAMILY:
-        joint = policy != "nan"
-        p = _Prepared(
-            semiring, family, equation, operands, budget, optimize,
-            traced=traced, joint=joint, neg_inf=policy,
-        )  # fmt: skip
-        return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), ctx, *args)[0])
-    p = _Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
     if family is REAL_FAMILY:
+        p = _Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
 
         def real_step(s: Step, args: list[Tensor]) -> Tensor:
             # On BLAS, autograd and torch.func differentiate torch's own products.
@@ -303,14 +286,36 @@ def _contract(
             return apply(family.rule, p.spec(s), ctx, *args)[0]
 
         return p.run(real_step)
-    if family.spec is CustomSpec:
+    if family is LOG_FAMILY:
+        joint = policy != "nan"
+        p = _Prepared(
+            semiring, family, equation, operands, budget, optimize,
+            traced=traced, joint=joint, neg_inf=policy,
+        )  # fmt: skip
+        return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), ctx, *args)[0])
+    p = _Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
+    if family is GENERIC_FAMILY:
 
         def custom_step(s: Step, args: list[Tensor]) -> Tensor:
             spec = replace(cast(CustomSpec, p.spec(s)), semiring=semiring)
             return apply(family.rule, spec, ctx, *args)[0]
 
         return p.run(custom_step)
-    return p.run(lambda s, args: apply(family.rule, p.spec(s), ctx, *args)[0])
+    # Max-plus and min-plus.  The argmax is the backward's residual: skip it
+    # when no derivative can come.
+    argmax = viterbi or ctx.derivative
+    backpointers: list[tuple[Step, Tensor]] = []
+
+    def max_step(s: Step, args: list[Tensor]) -> Tensor:
+        values, linear = apply(family.rule, p.spec(s, argmax), ctx, *args)
+        if viterbi:
+            backpointers.append((s, linear))
+        return values
+
+    if family is MIN_FAMILY:  # min(x) = -max(-x)
+        return -p.run(max_step, [-x for x in p.operands])
+    values = p.run(max_step)
+    return (values, _backtrack(p, backpointers)) if viterbi else values
 
 
 def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:

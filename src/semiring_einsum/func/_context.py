@@ -113,31 +113,34 @@ def cache_clear() -> None:
     _eager.cache_clear()
 
 
+# Bound once: the plain eager check runs on every call.
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_interpreters = torch._C._functorch.get_interpreter_stack
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_forward_ad = torch.autograd.forward_ad
+_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(xs: Sequence[object]) -> Context | None:
     """The context when nothing traces or transforms and every operand is a plain tensor.
 
     The common case, checked with the cheapest calls first; ``None`` otherwise.
     """
-    if (
-        torch._C._len_torch_dispatch_stack()
-        or torch.autograd.forward_ad._current_level >= 0
-        or torch._C._functorch.get_interpreter_stack()
-        or torch.compiler.is_compiling()
-        or not xs
-    ):
+    if not xs or _dispatch_modes() or _forward_ad._current_level >= 0 or _interpreters():
+        return None
+    if _compiling():
         return None
     recorded = False
-    legacy = torch._C._functorch.is_legacy_batchedtensor
     for x in xs:
-        if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+        if type(x) not in _PLAIN_TYPES or _legacy_batched(x):  # type: ignore[arg-type]
             return None
-        if legacy(x):
-            return None
-        recorded = recorded or x.requires_grad
+        recorded = recorded or x.requires_grad  # type: ignore[attr-defined]
     first = xs[0]
     assert isinstance(first, torch.Tensor)
     device = "cpu" if first.is_cpu else first.device.type
-    return _eager(device, recorded and torch.is_grad_enabled())
+    return _eager(device, recorded and _grad_enabled())
 
 
 def call_context(xs: Sequence[Tensor]) -> Context:
