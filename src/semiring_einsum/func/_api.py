@@ -115,7 +115,9 @@ def _setup(
             specs[id(step)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
         elif family.spec is MaxSpec:
             specs[id(step)] = MaxSpec(*common, argmax=True)
-            values_only[id(step)] = MaxSpec(*common, argmax=False)
+            # Without an argmax, a slice loop gains nothing over the windows.
+            plain = replace(step, kernel="windows") if step.kernel == "slices" else step
+            values_only[id(step)] = MaxSpec(plain, *common[1:], argmax=False)
         else:
             specs[id(step)] = family.spec(*common)
     return _Setup(recipe, plan, compute, specs, values_only)

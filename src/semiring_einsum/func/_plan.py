@@ -105,7 +105,8 @@ KERNELS = {
     "blas": "real semiring: torch.einsum / matmul (BLAS)",
     "log_blas": "log semiring: max-shifted exponentials around BLAS, certified, exact fix-up",
     "rows": "every summed index innermost, in chunks of whole rows (log, max-plus)",
-    "slices": "max-plus: one output-sized slice per summed coordinate (few terms, big outputs)",
+    "slices": "max-plus with an argmax: one output-sized slice per summed coordinate (few "
+    "terms, big outputs); values only take the windows",
     "windows": "the blocked loop over windows of the summed indices (any semiring)",
     "unsummed": "no summed index: the ⊗-product of the operands",
     "empty": "a summed index of size 0: the semiring's zero",
