@@ -1,13 +1,15 @@
 """Old commit against new commit: the benchmark workloads timed in one run, interleaved.
 
-    python benchmarks/compare_commits.py OLD [NEW] [--rounds 8] [--reps 5]
+    python benchmarks/compare_commits.py OLD [NEW] [--rounds 8] [--reps 5] [--compiled]
 
 ``OLD`` and ``NEW`` (default: the working tree) are git revisions; each is checked out into
 a temporary worktree.  Every round runs one fresh subprocess per tree, in a seeded random
 order, each timing ``semiring_einsum.func`` on every workload of ``python -m semiring_einsum
 --full`` (the "ours" column: the same equations, sizes, modes and inputs) and the per-call cost
 on tiny inputs; the table shows the median over rounds of each subprocess's median, and
-new / old.  Only the public ``func`` API is used, so any two commits compare.
+new / old.  Only the public ``func`` API is used, so any two commits compare.  With
+``--compiled``, the cases of ``compile_ratio.py`` (five semirings, three workloads, forward and
+forward+backward) are timed under ``torch.compile`` instead.
 """
 
 from __future__ import annotations
@@ -88,6 +90,51 @@ print(json.dumps(out))
 """
 
 
+# The compiled child: the cases of benchmarks/compile_ratio.py, compiled (inductor,
+# fullgraph=True), forward and forward+backward.
+COMPILED_CHILD = r"""
+import json, statistics, sys, time, warnings
+warnings.simplefilter("ignore")
+import torch
+from semiring_einsum import func
+
+reps = int(sys.argv[1])
+WORKLOADS = {
+    "bmm": ("bij,bjk->bik", [(8, 128, 128), (8, 128, 128)]),
+    "hmm": ("bi,ij,bj->bj", [(64, 256), (256, 256), (64, 256)]),
+    "cky": ("bsxk,bsyk,xyz->bsz", [(2, 16, 24, 8), (2, 16, 24, 8), (24, 24, 24)]),
+}
+FUNCS = {
+    "real": func.einsum, "log": func.log_einsum, "max": func.max_einsum,
+    "min": func.min_einsum, "viterbi": lambda eq, *xs: func.viterbi_einsum(eq, *xs)[0],
+}
+out = {}
+for wname, (eq, shapes) in WORKLOADS.items():
+    for sname, op in FUNCS.items():
+        g = torch.Generator().manual_seed(0)
+        plain = [torch.randn(s, generator=g) for s in shapes]
+        leaves = [x.clone().requires_grad_() for x in plain]
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *xs, op=op, eq=eq: op(eq, *xs), fullgraph=True)
+        def fwd():
+            compiled(*plain)
+        def both():
+            compiled(*leaves).sum().backward()
+            for x in leaves:
+                x.grad = None
+        for key, call in ((f"{sname}-{wname}", fwd), (f"{sname}-{wname}-bwd", both)):
+            for _ in range(3):
+                call()
+            samples = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                call()
+                samples.append((time.perf_counter() - start) * 1e3)
+            out[key] = statistics.median(samples)
+print(json.dumps(out))
+"""
+
+
 def _worktree(rev: str, where: Path) -> Path:
     path = where / rev.replace("/", "_")
     subprocess.run(
@@ -96,10 +143,10 @@ def _worktree(rev: str, where: Path) -> Path:
     return path
 
 
-def _time(src: Path, reps: int) -> dict[str, float]:
+def _time(src: Path, reps: int, compiled: bool) -> dict[str, float]:
     env_path = str(src / "src")
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(reps)],
+        [sys.executable, "-c", COMPILED_CHILD if compiled else CHILD, str(reps)],
         capture_output=True,
         text=True,
         check=True,
@@ -114,6 +161,11 @@ def main() -> None:
     parser.add_argument("new", nargs="?", help="the new git revision (default: the working tree)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="time the cases of compile_ratio.py under torch.compile instead",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"old": _worktree(args.old, Path(tmp))}
@@ -125,7 +177,7 @@ def main() -> None:
             for r in range(args.rounds):
                 rng.shuffle(order)
                 for name in order:
-                    samples[name].append(_time(trees[name], args.reps))
+                    samples[name].append(_time(trees[name], args.reps, args.compiled))
                 print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
         finally:
             for path in trees.values():
