@@ -43,6 +43,7 @@ from ._rules import (
     Spec,
     family_of,
     neg_inf_policy,
+    run_vjp,
 )
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
@@ -482,7 +483,9 @@ def log_einsum_vjp(
     if out is None:
         out = apply(LOG_RULE, spec, call_context(clean), *clean)[0]
     dtype = clean[0].dtype
-    grads = LOG_RULE.vjp(spec, clean, (out.to(dtype),), (cotangent.to(dtype),), [True] * len(clean))
+    grads = run_vjp(
+        LOG_RULE, spec, clean, (out.to(dtype),), (cotangent.to(dtype),), [True] * len(clean)
+    )
     return tuple(pull(tuple(grads)))
 
 

@@ -21,7 +21,17 @@ from typing import Any
 import torch
 
 from ._context import Context, forward_over_forward
-from ._rules import CUSTOM_RULE, LOG_RULE, MAX_RULE, REAL_RULE, Rule, fold_batch
+from ._rules import (
+    CUSTOM_RULE,
+    LOG_RULE,
+    MAX_RULE,
+    REAL_RULE,
+    Rule,
+    fold_batch,
+    run_forward,
+    run_jvp,
+    run_vjp,
+)
 
 Tensor = torch.Tensor
 
@@ -32,8 +42,9 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
     params = ", ".join(f"x{i}" for i in range(n))
     namespace: dict[str, Any] = {}
     exec(  # fixed arity: see the module docstring
-        f"def forward(spec, context, {params}):\n    return _forward(spec, context, {params})\n",
-        {"_forward": rule.forward},
+        f"def forward(spec, context, {params}):\n"
+        f"    return _forward(_rule, spec, context, {params})\n",
+        {"_forward": run_forward, "_rule": rule},
         namespace,
     )
 
@@ -52,7 +63,7 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
         needs = ctx.needs_input_grad[2:]
         if any(g is None for g in grads[: rule.differentiable]):  # no cotangent reached us
             return (None,) * (n + 2)
-        gs = rule.vjp(ctx.spec, saved[:n], saved[n:], grads, needs)
+        gs = run_vjp(rule, ctx.spec, saved[:n], saved[n:], grads, needs)
         return (None, None, *(g if need else None for g, need in zip(gs, needs)))
 
     def jvp(ctx: Any, _spec_tangent: None, _context_tangent: None, *tangents: Tensor) -> Any:
@@ -64,12 +75,11 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
                 "jacrev(jacfwd(...)) / jacrev(jacrev(...)) instead"
             )
         saved = ctx.saved_tensors
-        assert rule.jvp is not None
         # Inputs without a tangent get None (grads are not materialized).
         tangents = tuple(
             torch.zeros_like(x) if t is None else t for t, x in zip(tangents, saved[:n])
         )
-        out = rule.jvp(ctx.spec, saved[:n], saved[n:], tangents)
+        out = run_jvp(rule, ctx.spec, saved[:n], saved[n:], tangents)
         return out[0] if len(out) == 1 else out
 
     def vmap(info: Any, in_dims: tuple[Any, ...], spec: Any, context: Context, *xs: Tensor) -> Any:
@@ -128,6 +138,6 @@ def apply(rule: Rule, spec: object, ctx: Context, *xs: Tensor) -> tuple[Tensor, 
     # Function.apply costs tens of microseconds (argument binding, context,
     # transform dispatch): skip it when nothing can see the call.
     if not ctx.traced and not ctx.transformed:
-        return rule.forward(spec, ctx, *xs)
+        return run_forward(rule, spec, ctx, *xs)
     out = _function(rule, len(xs), ctx.compiling).apply(spec, ctx, *xs)
     return out if isinstance(out, tuple) else (out,)

@@ -256,9 +256,7 @@ def log_forward(
         s = e.sum(dims) if dims else e
         s_run = s if s_run is None or m_run is None else s_run * torch.exp(m_run - shift) + s
         m_run = m_new
-    if m_run is None or s_run is None or shift is None:  # a summed index of size 0
-        full = aligned[0].new_full(shape, -math.inf)
-        return full, full.clone(), torch.zeros_like(full)
+    assert m_run is not None and s_run is not None and shift is not None, "an empty step"
     # Cells with no finite term summed floors, not zeros: their sum is 0.
     s_run = torch.where(torch.isneginf(m_run), 0.0, s_run)
     out = torch.log(s_run) + shift
@@ -334,8 +332,7 @@ def max_windows(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
         better = (m > best) | (m_nan & ~best_nan) | (tie & (lin < where))
         best = torch.where(better, m, best)
         where = torch.where(better, lin, where)
-    if best is None:  # a summed index of size 0
-        return empty(step, ops, -math.inf), no_argmax(step, device)
+    assert best is not None, "an empty step"
     if where is None:
         where = no_argmax(step, device)
     return _sized(best, shape), where
@@ -552,8 +549,6 @@ def max_slices(
     size = step.size
     shape = _out_shape(step)
     aligned = align(step, ops)
-    if step.terms == 0:  # a summed index of size 0
-        return empty(step, ops, -math.inf), no_argmax(step, ops[0].device)
     coords = list(product(*(range(size[c]) for c, _ in step.windows)))
 
     def slice_at(point: tuple[int, ...]) -> Tensor:
@@ -649,9 +644,6 @@ class GradAccumulator:
         for k, (term, x) in enumerate(zip(self.step.inputs, self.ops)):
             if not self.needs[k]:
                 grads.append(None)
-                continue
-            if not self.pieces[k]:  # nothing was summed: a size-0 index
-                grads.append(torch.zeros_like(x))
                 continue
             kept = [c for c in self.order if c in term]
             cat_dims = [kept.index(c) for c, _ in self.step.windows if c in term]
@@ -753,8 +745,6 @@ def argmax_pullback(
     derivative in the operands is zero almost everywhere, in ``g`` a gather).
     """
     shape = _out_shape(step)
-    if step.terms == 0:  # no terms: nothing to route
-        return [torch.zeros_like(x) if need else None for x, need in zip(ops, needs)]
     coords = unravel(step, linear) if step.windows else None
     flat_g = g.expand(shape).reshape(-1)
     grads: list[Tensor | None] = []
@@ -773,8 +763,6 @@ def argmax_tangent(
 ) -> Tensor:
     """The max-plus jvp: the sum of the operands' tangents at each cell's argmax term."""
     shape = _out_shape(step)
-    if step.terms == 0:
-        return tangents[0].new_zeros(shape)
     coords = unravel(step, linear) if step.windows else None
     total: Tensor | None = None
     for term, x, t in zip(step.inputs, ops, tangents):

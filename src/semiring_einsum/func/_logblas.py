@@ -52,8 +52,7 @@ def applicable(step: Step) -> bool:
     if len(step.inputs) != 2 or not step.windows:
         return False
     a, b = step.inputs
-    size = step.size
-    return all(c in a and c in b and size[c] > 0 for c in step.summed)
+    return all(c in a and c in b for c in step.summed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,6 +130,68 @@ def fold_batch(
     return spec.batched(folded), ys
 
 
+# ---------------------------------------------------------------- empty steps
+def _zero(spec: Spec) -> float:
+    if isinstance(spec, CustomSpec):
+        return _semiring(spec).zero
+    if isinstance(spec, (LogSpec, MaxSpec)):
+        return -math.inf
+    return 0.0
+
+
+def empty_outputs(spec: Spec, xs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The outputs of a step that sums an index of size 0, in every family.
+
+    Every cell is an empty sum: the semiring's zero (min-plus runs as
+    max-plus on negated operands, so -inf becomes +inf).  Max-plus adds its
+    argmax (zeros), the log semiring's extras a max of -inf and a sum of 0.
+    Their derivatives are zero (see :mod:`._autograd`).  This is the one
+    place that handles the case; the plan names it (kernel ``empty``).
+    """
+    out = K.empty(spec.step, xs, _zero(spec))
+    if isinstance(spec, MaxSpec):
+        return out, K.no_argmax(spec.step, out.device)
+    if isinstance(spec, LogSpec) and spec.extras:
+        return out, out.clone(), torch.zeros_like(out)
+    return (out,)
+
+
+def is_empty(spec: object) -> bool:
+    """Whether ``spec`` is a step that sums an index of size 0."""
+    return isinstance(spec, Spec) and spec.step.kernel == "empty"
+
+
+def run_forward(rule: Rule, spec: Any, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    """A rule's forward, or the empty step's outputs."""
+    if is_empty(spec):
+        return empty_outputs(spec, xs)
+    return rule.forward(spec, ctx, *xs)
+
+
+def run_vjp(
+    rule: Rule,
+    spec: Any,
+    xs: Sequence[Tensor],
+    outs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    needs: Sequence[bool],
+) -> Sequence[Tensor | None]:
+    """A rule's vjp; an empty step's outputs depend on no operand: zero gradients."""
+    if is_empty(spec):
+        return [torch.zeros_like(x) if need else None for x, need in zip(xs, needs)]
+    return rule.vjp(spec, xs, outs, gs, needs)
+
+
+def run_jvp(
+    rule: Rule, spec: Any, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """A rule's jvp; an empty step's outputs depend on no operand: a zero tangent."""
+    if is_empty(spec):
+        return (torch.zeros_like(outs[0]),) + (None,) * (len(outs) - 1)
+    assert rule.jvp is not None
+    return rule.jvp(spec, xs, outs, ts)
+
+
 def _rule_ctx(*tensors: Tensor | None) -> Context:
     return rule_context([t for t in tensors if t is not None])
 
@@ -158,7 +220,7 @@ def _log_forward(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]
         return outs if spec.residuals else outs[:1]
     if kernel == "rows":
         return (OPS.LOG_ROWS(ctx, spec, list(xs)),)
-    out, m, s = OPS.LOG_WINDOWS(ctx, spec, not ctx.traced, list(xs))  # windows, empty
+    out, m, s = OPS.LOG_WINDOWS(ctx, spec, not ctx.traced, list(xs))
     return (out, m, s) if spec.extras else (out,)
 
 
@@ -224,7 +286,7 @@ def _max_forward(spec: MaxSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]
     step = spec.step
     if step.kernel == "unsummed":
         return K.add_only(step, xs), K.no_argmax(step, xs[0].device)
-    operator = _MAX_OPERATORS.get(step.kernel, OPS.MAX_WINDOWS)  # windows, empty
+    operator = _MAX_OPERATORS.get(step.kernel, OPS.MAX_WINDOWS)
     values, index = operator(ctx, spec, spec.argmax, list(xs))
     return values, index if spec.argmax else K.no_argmax(step, values.device)
 
@@ -361,8 +423,6 @@ def _custom_vjp(
     part = _window_fn(semiring, K.reduce_dims(step))
     ranges = list(step.ranges())
     acc = K.GradAccumulator(step, xs, needs)
-    if not ranges:
-        return acc.result()
     length = max(1, math.isqrt(len(ranges)))
     starts = list(range(0, len(ranges), length))
     checkpoints: list[Tensor | None] = []
