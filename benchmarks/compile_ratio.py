@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from _timing import medians_ms
 from torch._dynamo.utils import counters
 
 from semiring_einsum import func
@@ -49,19 +48,6 @@ SEMIRINGS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def _median_ms(fns: list[Callable[[], object]], rounds: int) -> list[float]:
-    samples: list[list[float]] = [[] for _ in fns]
-    for fn in fns:  # warm-up (compiles)
-        fn()
-        fn()
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            samples[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
-
-
 def _inputs(shapes: list[tuple[int, ...]], grad: bool) -> list[Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randn(s, generator=g).requires_grad_(grad) for s in shapes]
@@ -79,7 +65,9 @@ def measure(semiring: str, workload: str, rounds: int) -> dict[str, Any]:
     compiled = torch.compile(f, fullgraph=True)
     row: dict[str, Any] = {"semiring": semiring, "workload": workload}
     plain = _inputs(shapes, grad=False)
-    eager_fwd, compiled_fwd = _median_ms([lambda: f(*plain), lambda: compiled(*plain)], rounds)
+    eager_fwd, compiled_fwd = medians_ms(
+        [lambda: f(*plain), lambda: compiled(*plain)], rounds, warmup=2
+    )
     leaves = _inputs(shapes, grad=True)
 
     def step(fn: Callable[..., Tensor]) -> Callable[[], None]:
@@ -90,7 +78,7 @@ def measure(semiring: str, workload: str, rounds: int) -> dict[str, Any]:
 
         return run
 
-    eager_bwd, compiled_bwd = _median_ms([step(f), step(compiled)], rounds)
+    eager_bwd, compiled_bwd = medians_ms([step(f), step(compiled)], rounds, warmup=2)
     row.update(
         eager_fwd=eager_fwd,
         compiled_fwd=compiled_fwd,

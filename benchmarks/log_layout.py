@@ -11,11 +11,8 @@ medians of interleaved rounds.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
+from _timing import medians_ms
 
 from semiring_einsum import func
 
@@ -29,18 +26,6 @@ CASES = {
 }
 
 
-def _medians(fns: list[Callable[[], object]], rounds: int = 15) -> list[float]:
-    samples: list[list[float]] = [[] for _ in fns]
-    for fn in fns:
-        fn()
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            samples[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
-
-
 def main() -> None:
     g = torch.Generator().manual_seed(0)
     b = torch.randn([SIZES[c] for c in "ceh"], generator=g)
@@ -49,7 +34,7 @@ def main() -> None:
     for name, (term, out) in CASES.items():
         a = torch.randn([SIZES[c] for c in term], generator=g)
         eq = f"{term},ceh->{out}"
-        ours, exp, blas = _medians(
+        ours, exp, blas = medians_ms(
             [
                 lambda eq=eq, a=a: func.log_einsum(eq, a, b),
                 lambda a=a: torch.exp(a),

@@ -9,26 +9,13 @@ and per-example gradients (``vmap(grad(f))`` against a loop of ``grad(f)``).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import medians_ms
 from torch.func import grad, vmap
 
 from semiring_einsum import func
-
-
-def _median_ms(fns: list[Callable[[], object]], rounds: int = 15) -> list[float]:
-    samples: list[list[float]] = [[] for _ in fns]
-    for fn in fns:
-        fn()
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            samples[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
 
 
 def _case(fn: Callable[..., torch.Tensor], xs: torch.Tensor, w: torch.Tensor) -> list[float]:
@@ -38,7 +25,7 @@ def _case(fn: Callable[..., torch.Tensor], xs: torch.Tensor, w: torch.Tensor) ->
     def loss(x: torch.Tensor) -> torch.Tensor:
         return f(x).sum()
 
-    return _median_ms(
+    return medians_ms(
         [
             lambda: vmap(f)(xs),
             lambda: torch.stack([f(x) for x in xs]),
