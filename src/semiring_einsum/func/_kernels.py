@@ -8,9 +8,12 @@ window tensor (window dims first, output dims last) and is ⊕-reduced over its
 leading dims.  Reducing leading dims combines whole contiguous slabs
 elementwise, which vectorizes far better than reducing an innermost dim, and
 output-shaped tensors broadcast against a window without any reshaping.  The
-loop never branches on tensor values, so vmap, autograd and the compiler see
-ordinary torch operations.
+windowed loops (:func:`windows`) never branch on tensor values, so vmap,
+autograd and the compiler see ordinary torch operations; the row and slice
+kernels read values (a NaN check) and run as opaque operators (:mod:`._ops`).
 
+Kernels never look at torch's state: what they may do (work in place, read
+values) comes in as arguments, from the call's context (:mod:`._context`).
 Kernels called from ``autograd.Function.forward`` (which autograd never
 records) may work in place on window tensors they created; the others are
 out of place so that autograd can differentiate them.

@@ -20,9 +20,12 @@ that fail the check (also those an all -inf row, an inf or a NaN touches:
 their ``S`` is 0 or NaN) are recomputed exactly: in forward by a log-sum-exp over just
 those cells' rows, in backward and forward mode through the blocked path on
 a masked cotangent.  ``out - mA - mB = log S`` identifies the same cells
-later.  Where the code cannot branch on data (under ``vmap``, or while a
-tracer runs), the blocked one-pass path is used for the whole step instead,
-which is exact too.
+later.  The forward and the first-order backward run inside opaque operators
+(:mod:`._ops`), so they may read values even under ``torch.compile``; the
+differentiable derivatives (:func:`vjp_exact`, :func:`jvp_exact`) read values
+only for plain operands, and otherwise take the blocked path, exact too.
+An operand whose summed indices are scattered among its dims is first copied
+into a layout with them last (:attr:`Program.perm_a`).
 """
 
 from __future__ import annotations
