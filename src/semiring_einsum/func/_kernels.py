@@ -171,7 +171,8 @@ def reduce_dims(step: Step) -> tuple[int, ...]:
     return tuple(range(len(step.windows)))
 
 
-def _out_shape(step: Step) -> list[int]:
+def out_shape(step: Step) -> list[int]:
+    """The shape of the step's result."""
     size = step.size
     return [size[c] for c in step.output]
 
@@ -187,7 +188,7 @@ def contract(semiring: Semiring, step: Step, ops: Sequence[Tensor]) -> Tensor:
     """Contract one step in any semiring, out of place (differentiable)."""
     aligned = align(step, ops)
     dims = reduce_dims(step)
-    shape = _out_shape(step)
+    shape = out_shape(step)
     acc: Tensor | None = None
     for _, views in windows(step, aligned):
         term = functools.reduce(semiring.mul, views)
@@ -214,7 +215,7 @@ def add_only(step: Step, ops: Sequence[Tensor]) -> Tensor:
     the result is the operands' sum, a fresh tensor of the output's shape.
     """
     t, owned = _term(narrow(step, align(step, ops), ()), torch.add)
-    shape = _out_shape(step)
+    shape = out_shape(step)
     return t if owned and list(t.shape) == shape else _fresh(t, shape)
 
 
@@ -240,7 +241,7 @@ def log_forward(
     """
     aligned = align(step, ops)
     dims = reduce_dims(step)
-    shape = _out_shape(step)
+    shape = out_shape(step)
     m_run: Tensor | None = None
     s_run: Tensor | None = None
     shift: Tensor | None = None
@@ -306,7 +307,7 @@ def max_windows(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     kernel a tracer inlines.  With ``argmax=False`` the index is not computed
     (a zero stand-in shaped like the output, no memory, is returned).
     """
-    shape = _out_shape(step)
+    shape = out_shape(step)
     device = ops[0].device
     aligned = align(step, ops)
     strides = _strides(step)
@@ -343,12 +344,12 @@ def max_windows(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
 
 def no_argmax(step: Step, device: torch.device) -> Tensor:
     """The argmax of a step without terms or without an argmax: zeros, no memory."""
-    return torch.zeros((), dtype=torch.int64, device=device).expand(_out_shape(step))
+    return torch.zeros((), dtype=torch.int64, device=device).expand(out_shape(step))
 
 
 def empty(step: Step, ops: Sequence[Tensor], zero: float) -> Tensor:
     """A step whose summed indices include one of size 0: every cell is ``zero``."""
-    return ops[0].new_full(_out_shape(step), zero)
+    return ops[0].new_full(out_shape(step), zero)
 
 
 # Fewest terms per cell for which the row kernels (max_rows, log_rows) beat
@@ -466,7 +467,7 @@ def max_rows(
     per_chunk = rows_apply(step, dtype, argmax)
     if per_chunk is None:
         return None
-    shape = _out_shape(step)
+    shape = out_shape(step)
     size, summed, terms = step.size, step.summed, step.terms
     row, aligned = _row_layout(step, ops)
     device = ops[0].device
@@ -502,7 +503,7 @@ def log_rows(step: Step, ops: Sequence[Tensor]) -> Tensor | None:
     per_chunk = rows_apply(step, dtype)
     if per_chunk is None:
         return None
-    shape = _out_shape(step)
+    shape = out_shape(step)
     row, aligned = _row_layout(step, ops)
     out = torch.empty(math.prod(shape), dtype=dtype, device=ops[0].device)
     floor = -_EXP_FLOOR.get(dtype, _DEFAULT_EXP_FLOOR)
@@ -550,7 +551,7 @@ def max_slices(
     only the values are computed.
     """
     size = step.size
-    shape = _out_shape(step)
+    shape = out_shape(step)
     aligned = align(step, ops)
     coords = list(product(*(range(size[c]) for c, _ in step.windows)))
 
@@ -699,7 +700,7 @@ def tangent_sum(
     aligned = align(step, ops)
     t_aligned = align(step, tangents)
     dims = reduce_dims(step)
-    shape = _out_shape(step)
+    shape = out_shape(step)
     acc: Tensor | None = None
     for (rng, views), (_, t_views) in zip(windows(step, aligned), windows(step, t_aligned)):
         w = weights(views, rng)
@@ -747,7 +748,7 @@ def argmax_pullback(
     Out of place, and linear in ``g``, so it is differentiable again (its
     derivative in the operands is zero almost everywhere, in ``g`` a gather).
     """
-    shape = _out_shape(step)
+    shape = out_shape(step)
     coords = unravel(step, linear) if step.windows else None
     flat_g = g.expand(shape).reshape(-1)
     grads: list[Tensor | None] = []
@@ -765,7 +766,7 @@ def argmax_tangent(
     step: Step, ops: Sequence[Tensor], linear: Tensor, tangents: Sequence[Tensor]
 ) -> Tensor:
     """The max-plus jvp: the sum of the operands' tangents at each cell's argmax term."""
-    shape = _out_shape(step)
+    shape = out_shape(step)
     coords = unravel(step, linear) if step.windows else None
     total: Tensor | None = None
     for term, x, t in zip(step.inputs, ops, tangents):

@@ -60,7 +60,7 @@ class Operator:
         fake: Callable[..., Any],
         *,
         opaque: bool,
-        vmap: Callable[..., Any] | None = None,
+        vmap: Callable[[Any], Callable[..., Any]] | None = None,
         traced: Callable[..., Any] | None = None,
     ) -> None:
         self.name = name
@@ -76,9 +76,9 @@ class Operator:
         _LIBRARY.define(name + schema)
         _LIBRARY.impl(name, _registered(impl), "CompositeExplicitAutograd")
         torch.library.register_fake(self.qualname, fake, lib=_LIBRARY)
-        if vmap is not None:
-            torch.library.register_vmap(self.qualname, vmap, lib=_LIBRARY)
         self.op = getattr(getattr(torch.ops, NAMESPACE), name).default
+        if vmap is not None:  # a vmap rule made for this operator
+            torch.library.register_vmap(self.qualname, vmap(self.op), lib=_LIBRARY)
         self._devices: set[str] = set()
 
     def register_kernel(self, device_type: str, kernel: Callable[..., Any]) -> None:
@@ -124,13 +124,8 @@ def _registered(impl: Callable[..., Any]) -> Callable[..., Any]:
     return registered
 
 
-def _out_shape(step: Step) -> list[int]:
-    size = step.size
-    return [size[c] for c in step.output]
-
-
 def _out(step: Step, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return like.new_empty(_out_shape(step), dtype=dtype)
+    return like.new_empty(K.out_shape(step), dtype=dtype)
 
 
 def _no_index(like: Tensor) -> Tensor:
@@ -140,12 +135,12 @@ def _no_index(like: Tensor) -> Tensor:
 
 def _folded(
     key: str, info: Any, dims: Sequence[int | None], xs: Sequence[Tensor]
-) -> tuple[str, list[Tensor], Step]:
+) -> tuple[str, list[Tensor]]:
     """A vmap rule's call: the batch folded into the step as a new leading output index."""
     sized = decode(key)
     step = fold(sized, info.batch_size, [d is not None for d in dims])
     ys = [x if d is None else x.movedim(d, 0) for x, d in zip(xs, dims)]
-    return step.key(sized.budget, sized.itemsize, sized.device_type), ys, step
+    return step.key(sized.budget, sized.itemsize, sized.device_type), ys
 
 
 # ---------------------------------------------------------------- real BLAS
@@ -162,7 +157,7 @@ def _real_blas_fake(key: str, xs: list[Tensor]) -> Tensor:
 
 def _one_output_vmap(op: Callable[..., Tensor]) -> Callable[..., Any]:
     def rule(info: Any, in_dims: tuple[Any, ...], key: str, xs: list[Tensor]) -> Any:
-        folded, ys, _ = _folded(key, info, in_dims[1], xs)
+        folded, ys = _folded(key, info, in_dims[1], xs)
         return op(folded, ys), 0
 
     return rule
@@ -228,14 +223,17 @@ def _log_blas_fake(key: str, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
     )
 
 
-def _log_blas_vmap(
-    info: Any, in_dims: tuple[Any, ...], key: str, a: Tensor, b: Tensor
-) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
-    folded, (ya, yb), _ = _folded(key, info, in_dims[1:3], [a, b])
-    outs = LOG_BLAS.op(folded, ya, yb)
-    dim_a = 0 if in_dims[1] is not None else None
-    dim_b = 0 if in_dims[2] is not None else None
-    return outs, (0, dim_a, dim_b, 0, None)
+def _log_blas_vmap(op: Callable[..., Any]) -> Callable[..., Any]:
+    def rule(
+        info: Any, in_dims: tuple[Any, ...], key: str, a: Tensor, b: Tensor
+    ) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
+        folded, (ya, yb) = _folded(key, info, in_dims[1:3], [a, b])
+        outs = op(folded, ya, yb)
+        dim_a = 0 if in_dims[1] is not None else None
+        dim_b = 0 if in_dims[2] is not None else None
+        return outs, (0, dim_a, dim_b, 0, None)
+
+    return rule
 
 
 def _log_blas_vjp(
@@ -314,39 +312,42 @@ def _log_windows_fake(key: str, inplace: bool, xs: list[Tensor]) -> tuple[Tensor
     return _out(step, xs[0]), _out(step, xs[0]), _out(step, xs[0])
 
 
-def _log_windows_vmap(
-    info: Any, in_dims: tuple[Any, ...], key: str, inplace: bool, xs: list[Tensor]
-) -> Any:
-    folded, ys, _ = _folded(key, info, in_dims[2], xs)
-    return LOG_WINDOWS.op(folded, inplace, ys), (0, 0, 0)
+def _log_windows_vmap(op: Callable[..., Any]) -> Callable[..., Any]:
+    def rule(info: Any, in_dims: tuple[Any, ...], key: str, inplace: bool, xs: list[Tensor]) -> Any:
+        folded, ys = _folded(key, info, in_dims[2], xs)
+        return op(folded, inplace, ys), (0, 0, 0)
+
+    return rule
 
 
 # ---------------------------------------------------------- max-plus kernels
-def _max_windows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    values, index = K.max_windows(step, xs, argmax)
+def _indexed(found: tuple[Tensor, Tensor], argmax: bool) -> tuple[Tensor, Tensor]:
+    """A max-plus kernel's result as its operator returns it (no index unless asked)."""
+    values, index = found
     return values, index if argmax else _no_index(values)
+
+
+def _max_windows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    return _indexed(K.max_windows(step, xs, argmax), argmax)
 
 
 def _max_rows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
     """The row kernel; where it does not apply (a NaN value), the NaN-aware kernels."""
     found = K.max_rows(step, xs, argmax)
     if found is None:
-        if argmax and math.prod(_out_shape(step)) >= K.SLICES_MIN_OUTPUT:
+        if argmax and math.prod(K.out_shape(step)) >= K.SLICES_MIN_OUTPUT:
             found = K.max_slices(step, xs, argmax)
         else:
             found = K.max_windows(step, xs, argmax)
-    values, index = found
-    return values, index if argmax else _no_index(values)
+    return _indexed(found, argmax)
 
 
 def _max_slices(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    values, index = K.max_slices(step, xs, argmax)
-    return values, index if argmax else _no_index(values)
+    return _indexed(K.max_slices(step, xs, argmax), argmax)
 
 
 def _max_slices_traced(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    values, index = K.max_slices(step, xs, argmax, traced=True)
-    return values, index if argmax else _no_index(values)
+    return _indexed(K.max_slices(step, xs, argmax, traced=True), argmax)
 
 
 def _max_fake(key: str, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -357,7 +358,7 @@ def _max_fake(key: str, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]
 
 def _max_vmap(op: Callable[..., Any]) -> Callable[..., Any]:
     def rule(info: Any, in_dims: tuple[Any, ...], key: str, argmax: bool, xs: list[Tensor]) -> Any:
-        folded, ys, _ = _folded(key, info, in_dims[2], xs)
+        folded, ys = _folded(key, info, in_dims[2], xs)
         return op(folded, argmax, ys), (0, 0 if argmax else None)
 
     return rule
@@ -366,15 +367,15 @@ def _max_vmap(op: Callable[..., Any]) -> Callable[..., Any]:
 # ------------------------------------------------------------- registration
 _MAX_SCHEMA = "(str step, bool argmax, Tensor[] xs) -> (Tensor, Tensor)"
 
-REAL_BLAS: Operator = Operator(
+REAL_BLAS = Operator(
     "real_blas",
     "(str step, Tensor[] xs) -> Tensor",
     _real_blas,
     _real_blas_fake,
     opaque=False,
-    vmap=_one_output_vmap(lambda key, ys: REAL_BLAS.op(key, ys)),
+    vmap=_one_output_vmap,
 )
-LOG_BLAS: Operator = Operator(
+LOG_BLAS = Operator(
     "log_blas",
     "(str step, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _log_blas,
@@ -382,7 +383,7 @@ LOG_BLAS: Operator = Operator(
     opaque=True,
     vmap=_log_blas_vmap,
 )
-LOG_BLAS_VJP: Operator = Operator(
+LOG_BLAS_VJP = Operator(
     "log_blas_vjp",
     "(str step, str neg_inf, Tensor a, Tensor b, Tensor out, Tensor res_a, Tensor res_b, "
     "Tensor sumexp, Tensor certified, Tensor g, bool need_a, bool need_b) -> (Tensor, Tensor)",
@@ -390,15 +391,15 @@ LOG_BLAS_VJP: Operator = Operator(
     _log_blas_vjp_fake,
     opaque=True,
 )
-LOG_ROWS: Operator = Operator(
+LOG_ROWS = Operator(
     "log_rows",
     "(str step, Tensor[] xs) -> Tensor",
     _log_rows,
     _real_blas_fake,  # one output-shaped tensor
     opaque=True,
-    vmap=_one_output_vmap(lambda key, ys: LOG_ROWS.op(key, ys)),
+    vmap=_one_output_vmap,
 )
-LOG_WINDOWS: Operator = Operator(
+LOG_WINDOWS = Operator(
     "log_windows",
     "(str step, bool inplace, Tensor[] xs) -> (Tensor, Tensor, Tensor)",
     _log_windows,
@@ -406,29 +407,29 @@ LOG_WINDOWS: Operator = Operator(
     opaque=False,
     vmap=_log_windows_vmap,
 )
-MAX_WINDOWS: Operator = Operator(
+MAX_WINDOWS = Operator(
     "max_windows",
     _MAX_SCHEMA,
     _max_windows,
     _max_fake,
     opaque=False,
-    vmap=_max_vmap(lambda *a: MAX_WINDOWS.op(*a)),
+    vmap=_max_vmap,
 )
-MAX_ROWS: Operator = Operator(
+MAX_ROWS = Operator(
     "max_rows",
     _MAX_SCHEMA,
     _max_rows,
     _max_fake,
     opaque=True,
-    vmap=_max_vmap(lambda *a: MAX_ROWS.op(*a)),
+    vmap=_max_vmap,
 )
-MAX_SLICES: Operator = Operator(
+MAX_SLICES = Operator(
     "max_slices",
     _MAX_SCHEMA,
     _max_slices,
     _max_fake,
     opaque=True,
-    vmap=_max_vmap(lambda *a: MAX_SLICES.op(*a)),
+    vmap=_max_vmap,
     traced=_max_slices_traced,
 )
 

@@ -257,8 +257,7 @@ def _max_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> s
         return "unsummed"
     if step.terms == 0:
         return "empty"
-    size = step.size
-    cells = math.prod(size[c] for c in step.output)
+    cells = math.prod(K.out_shape(step))
     if K.rows_apply(step, dtype, argmax=True) is not None:
         if not traced:
             return "rows"
