@@ -1,6 +1,7 @@
 """Old commit against new commit: the benchmark workloads timed in one run, interleaved.
 
     python benchmarks/compare_commits.py OLD [NEW] [--rounds 8] [--reps 5] [--compiled]
+                                         [--only PREFIX ...]
 
 ``OLD`` and ``NEW`` (default: the working tree) are git revisions; each is checked out into
 a temporary worktree.  Every round runs one fresh subprocess per tree, in a seeded random
@@ -9,7 +10,8 @@ order, each timing ``semiring_einsum.func`` on every workload of ``python -m sem
 on tiny inputs; the table shows the median over rounds of each subprocess's median, and
 new / old.  Only the public ``func`` API is used, so any two commits compare.  With
 ``--compiled``, the cases of ``compile_ratio.py`` (five semirings, three workloads, forward and
-forward+backward) are timed under ``torch.compile`` instead.
+forward+backward) are timed under ``torch.compile`` instead.  ``--only`` keeps the cases
+whose key starts with one of the given prefixes (``tiny``, ``log-``, ``viterbi-bmm``, ...).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from semiring_einsum import func
 
 reps = int(sys.argv[1])
+only = tuple(sys.argv[2:])
 
 def bmm(b, n): return {"b": b, "i": n, "j": n, "k": n}
 def chain(n): return {"a": n, "b": n, "c": n, "d": n}
@@ -63,6 +66,8 @@ FUNCS = {
 
 out = {}
 for key, semiring, eq, mode, size, spread in WORKLOADS:
+    if only and not key.startswith(only):
+        continue
     g = torch.Generator().manual_seed(0)
     terms = eq.split("->")[0].split(",")
     xs = [torch.randn([size[c] for c in t], generator=g) * spread for t in terms]
@@ -99,6 +104,7 @@ import torch
 from semiring_einsum import func
 
 reps = int(sys.argv[1])
+only = tuple(sys.argv[2:])
 WORKLOADS = {
     "bmm": ("bij,bjk->bik", [(8, 128, 128), (8, 128, 128)]),
     "hmm": ("bi,ij,bj->bj", [(64, 256), (256, 256), (64, 256)]),
@@ -111,6 +117,8 @@ FUNCS = {
 out = {}
 for wname, (eq, shapes) in WORKLOADS.items():
     for sname, op in FUNCS.items():
+        if only and not f"{sname}-{wname}-bwd".startswith(only):
+            continue
         g = torch.Generator().manual_seed(0)
         plain = [torch.randn(s, generator=g) for s in shapes]
         leaves = [x.clone().requires_grad_() for x in plain]
@@ -123,6 +131,8 @@ for wname, (eq, shapes) in WORKLOADS.items():
             for x in leaves:
                 x.grad = None
         for key, call in ((f"{sname}-{wname}", fwd), (f"{sname}-{wname}-bwd", both)):
+            if only and not key.startswith(only):
+                continue
             for _ in range(3):
                 call()
             samples = []
@@ -143,10 +153,10 @@ def _worktree(rev: str, where: Path) -> Path:
     return path
 
 
-def _time(src: Path, reps: int, compiled: bool) -> dict[str, float]:
+def _time(src: Path, reps: int, compiled: bool, only: list[str]) -> dict[str, float]:
     env_path = str(src / "src")
     done = subprocess.run(
-        [sys.executable, "-c", COMPILED_CHILD if compiled else CHILD, str(reps)],
+        [sys.executable, "-c", COMPILED_CHILD if compiled else CHILD, str(reps), *only],
         capture_output=True,
         text=True,
         check=True,
@@ -166,6 +176,9 @@ def main() -> None:
         action="store_true",
         help="time the cases of compile_ratio.py under torch.compile instead",
     )
+    parser.add_argument(
+        "--only", nargs="+", default=[], metavar="PREFIX", help="only the cases with these prefixes"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"old": _worktree(args.old, Path(tmp))}
@@ -177,7 +190,7 @@ def main() -> None:
             for r in range(args.rounds):
                 rng.shuffle(order)
                 for name in order:
-                    samples[name].append(_time(trees[name], args.reps, args.compiled))
+                    samples[name].append(_time(trees[name], args.reps, args.compiled, args.only))
                 print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
         finally:
             for path in trees.values():

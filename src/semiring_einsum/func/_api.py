@@ -14,7 +14,7 @@ from . import _kernels as K
 from . import _logblas as LB
 from . import _ops as OPS
 from ._autograd import apply, clear_functions
-from ._budget import BlockSize, Budget, budget_of, resolve_budget
+from ._budget import AUTOMATIC_BLOCK_SIZE, BlockSize, Budget, budget_of, resolve_budget
 from ._budget import cache_clear as budget_of_cache_clear
 from ._compile import in_graph
 from ._context import cache_clear as context_cache_clear
@@ -62,6 +62,7 @@ class _Setup:
     compute: torch.dtype
     specs: dict[int, Spec]  # id(step) -> the step's Spec
     values_only: dict[int, Spec]  # max-plus: id(step) -> its Spec without an argmax
+    single: bool  # one step over every operand, in order
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,7 +122,8 @@ def _setup(
             values_only[id(step)] = MaxSpec(plain, *common[1:], argmax=False)
         else:
             specs[id(step)] = family.spec(*common)
-    return _Setup(recipe, plan, compute, specs, values_only)
+    single = len(plan.steps) == 1 and plan.steps[0].operands == tuple(range(len(shapes)))
+    return _Setup(recipe, plan, compute, specs, values_only, single)
 
 
 # Setups of recent calls by their raw arguments (see _Prepared), with whether
@@ -143,6 +145,7 @@ class _Prepared:
         "values_only",
         "out_dtype",
         "compute_dtype",
+        "single",
     )
 
     def __init__(
@@ -223,6 +226,7 @@ class _Prepared:
         self.operands = ops
         self.specs = setup.specs
         self.values_only = setup.values_only
+        self.single = setup.single
 
     def spec(self, step: Step, argmax: bool = True) -> Spec:
         """The step's spec (max-plus: the one with or without an argmax)."""
@@ -238,8 +242,12 @@ class _Prepared:
         operands: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """Execute the plan's steps in order (opt_einsum's path convention)."""
-        ops = list(self.operands if operands is None else operands)
-        for step in self.plan.steps:
+        ops = self.operands if operands is None else operands
+        steps = self.plan.steps
+        if self.single:  # the common case: no list juggling
+            return self.finish(run_step(steps[0], list(ops)))
+        ops = list(ops)
+        for step in steps:
             args = [ops[i] for i in step.operands]
             for i in sorted(step.operands, reverse=True):
                 del ops[i]
@@ -365,8 +373,13 @@ def _run(
     policy: float | str = "nan",
     viterbi: bool = False,
 ) -> Any:
-    b = _budget(block_size, operands, equation)
-    return _contract(semiring, equation, *b.as_ints(), optimize, policy, viterbi, *operands)
+    first = operands[0] if operands else None
+    if block_size is None and type(first) is torch.Tensor and first.is_cpu:
+        # The default budget on CPU, the common case, without resolving it anew.
+        extent, nbytes = 0, AUTOMATIC_BLOCK_SIZE.max_cpu_bytes
+    else:
+        extent, nbytes = _budget(block_size, operands, equation).as_ints()
+    return _contract(semiring, equation, extent, nbytes, optimize, policy, viterbi, *operands)
 
 
 def einsum(

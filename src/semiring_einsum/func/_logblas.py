@@ -272,9 +272,8 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Tensor, ...] | N
     and medium steps their fixed cost, not the arithmetic, dominates.  The
     residuals are in the program's layout (see :attr:`Program.perm_a`).
     """
-    a, b = a_in, b_in
-    a, own_a = _laid_out(a, prog.perm_a)
-    b, own_b = _laid_out(b, prog.perm_b)
+    a, own_a = (a_in, False) if prog.perm_a is None else _laid_out(a_in, prog.perm_a)
+    b, own_b = (b_in, False) if prog.perm_b is None else _laid_out(b_in, prog.perm_b)
     ma = a.amax(prog.dims_a, keepdim=True)
     mb = b.amax(prog.dims_b, keepdim=True)
     # A non-finite maximum (an all -inf row, an inf, a NaN) turns its row

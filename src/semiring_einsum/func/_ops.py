@@ -48,6 +48,8 @@ class Operator:
         opaque: Whether the kernel reads values (so it must stay opaque to tracers
             and to ``vmap``); value-free kernels are run inline there.
         traced: A value-free form of an opaque kernel, run inline while tracing.
+        eager: What a plain eager call runs instead of ``impl``, when it differs (the
+            same outputs, with Python scalars where the schema needs tensors).
         qualname: ``"semiring_einsum::<name>"``.
         op: The registered operator (``torch.ops.semiring_einsum.<name>.default``).
     """
@@ -62,9 +64,11 @@ class Operator:
         opaque: bool,
         vmap: Callable[[Any], Callable[..., Any]] | None = None,
         traced: Callable[..., Any] | None = None,
+        eager: Callable[..., Any] | None = None,
     ) -> None:
         self.name = name
         self.impl = impl
+        self.eager = impl if eager is None else eager
         self.opaque = opaque
         self.traced = traced
         self.qualname = f"{NAMESPACE}::{name}"
@@ -91,7 +95,7 @@ class Operator:
         if not (ctx.traced or ctx.batched or ctx.foreign or self._devices) and not (
             torch.compiler.is_compiling()
         ):
-            return self.impl(spec.step, *args)  # the common case first
+            return self.eager(spec.step, *args)  # the common case first
         if ctx.device_type in self._devices:
             return self.op(spec.key, *args)
         # Dynamo may also trace a frame of ours on its own (a rule's forward, after a
@@ -190,25 +194,25 @@ def _log_blas(step: Step, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
     ran on the exact row or window kernel), the residuals are placeholders and
     ``certified`` is false.
     """
+    *outs, certified = _log_blas_eager(step, a, b)
+    return (*outs, torch.tensor(certified, device=outs[0].device))
+
+
+def _log_blas_eager(step: Step, a: Tensor, b: Tensor) -> tuple[Any, ...]:
+    """:func:`_log_blas` with ``certified`` a Python bool (a plain eager call that
+    keeps no residuals does not pay for a tensor it drops)."""
     prog = LB.program(step)
     assert prog is not None, f"not a BLAS log step: {step}"
     fast = LB.forward(prog, a, b)
     if fast is not None and len(fast) == 4:
-        out, ra, rb, s = fast
-        return out, ra, rb, s, torch.ones((), dtype=torch.bool, device=out.device)
+        return (*fast, True)
     if fast is not None:
         out = fast[0]
     else:  # most cells at risk (adversarial inputs): an exact kernel for the whole step
         rows = K.log_rows(step, [a, b])
         out = rows if rows is not None else K.log_forward(step, [a, b], inplace=True)[0]
     shape_a, shape_b = _residual_shapes(step, a, b)
-    return (
-        out,
-        a.new_empty(shape_a),
-        b.new_empty(shape_b),
-        _out(step, a),
-        torch.zeros((), dtype=torch.bool, device=out.device),
-    )
+    return out, a.new_empty(shape_a), b.new_empty(shape_b), _out(step, a), False
 
 
 def _log_blas_fake(key: str, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
@@ -382,6 +386,7 @@ LOG_BLAS = Operator(
     _log_blas_fake,
     opaque=True,
     vmap=_log_blas_vmap,
+    eager=_log_blas_eager,
 )
 LOG_BLAS_VJP = Operator(
     "log_blas_vjp",

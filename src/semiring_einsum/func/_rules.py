@@ -217,7 +217,11 @@ def _log_forward(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]
         return (K.add_only(spec.step, xs),)
     if kernel == "log_blas":
         outs = OPS.LOG_BLAS(ctx, spec, xs[0], xs[1])
-        return outs if spec.residuals else outs[:1]
+        if not spec.residuals or not (ctx.traced or ctx.transformed):
+            return outs[:1]  # (untransformed eager: the caller keeps the output alone)
+        if isinstance(outs[4], bool):  # a plain eager call: the residual must be a tensor
+            return (*outs[:4], torch.tensor(outs[4], device=outs[0].device))
+        return outs
     if kernel == "rows":
         return (OPS.LOG_ROWS(ctx, spec, list(xs)),)
     out, m, s = OPS.LOG_WINDOWS(ctx, spec, not ctx.traced, list(xs))
