@@ -3,11 +3,17 @@
     python benchmarks/compile_ratio.py                 # the whole table (a few minutes)
     python benchmarks/compile_ratio.py --only log      # semirings whose name contains "log"
     python benchmarks/compile_ratio.py --json out.json
+    python benchmarks/compile_ratio.py --floor         # what torch.compile itself costs
 
 For each case, ``f`` is the eager call and ``torch.compile(f, fullgraph=True)`` (inductor) the
 compiled one; forward+backward is ``f(*xs).sum().backward()`` (compiled: the compiled loss, then
 ``.backward()``).  Times are medians over interleaved rounds in one process (float32, the
 machine's threads).  The last columns are compiled / eager and the graph breaks seen.
+
+``--floor`` times the same ratio for code that is not ours, to show what compiling costs by
+itself on these workloads: :func:`torch.einsum` (the real semiring's own kernel), and the log
+step's registered operator called alone (``torch.ops.semiring_einsum.log_blas``, the one node
+of our compiled log graph).
 """
 
 from __future__ import annotations
@@ -89,12 +95,57 @@ def measure(semiring: str, workload: str, rounds: int) -> dict[str, Any]:
     return row
 
 
+def _floor(rounds: int) -> None:
+    """compiled / eager of torch.einsum and of the lone log-BLAS operator (see the docstring)."""
+    from semiring_einsum.func._budget import AUTOMATIC_BLOCK_SIZE, Budget
+
+    def pair(name: str, fn: Callable[..., Tensor], xs: list[Tensor], backward: bool) -> None:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+
+        def call(f: Callable[..., Tensor]) -> Callable[[], None]:
+            def run() -> None:
+                out = f(*xs)
+                if backward:
+                    out.sum().backward()
+                    for x in xs:
+                        x.grad = None
+
+            return run
+
+        eager, comp = medians_ms([call(fn), call(compiled)], rounds, warmup=2)
+        print(f"{name:<52} {eager:>8.3f} {comp:>9.3f} {comp / eager:>5.2f}x", flush=True)
+
+    print(f"{'floor case':<52} {'eager':>8} {'compiled':>9} {'ratio':>6}")
+    for workload, (eq, shapes) in WORKLOADS.items():
+
+        def einsum(*xs: Tensor, eq: str = eq) -> Tensor:
+            return torch.einsum(eq, *xs)
+
+        pair(f"torch.einsum fwd, {workload}", einsum, _inputs(shapes, False), False)
+        pair(f"torch.einsum fwd+bwd, {workload}", einsum, _inputs(shapes, True), True)
+    eq, shapes = WORKLOADS["bmm b=8 n=128"]
+    (step,) = func.plan(eq, *shapes, semiring=func.LOG).steps
+    key = step.key(Budget(bytes=AUTOMATIC_BLOCK_SIZE.max_cpu_bytes), 4, "cpu")
+    op = torch.ops.semiring_einsum.log_blas.default
+
+    def log_blas(a: Tensor, b: Tensor) -> Tensor:
+        return op(key, a, b)[0]
+
+    pair("semiring_einsum::log_blas alone, bmm b=8 n=128", log_blas, _inputs(shapes, False), False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="semirings whose name contains this")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--floor", action="store_true", help="compile's own cost (see above)")
     args = parser.parse_args()
+    if args.floor:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median ms")
+        _floor(args.rounds)
+        return
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median ms")
     header = (
