@@ -11,7 +11,7 @@ every case and every example; ``.ci/run`` runs both.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 
 import pytest
 
@@ -83,3 +83,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=[i for i in items if id(i) in dropped])
         items[:] = [i for i in items if id(i) not in dropped]
+
+
+@pytest.fixture
+def pure_torch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Max-plus steps on the pure-torch kernels: the native one off, every cache cleared."""
+    from semiring_einsum import func
+
+    monkeypatch.setenv("SEMIRING_EINSUM_NATIVE", "0")
+    func.clear_caches()
+    yield
+    func.clear_caches()  # (the environment is restored after this, by monkeypatch)

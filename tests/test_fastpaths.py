@@ -187,6 +187,7 @@ def _rows_inputs(case: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ["random", "ties", "neg_inf", "pos_inf", "nan"])
 @pytest.mark.parametrize("block_size", [None, 2], ids=["default", "block2"])
+@pytest.mark.usefixtures("pure_torch")
 def test_max_row_kernel_matches_the_oracle(
     case: str, dtype: torch.dtype, block_size: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,6 +62,7 @@ def test_the_plan_names_each_steps_kernel() -> None:
         ("ij,jk->ik", [(3, 0), (0, 4)], "log", ["empty"]),
     ],
 )
+@pytest.mark.usefixtures("pure_torch")
 def test_kernel_choice(equation: str, shapes: list, semiring: str, kernels: list[str]) -> None:
     s = {"max": func.MAX_PLUS, "log": func.LOG}[semiring]
     assert [step.kernel for step in func.plan(equation, *shapes, semiring=s).steps] == kernels
@@ -76,12 +77,35 @@ def test_compiled_joint_max_plus_step_with_few_cells_keeps_the_row_kernel() -> N
     assert [s.kernel for s in compiled.steps] == ["rows"]
 
 
+@pytest.mark.usefixtures("pure_torch")
 def test_compiled_max_plus_plans_take_the_value_free_kernels() -> None:
     shapes = [(3, 10, 40), (3, 40, 9)]
     eager = func.plan("bij,bjk->bik", *shapes, semiring=func.MAX_PLUS)
     compiled = func.plan("bij,bjk->bik", *shapes, semiring=func.MAX_PLUS, compiled=True)
     assert [s.kernel for s in eager.steps] == ["rows"]
     assert [s.kernel for s in compiled.steps] == ["windows"]
+
+
+def test_matrix_shaped_max_plus_steps_take_the_native_kernel_where_it_is_built() -> None:
+    shapes = [(3, 10, 40), (3, 40, 9)]
+    native = func.native_status().startswith("native")
+    for compiled in (False, True):
+        p = func.plan("bij,bjk->bik", *shapes, semiring=func.MAX_PLUS, compiled=compiled)
+        assert (
+            [s.kernel for s in p.steps] == ["tropical" if native else "rows"]
+            if not compiled
+            else (["tropical" if native else "windows"])
+        )
+    # a summed index only one operand has: not a matrix product
+    p = func.plan("ijk,jl->il", (3, 4, 10), (4, 5), semiring=func.MAX_PLUS)
+    assert [s.kernel for s in p.steps] == ["rows"]
+
+
+@pytest.mark.usefixtures("pure_torch")
+def test_without_the_native_kernel_max_plus_plans_name_the_torch_ones() -> None:
+    assert func.native_status() == "pure torch: disabled by SEMIRING_EINSUM_NATIVE=0"
+    p = func.plan("bij,bjk->bik", (3, 10, 40), (3, 40, 9), semiring=func.MAX_PLUS)
+    assert [s.kernel for s in p.steps] == ["rows"]
 
 
 def test_the_printed_plan_shows_the_kernels() -> None:

@@ -11,6 +11,7 @@ from ._api import (
     log_einsum,
     max_einsum,
     min_einsum,
+    native_status,
     plan,
     semiring_einsum,
     viterbi_einsum,
@@ -39,4 +40,5 @@ __all__ = [
     "AUTOMATIC_BLOCK_SIZE",
     "EquationError",
     "clear_caches",
+    "native_status",
 ]

@@ -12,6 +12,7 @@ import torch
 
 from . import _kernels as K
 from . import _logblas as LB
+from . import _native as N
 from . import _ops as OPS
 from ._autograd import apply, clear_functions
 from ._budget import AUTOMATIC_BLOCK_SIZE, BlockSize, Budget, budget_of, resolve_budget
@@ -100,7 +101,9 @@ def _setup(
         optimize=optimize,
         device_type=device_type,
     )
-    plan = with_kernels(plan, lambda step: family.kernel(step, compute, traced, extras))
+    plan = with_kernels(
+        plan, lambda step: family.kernel(step, compute, device_type, traced, extras)
+    )
     last = plan.steps[-1]
     specs: dict[int, Spec] = {}
     values_only: dict[int, Spec] = {}
@@ -732,9 +735,10 @@ def clear_caches() -> None:
 
     Parsed equations, plans and their kernels, call setups, window sizes, the
     products chosen for BLAS steps, the log steps' BLAS programs, budgets,
-    call contexts, and the autograd Functions made for steps of more operands
-    than the ones built at import.  Every cache is bounded; clearing them is
-    only useful to free their memory or to measure cold-start costs.
+    call contexts, the native kernel's step layouts and loaded library, and the
+    autograd Functions made for steps of more operands than the ones built at
+    import.  Every cache is bounded; clearing them is only useful to free their
+    memory or to measure cold-start costs.
 
     Example:
         >>> from semiring_einsum import func
@@ -750,7 +754,25 @@ def clear_caches() -> None:
     context_cache_clear()
     K.einsum_product.cache_clear()
     LB.program.cache_clear()
+    N.cache_clear()
     clear_functions()
+
+
+def native_status() -> str:
+    """Whether max-plus steps run on the native kernel, and why not when they do not.
+
+    The kernel (a small C loop, see :doc:`/performance`) is built with the system
+    C compiler the first time a process needs it and cached per machine; without a
+    compiler, where the build fails, or with ``SEMIRING_EINSUM_NATIVE=0`` in the
+    environment, the pure-torch kernels run instead (same results, slower).
+    Calling this builds or loads the kernel if that has not happened yet.
+
+    Example:
+        >>> from semiring_einsum import func
+        >>> func.native_status().startswith(("native:", "pure torch:"))
+        True
+    """
+    return N.status()
 
 
 __all__ = [
@@ -762,4 +784,5 @@ __all__ = [
     "semiring_einsum",
     "plan",
     "clear_caches",
+    "native_status",
 ]

@@ -31,6 +31,7 @@ import torch
 
 from . import _kernels as K
 from . import _logblas as LB
+from . import _native as NATIVE
 from ._context import Context
 from ._plan import Step, decode, fold
 
@@ -354,6 +355,12 @@ def _max_slices_traced(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tens
     return _indexed(K.max_slices(step, xs, argmax, traced=True), argmax)
 
 
+def _max_tropical(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The native kernel (:mod:`._native`); the windows where it cannot run this call."""
+    found = NATIVE.max_plus(step, xs, argmax)
+    return _indexed(found if found is not None else K.max_windows(step, xs, argmax), argmax)
+
+
 def _max_fake(key: str, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
     step = decode(key).step
     values = _out(step, xs[0])
@@ -437,6 +444,14 @@ MAX_SLICES = Operator(
     vmap=_max_vmap,
     traced=_max_slices_traced,
 )
+MAX_TROPICAL = Operator(
+    "max_tropical",
+    _MAX_SCHEMA,
+    _max_tropical,
+    _max_fake,
+    opaque=True,
+    vmap=_max_vmap,
+)
 
 OPERATORS = (
     REAL_BLAS,
@@ -447,5 +462,6 @@ OPERATORS = (
     MAX_WINDOWS,
     MAX_ROWS,
     MAX_SLICES,
+    MAX_TROPICAL,
 )
 """Every registered operator."""

@@ -107,6 +107,8 @@ KERNELS = {
     "rows": "every summed index innermost, in chunks of whole rows (log, max-plus)",
     "slices": "max-plus with an argmax: one output-sized slice per summed coordinate (few "
     "terms, big outputs); values only take the windows",
+    "tropical": "max-plus of two CPU operands in a matrix-product shape: the native C kernel "
+    "(values, first argmax), see semiring_einsum.func.native_status()",
     "windows": "the blocked loop over windows of the summed indices (any semiring)",
     "unsummed": "no summed index: the ⊗-product of the operands",
     "empty": "a summed index of size 0: the semiring's zero",

@@ -4,8 +4,8 @@ A semiring maps to its :class:`Family` in one place, :func:`family_of`, by value
 built-in semirings (and anything equal to one, a pickled copy say) to their own family,
 any other :class:`~._semiring.Semiring` to the generic one.  A family has
 
-* ``kernel(step, dtype, traced, extras)``: the kernel of a step, chosen when the plan is
-  made and named in it (see :data:`~._plan.KERNELS`);
+* ``kernel(step, dtype, device_type, traced, extras)``: the kernel of a step, chosen when
+  the plan is made and named in it (see :data:`~._plan.KERNELS`);
 * a :class:`Rule`: ``forward(spec, ctx, *xs) -> outputs`` (a tuple),
   ``vjp(spec, xs, outs, cotangents, needs) -> gradients`` and
   ``jvp(spec, xs, outs, tangents) -> output tangents``, in the spirit of JAX's
@@ -31,6 +31,7 @@ import torch
 
 from . import _kernels as K
 from . import _logblas as LB
+from . import _native as N
 from . import _ops as OPS
 from ._budget import Budget
 from ._context import Context, rule_context
@@ -197,7 +198,9 @@ def _rule_ctx(*tensors: Tensor | None) -> Context:
 
 
 # ----------------------------------------------------------------------- log
-def _log_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+def _log_kernel(
+    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
+) -> str:
     if not step.windows and not extras:
         return "unsummed"  # one term per cell: log(exp(t)) = t
     if step.terms == 0:
@@ -256,11 +259,15 @@ LOG_RULE = Rule("LogEinsum", _log_forward, _log_vjp, _log_jvp)
 
 
 # ----------------------------------------------------------------- max-plus
-def _max_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+def _max_kernel(
+    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
+) -> str:
     if not step.windows:
         return "unsummed"
     if step.terms == 0:
         return "empty"
+    if device_type == "cpu" and dtype in N.DTYPES and N.layout(step) and N.library():
+        return "tropical"  # also while tracing: faster than what inductor makes of ours
     cells = math.prod(K.out_shape(step))
     if K.rows_apply(step, dtype, argmax=True) is not None:
         if not traced:
@@ -282,7 +289,7 @@ def _window_count(step: Step) -> int:
     return math.prod(-(-size[c] // w) for c, w in step.windows)
 
 
-_MAX_OPERATORS = {"rows": OPS.MAX_ROWS, "slices": OPS.MAX_SLICES}
+_MAX_OPERATORS = {"rows": OPS.MAX_ROWS, "slices": OPS.MAX_SLICES, "tropical": OPS.MAX_TROPICAL}
 
 
 def _max_forward(spec: MaxSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
@@ -314,7 +321,9 @@ MAX_RULE = Rule("MaxEinsum", _max_forward, _max_vjp, _max_jvp)
 
 
 # --------------------------------------------------------------------- real
-def _real_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+def _real_kernel(
+    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
+) -> str:
     if len(step.inputs) <= 2:
         return "blas"
     return "empty" if step.terms == 0 else "windows"
@@ -385,7 +394,9 @@ REAL_RULE = Rule("RealEinsum", _real_forward, _real_vjp, _real_jvp)
 
 
 # ------------------------------------------------------------ user semirings
-def _custom_kernel(step: Step, dtype: torch.dtype, traced: bool, extras: bool) -> str:
+def _custom_kernel(
+    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
+) -> str:
     return "empty" if step.terms == 0 else "windows"
 
 
@@ -509,7 +520,7 @@ CUSTOM_RULE = Rule("SemiringEinsum", _custom_forward, _custom_vjp, _custom_jvp)
 
 
 # ------------------------------------------------------------------ families
-KernelChoice = Callable[[Step, torch.dtype, bool, bool], str]
+KernelChoice = Callable[[Step, torch.dtype, str, bool, bool], str]
 
 
 @dataclass(frozen=True)
