@@ -5,7 +5,7 @@ inputs, the float64 oracle and the contenders), :mod:`~semiring_einsum.bench.mea
 (interleaved timing, peak memory in a fresh subprocess),
 :mod:`~semiring_einsum.bench.runner` (settings, running the cases, the self-checks)
 and :mod:`~semiring_einsum.bench.report` (tables, JSON, an optional plot).  Optional
-packages (tqdm, matplotlib, torch-semiring-einsum) are imported only when used, and
+packages (tqdm, matplotlib, torch-semiring-einsum, tropical-gemm) are imported only when used, and
 their absence is reported, never fatal.
 """
 
@@ -26,6 +26,7 @@ from .workloads import (
     REFERENCE,
     TORCH,
     TRICK,
+    TROPICAL,
     WORKLOADS,
     Workload,
     workload,
@@ -38,6 +39,7 @@ __all__ = [
     "TRICK",
     "NAIVE",
     "REFERENCE",
+    "TROPICAL",
     "Workload",
     "WORKLOADS",
     "workload",

@@ -30,17 +30,20 @@ from .workloads import (
     NAIVE_MAX_BYTES,
     OURS,
     REFERENCE,
+    TROPICAL,
     WORKLOADS,
     Workload,
     argmax_consistent,
     contender_function,
     load_reference,
+    load_tropical,
     make_call,
     make_inputs,
     max_error,
     oracle,
     reference_version,
     tolerance,
+    tropical_applies,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +238,9 @@ def selected(only: Sequence[str]) -> list[Workload]:
     return [w for w in WORKLOADS if any(s in w.key for s in only)]
 
 
-def _plan(w: Workload, s: Settings, reference: ModuleType | None) -> _CasePlan:
+def _plan(
+    w: Workload, s: Settings, reference: ModuleType | None, tropical: ModuleType | None
+) -> _CasePlan:
     """Which contenders run on ``w`` (and why the others do not), which get measured."""
     sizes = dict(w.sizes[s.preset])
     run, skipped = [OURS], {}
@@ -245,6 +250,10 @@ def _plan(w: Workload, s: Settings, reference: ModuleType | None) -> _CasePlan:
             skipped[name] = "not installed"
         elif name == REFERENCE and w.slow_reference and s.skip_slow_reference:
             skipped[name] = "skipped (--skip-slow-reference)"
+        elif name == TROPICAL and tropical is None:
+            skipped[name] = "not installed"
+        elif name == TROPICAL and not tropical_applies(w):
+            skipped[name] = "no such call"
         elif name == NAIVE and joint_bytes > NAIVE_MAX_BYTES:
             skipped[name] = f"skipped (joint tensor {joint_bytes / 2**30:.1f} GiB)"
         else:
@@ -270,7 +279,8 @@ def run(settings: Settings, progress: bool = True) -> Report:
     """Run the selected workloads: check, time, measure memory."""
     s = settings
     reference = load_reference()
-    plans = [_plan(w, s, reference) for w in selected(s.only)]
+    tropical = load_tropical()
+    plans = [_plan(w, s, reference, tropical) for w in selected(s.only)]
     bar = progress_bar(len(plans) + sum(len(p.memory) for p in plans), progress)
     cases: list[CaseResult] = []
     try:

@@ -8,8 +8,10 @@
   forward or forward+backward, and the contenders it is run against;
 * **contenders**: :data:`OURS` (``semiring_einsum.func`` at default settings),
   :data:`TORCH` (``torch.einsum``, real semiring only), :data:`TRICK`,
-  :data:`NAIVE` and :data:`REFERENCE` (torch-semiring-einsum 1.2.0, when
-  installed; imported only when used, its absence reported, never fatal);
+  :data:`NAIVE`, :data:`REFERENCE` (torch-semiring-einsum 1.2.0) and
+  :data:`TROPICAL` (tropical-gemm's max-plus/min-plus matrix products), each of
+  the last two when installed: imported only when used, its absence reported,
+  never fatal;
 * **checks**: :func:`oracle`, :func:`max_error`, :func:`tolerance` and
   :func:`argmax_consistent`.
 """
@@ -36,7 +38,8 @@ TORCH = "torch.einsum"
 TRICK = "trick"
 NAIVE = "naive"
 REFERENCE = "reference"
-CONTENDERS = (OURS, TORCH, TRICK, NAIVE, REFERENCE)
+TROPICAL = "tropical-gemm"
+CONTENDERS = (OURS, TORCH, TRICK, NAIVE, REFERENCE, TROPICAL)
 """Every contender name, in the order tables show them."""
 
 NAIVE_MAX_BYTES = 512 * 2**20
@@ -250,6 +253,8 @@ class Workload:
         slow_reference: The reference takes seconds per call here
             (``--skip-slow-reference`` leaves it out).
         rtol: Check tolerance relative to the oracle's largest magnitude.
+        steps: Calls per measurement: with more than one, a recurrence whose
+            output is fed back as the first operand (an HMM's forward pass).
     """
 
     key: str
@@ -261,6 +266,7 @@ class Workload:
     spread: float = 1.0
     slow_reference: bool = False
     rtol: float = 1e-4
+    steps: int = 1
 
     def title(self, sizes: Mapping[str, int]) -> str:
         """Human-readable name, e.g. ``'log bij,bjk->bik b=8 i=j=k=128 fwd'``."""
@@ -269,6 +275,7 @@ class Workload:
             groups[sizes[c]] = groups.get(sizes[c], "") + c
         dims = " ".join(f"{'='.join(cs)}={n}" for n, cs in groups.items())
         extra = " (+-1e3 nats)" if self.spread > 100 else ""
+        extra += f" x{self.steps} steps" if self.steps > 1 else ""
         return f"{self.semiring} {self.equation} {dims} {self.mode}{extra}"
 
 
@@ -285,7 +292,7 @@ def _cky(b: int, s: int, x: int, k: int) -> dict[str, int]:
 
 
 _LOG = (TRICK, NAIVE, REFERENCE)
-_MAX = (NAIVE, REFERENCE)
+_MAX = (NAIVE, REFERENCE, TROPICAL)
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload(
@@ -393,7 +400,28 @@ WORKLOADS: tuple[Workload, ...] = (
         "bij,bjk->bik",
         "fwd",
         {"quick": _bmm(2, 32), "default": _bmm(4, 64), "full": _bmm(8, 128)},
-        (NAIVE,),
+        (NAIVE, TROPICAL),
+    ),
+    Workload(
+        "max-bmm-bwd",
+        "max",
+        "bij,bjk->bik",
+        "fwd+bwd",
+        {"quick": _bmm(2, 32), "default": _bmm(4, 96), "full": _bmm(8, 128)},
+        (NAIVE, TROPICAL),
+    ),
+    Workload(
+        "max-hmm-32",
+        "max",
+        "bi,ij,bj->bj",
+        "fwd",
+        {
+            "quick": {"b": 4, "i": 16, "j": 16},
+            "default": {"b": 16, "i": 64, "j": 64},
+            "full": {"b": 16, "i": 128, "j": 128},
+        },
+        (NAIVE, TROPICAL),
+        steps=32,
     ),
     Workload(
         "viterbi-cky",
@@ -434,6 +462,48 @@ def reference_version(reference: ModuleType | None) -> str | None:
         return getattr(reference, "__version__", "unknown")
 
 
+def load_tropical() -> ModuleType | None:
+    """``tropical_gemm`` (with its torch layer) if it is installed, else ``None``."""
+    try:
+        importlib.import_module("tropical_gemm.pytorch")
+        return importlib.import_module("tropical_gemm")
+    except ImportError:
+        return None
+
+
+def tropical_applies(w: Workload) -> bool:
+    """Whether tropical-gemm has a call for ``w`` (matrix products and the HMM step)."""
+    if w.semiring not in ("max", "min", "viterbi"):
+        return False
+    return w.equation in _TROPICAL_SHAPES and (w.semiring != "viterbi" or w.mode == "fwd")
+
+
+# Equation -> (batched, HMM step: the product plus the third operand)
+_TROPICAL_SHAPES = {"bij,bjk->bik": (True, False), "ij,jk->ik": (False, False)}
+_TROPICAL_SHAPES["bi,ij,bj->bj"] = (False, True)
+
+
+def _tropical_function(w: Workload, tg: ModuleType) -> Callable[..., Any]:
+    batched, hmm = _TROPICAL_SHAPES[w.equation]
+    tgp = importlib.import_module("tropical_gemm.pytorch")
+    kind = "minplus" if w.semiring == "min" else "maxplus"
+    product = getattr(tgp, f"tropical_{kind}_matmul" + ("_batched" if batched else ""))
+    if w.semiring == "viterbi":  # values and the winning index, as ours returns them
+        name = "maxplus_matmul_batched_with_argmax" if batched else "maxplus_matmul_with_argmax"
+        with_argmax = getattr(tg, name)
+
+        def viterbi(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+            values, index = with_argmax(a.numpy(), b.numpy())
+            shape = [*a.shape[:-1], b.shape[-1]]
+            argmax = torch.from_numpy(index).to(torch.int64).reshape([*shape, 1])
+            return torch.from_numpy(values).reshape(shape), argmax
+
+        return viterbi
+    if hmm:
+        return lambda a, t, e: product(a, t) + e
+    return product
+
+
 def make_inputs(
     w: Workload, sizes: Mapping[str, int], device: str = "cpu", seed: int = 0
 ) -> list[Tensor]:
@@ -466,6 +536,23 @@ def contender_function(
     the naive baseline values only.  Max-plus values by the reference come
     from its Viterbi function, its only max-plus operation.
     """
+    fn = _contender(w, name, reference)
+    return fn if w.steps == 1 else _recurrence(fn, w.steps)
+
+
+def _recurrence(fn: Callable[..., Any], steps: int) -> Callable[..., Any]:
+    """``fn`` applied ``steps`` times, its output fed back as the first operand."""
+
+    def recur(first: Tensor, *rest: Tensor) -> Any:
+        out = first
+        for _ in range(steps):
+            out = fn(out, *rest)
+        return out
+
+    return recur
+
+
+def _contender(w: Workload, name: str, reference: ModuleType | None) -> Callable[..., Any]:
     eq, s = w.equation, w.semiring
     if name == OURS:
         fn = _OURS_FN[s]
@@ -489,6 +576,11 @@ def contender_function(
             "viterbi": reference.log_viterbi_einsum_forward,
         }[s]
         return lambda *xs: ref_fn(compiled, *xs, block_size=block)
+    if name == TROPICAL:
+        tg = load_tropical()
+        if tg is None or not tropical_applies(w):
+            raise RuntimeError(f"tropical-gemm is not installed or has no call for {w.key}")
+        return _tropical_function(w, tg)
     raise KeyError(f"unknown contender {name!r}")
 
 
@@ -518,8 +610,12 @@ def oracle(w: Workload, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """The float64 brute-force answer (with gradients for ``fwd+bwd``)."""
     xs = [x.detach().double().requires_grad_(w.mode == "fwd+bwd") for x in inputs]
     reduce = _NAIVE_REDUCE[w.semiring]
+
+    def step(*ys: Tensor) -> Tensor:
+        return brute_force(reduce, w.equation, *ys, max_numel=_ORACLE_MAX_NUMEL)
+
     with torch.enable_grad():
-        out = brute_force(reduce, w.equation, *xs, max_numel=_ORACLE_MAX_NUMEL)
+        out = (step if w.steps == 1 else _recurrence(step, w.steps))(*xs)
         grads = torch.autograd.grad(out, xs, torch.ones_like(out)) if w.mode == "fwd+bwd" else ()
     return tuple(t.detach().cpu() for t in (out, *grads))
 

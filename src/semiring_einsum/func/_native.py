@@ -32,6 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,8 +123,32 @@ void NAME(const T* a, const T* b, T* c, int64_t* idx, int64_t nb, int64_t m,    
     }                                                                                   \
 }
 
+/* The vjp from the argmax: ga[bt, i, s] += g[bt, i, j] and gb[bt, s, j] += g[bt, i, j] at
+   s = idx[bt, i, j] (ga, gb zeroed by the caller; either may be NULL).  Batches write
+   disjoint parts, so they run in parallel; inside one the order is fixed (deterministic). */
+#define TROPICAL_VJP(T, NAME)                                                           \
+void NAME(const T* g, const int64_t* idx, T* ga, T* gb, int64_t nb, int64_t m,          \
+          int64_t k, int64_t n, int nthreads) {                                         \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)") \
+    for (int64_t bt = 0; bt < nb; bt++) {                                               \
+        const T* gt = g + bt * m * n;                                                   \
+        const int64_t* it = idx + bt * m * n;                                           \
+        T* at = ga ? ga + bt * m * k : 0;                                               \
+        T* bb = gb ? gb + bt * k * n : 0;                                               \
+        for (int64_t i = 0; i < m; i++)                                                 \
+            for (int64_t j = 0; j < n; j++) {                                           \
+                const int64_t s = it[i * n + j];                                        \
+                const T v = gt[i * n + j];                                              \
+                if (at) at[i * k + s] += v;                                             \
+                if (bb) bb[s * n + j] += v;                                             \
+            }                                                                           \
+    }                                                                                   \
+}
+
 TROPICAL(float, int32_t, maxplus_f32)
 TROPICAL(double, int64_t, maxplus_f64)
+TROPICAL_VJP(float, maxplus_vjp_f32)
+TROPICAL_VJP(double, maxplus_vjp_f64)
 """
 
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c99")
@@ -135,12 +160,13 @@ DTYPES = (torch.float32, torch.float64)
 """The dtypes the kernel is built for."""
 
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9 + [ctypes.c_int]
+_VJP_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 
 
 @dataclass(frozen=True)
 class _Library:
-    f32: ctypes._CFuncPtr  # type: ignore[name-defined]
-    f64: ctypes._CFuncPtr  # type: ignore[name-defined]
+    forward: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
+    vjp: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     path: Path
 
 
@@ -216,14 +242,19 @@ def library() -> _Library | None:
         detail = getattr(exc, "stderr", "") or str(exc)
         _STATUS["reason"] = f"build or load failed: {detail.strip()[:500]}"
         return None
-    fns = []
-    for name in ("maxplus_f32", "maxplus_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = _ARGTYPES
-        fn.restype = None
-        fns.append(fn)
+    forward, vjp = {}, {}
+    for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+        forward[dtype] = _bind(lib, f"maxplus_{suffix}", _ARGTYPES)
+        vjp[dtype] = _bind(lib, f"maxplus_vjp_{suffix}", _VJP_ARGTYPES)
     _STATUS["reason"] = f"loaded {target}"
-    return _Library(fns[0], fns[1], target)
+    return _Library(forward, vjp, target)
+
+
+def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = None
+    return fn
 
 
 def status() -> str:
@@ -329,7 +360,7 @@ def max_plus(step: Step, xs: list[Tensor], argmax: bool) -> tuple[Tensor, Tensor
     values = torch.empty(shape, dtype=a.dtype)
     index = torch.empty(shape, dtype=torch.int64) if argmax else None
     if values.numel():
-        fn = lib.f32 if a.dtype == torch.float32 else lib.f64
+        fn = lib.forward[a.dtype]
         threads = torch.get_num_threads() if nb * m * n * k >= PARALLEL_MIN_TERMS else 1
         fn(
             ga.data_ptr(),
@@ -357,3 +388,63 @@ def _to_output(x: Tensor, lay: Layout) -> Tensor:
     if lay.out_order == tuple(range(x.dim())):
         return x
     return x.permute(lay.out_order).contiguous()
+
+
+def _ungroup(
+    grad: Tensor, term: str, groups: tuple[str, ...], size: dict[str, int], like: Tensor
+) -> Tensor:
+    """A gradient in grouped form (see :func:`_grouped`) in the layout and shape of ``like``."""
+    order = "".join(groups)
+    grad = grad.view([size[c] for c in order]).permute([order.index(c) for c in term])
+    lacking = tuple(d for d, (n, full) in enumerate(zip(like.shape, grad.shape)) if n != full)
+    return grad.sum(lacking, keepdim=True) if lacking else grad
+
+
+def max_plus_vjp(
+    step: Step, xs: list[Tensor], index: Tensor, g: Tensor, needs: list[bool]
+) -> list[Tensor | None]:
+    """First-order gradients of a ``tropical`` step from its argmax (not differentiable).
+
+    Each output cell's cotangent goes to its argmax term: one pass over the cells.
+    """
+    lib = library()
+    lay = layout(step)
+    assert lib is not None and lay is not None, f"not a tropical step: {step}"
+    size = step.size
+    a, b = xs
+    ta, tb = step.inputs
+    need_a, need_b = needs
+    if lay.left == 1:
+        a, b, ta, tb, need_a, need_b = b, a, tb, ta, need_b, need_a
+    groups_a = (lay.batch, lay.rows, lay.summed)
+    groups_b = (lay.batch, lay.summed, lay.cols)
+    nb, m, n = (_prod(size[c] for c in grp) for grp in (lay.batch, lay.rows, lay.cols))
+    k = _prod(size[c] for c in lay.summed)
+    back = [0] * len(lay.out_order)
+    for d, p in enumerate(lay.out_order):
+        back[p] = d
+    order = tuple(back)
+    shape = [size[c] for c in step.output]
+    dtype = a.dtype
+    gl = g.to(dtype).expand(shape).permute(order).contiguous()
+    il = index.permute(order).contiguous()
+    ga = torch.zeros((nb, m, k), dtype=dtype) if need_a else None
+    gb = torch.zeros((nb, k, n), dtype=dtype) if need_b else None
+    if gl.numel():
+        threads = torch.get_num_threads() if nb > 1 and nb * m * n >= PARALLEL_MIN_TERMS else 1
+        lib.vjp[dtype](
+            gl.data_ptr(),
+            il.data_ptr(),
+            ga.data_ptr() if ga is not None else None,
+            gb.data_ptr() if gb is not None else None,
+            nb,
+            m,
+            k,
+            n,
+            threads,
+        )
+    grads = [
+        _ungroup(ga, ta, groups_a, size, a) if ga is not None else None,
+        _ungroup(gb, tb, groups_b, size, b) if gb is not None else None,
+    ]
+    return grads[::-1] if lay.left == 1 else grads

@@ -361,6 +361,21 @@ def _max_tropical(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, T
     return _indexed(found if found is not None else K.max_windows(step, xs, argmax), argmax)
 
 
+def _max_tropical_vjp(
+    step: Step, a: Tensor, b: Tensor, index: Tensor, g: Tensor, need_a: bool, need_b: bool
+) -> tuple[Tensor, Tensor]:
+    """First-order gradients of a ``tropical`` step (a not-needed one is an empty tensor)."""
+    grads = NATIVE.max_plus_vjp(step, [a, b], index, g, [need_a, need_b])
+    ga, gb = (gk if gk is not None else x.new_empty((0,)) for gk, x in zip(grads, (a, b)))
+    return ga, gb
+
+
+def _max_tropical_vjp_fake(
+    key: str, a: Tensor, b: Tensor, index: Tensor, g: Tensor, need_a: bool, need_b: bool
+) -> tuple[Tensor, Tensor]:
+    return a.new_empty(a.shape if need_a else (0,)), b.new_empty(b.shape if need_b else (0,))
+
+
 def _max_fake(key: str, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
     step = decode(key).step
     values = _out(step, xs[0])
@@ -452,6 +467,14 @@ MAX_TROPICAL = Operator(
     opaque=True,
     vmap=_max_vmap,
 )
+MAX_TROPICAL_VJP = Operator(
+    "max_tropical_vjp",
+    "(str step, Tensor a, Tensor b, Tensor index, Tensor g, bool need_a, bool need_b) "
+    "-> (Tensor, Tensor)",
+    _max_tropical_vjp,
+    _max_tropical_vjp_fake,
+    opaque=True,
+)
 
 OPERATORS = (
     REAL_BLAS,
@@ -463,5 +486,6 @@ OPERATORS = (
     MAX_ROWS,
     MAX_SLICES,
     MAX_TROPICAL,
+    MAX_TROPICAL_VJP,
 )
 """Every registered operator."""

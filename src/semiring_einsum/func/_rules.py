@@ -308,6 +308,12 @@ def _max_vjp(
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
+    if spec.step.kernel == "tropical":
+        ctx = _rule_ctx(*xs, gs[0])
+        if not ctx.differentiated and not ctx.batched:
+            # A first-order backward: one native pass over the cells.
+            ga, gb = OPS.MAX_TROPICAL_VJP(ctx, spec, xs[0], xs[1], outs[1], gs[0], *needs)
+            return [ga if needs[0] else None, gb if needs[1] else None]
     return K.argmax_pullback(spec.step, xs, outs[1], gs[0], needs)
 
 
