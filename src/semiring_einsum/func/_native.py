@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -271,21 +272,53 @@ def cache_clear() -> None:
 
 
 @dataclass(frozen=True)
+class Operand:
+    """How one operand becomes its 3-d grouped view (see :class:`Layout`)."""
+
+    term: str  # its indices
+    groups: tuple[str, str, str]
+    perm: tuple[int, ...] | None  # to group order; None: already in it
+    full: tuple[int, ...]  # its full (unbroadcast) sizes in group order
+    shape: tuple[int, int, int]  # one dim per group
+
+    def grouped(self, x: Tensor) -> Tensor:
+        """``x`` as one dim per group: a view where it can be, else a copy."""
+        if self.perm is not None:
+            x = x.permute(self.perm)
+        if x.shape != self.full:  # size-1 (broadcast) dims
+            x = x.expand(self.full)
+        try:
+            return x.view(self.shape)
+        except RuntimeError:
+            return x.reshape(self.shape)
+
+    def ungrouped(self, grad: Tensor, like: Tensor) -> Tensor:
+        """A gradient in grouped form, in the layout and shape of the operand ``like``."""
+        order = "".join(self.groups)
+        grad = grad.view(self.full).permute([order.index(c) for c in self.term])
+        lacking = tuple(d for d, (n, f) in enumerate(zip(like.shape, grad.shape)) if n != f)
+        return grad.sum(lacking, keepdim=True) if lacking else grad
+
+
+@dataclass(frozen=True)
 class Layout:
     """A two-operand step as ``c[batch, rows, cols] = max_sum a[batch, rows, sum] + b[...]``.
 
-    Each group is a string of the step's indices: ``batch`` in both operands and the
-    output, ``rows`` only in the left operand (``left``), ``cols`` only in the right one,
-    ``summed`` in both and summed (in the step's row-major order of summed indices, so
-    the kernel's linear argmax is the step's).
+    The groups are strings of the step's indices: ``batch`` in both operands and the
+    output, ``rows`` only in the left operand, ``cols`` only in the right one,
+    ``summed`` in both and summed (in the step's row-major order of summed indices,
+    so the kernel's linear argmax is the step's).  The left operand is the step's
+    second one when ``swap`` (the output then needs no permute).
     """
 
-    left: int
-    batch: str
-    rows: str
-    cols: str
-    summed: str
-    out_order: tuple[int, ...]  # permutes (batch, rows, cols) into the step's output
+    swap: bool
+    a: Operand
+    b: Operand
+    out_shape: tuple[int, ...]  # batch + rows + cols sizes
+    out_order: tuple[int, ...] | None  # permutes that into the step's output; None: as is
+    back_order: tuple[int, ...] | None  # the inverse
+    dims: tuple[int, int, int, int]  # nb, m, k, n
+    threads: bool  # enough terms to split over threads
 
 
 @functools.lru_cache(maxsize=4096)
@@ -301,36 +334,47 @@ def layout(step: Step) -> Layout | None:
     if len(set(ta)) != len(ta) or len(set(tb)) != len(tb):
         return None
     batch = "".join(c for c in out if c in ta and c in tb)
-    only_a = "".join(c for c in out if c in ta and c not in tb)
-    only_b = "".join(c for c in out if c in tb and c not in ta)
+    rows = "".join(c for c in out if c in ta and c not in tb)
+    cols = "".join(c for c in out if c in tb and c not in ta)
     # Rows from the operand whose own indices lead the output (no output permute then).
-    left = 0
-    order = batch + only_a + only_b
-    if order != out and batch + only_b + only_a == out:
-        left, only_a, only_b = 1, only_b, only_a
+    swap = False
+    order = batch + rows + cols
+    if order != out and batch + cols + rows == out:
+        swap, rows, cols, ta, tb = True, cols, rows, tb, ta
         order = out
+    size = step.size
+    a = _operand(ta, (batch, rows, summed), size)
+    b = _operand(tb, (batch, summed, cols), size)
     out_order = tuple(order.index(c) for c in out)
-    return Layout(left, batch, only_a, only_b, summed, out_order)
+    back = [0] * len(out_order)
+    for d, p in enumerate(out_order):
+        back[p] = d
+    identity = out_order == tuple(range(len(out)))
+    nb, m, k = a.shape
+    n = b.shape[2]
+    return Layout(
+        swap,
+        a,
+        b,
+        tuple(size[c] for c in order),
+        None if identity else out_order,
+        None if identity else tuple(back),
+        (nb, m, k, n),
+        nb * m * k * n >= PARALLEL_MIN_TERMS,
+    )
 
 
-def _grouped(x: Tensor, term: str, groups: tuple[str, ...], size: dict[str, int]) -> Tensor:
-    """``x`` (indexed by ``term``) as one dim per group (a view where it can be)."""
-    x = x.permute([term.index(c) for g in groups for c in g])
-    full = [size[c] for g in groups for c in g]
-    if list(x.shape) != full:  # size-1 (broadcast) dims
-        x = x.expand(full)
-    shape = [_prod(size[c] for c in g) for g in groups]
-    try:
-        return x.view(shape)
-    except RuntimeError:
-        return x.reshape(shape)
-
-
-def _prod(xs: object) -> int:
-    out = 1
-    for v in xs:  # type: ignore[attr-defined]
-        out *= v
-    return out
+def _operand(term: str, groups: tuple[str, str, str], size: dict[str, int]) -> Operand:
+    perm = tuple(term.index(c) for g in groups for c in g)
+    full = tuple(size[c] for g in groups for c in g)
+    shape = tuple(math.prod(size[c] for c in g) for g in groups)
+    return Operand(
+        term,
+        groups,
+        None if perm == tuple(range(len(term))) else perm,
+        full,
+        shape,  # type: ignore[arg-type]
+    )
 
 
 def max_plus(step: Step, xs: list[Tensor], argmax: bool) -> tuple[Tensor, Tensor] | None:
@@ -340,29 +384,22 @@ def max_plus(step: Step, xs: list[Tensor], argmax: bool) -> tuple[Tensor, Tensor
     if lib is None or lay is None:
         return None
     a, b = xs
-    if a.dtype != b.dtype or a.dtype not in DTYPES:
+    dtype = a.dtype
+    if b.dtype != dtype or dtype not in DTYPES or not (a.is_cpu and b.is_cpu):
         return None
-    if a.device.type != "cpu" or b.device.type != "cpu":
-        return None
-    size = step.size
-    ta, tb = step.inputs
-    if lay.left == 1:
-        a, b, ta, tb = b, a, tb, ta
-    ga = _grouped(a, ta, (lay.batch, lay.rows, lay.summed), size)
-    gb = _grouped(b, tb, (lay.batch, lay.summed, lay.cols), size)
+    if lay.swap:
+        a, b = b, a
+    ga = lay.a.grouped(a)
+    gb = lay.b.grouped(b)
     if gb.stride(2) != 1 and gb.shape[2] > 1:
         gb = gb.contiguous()
-    nb, m, k = ga.shape
-    n = gb.shape[2]
     # Allocated in the output's own shape (not a view of a 3-d buffer: autograd
     # forbids in-place changes to views made inside a Function).
-    shape = [size[c] for c in lay.batch + lay.rows + lay.cols]
-    values = torch.empty(shape, dtype=a.dtype)
-    index = torch.empty(shape, dtype=torch.int64) if argmax else None
-    if values.numel():
-        fn = lib.forward[a.dtype]
-        threads = torch.get_num_threads() if nb * m * n * k >= PARALLEL_MIN_TERMS else 1
-        fn(
+    values = torch.empty(lay.out_shape, dtype=dtype)
+    index = torch.empty(lay.out_shape, dtype=torch.int64) if argmax else None
+    nb, m, k, n = lay.dims
+    if nb and m and n:
+        lib.forward[dtype](
             ga.data_ptr(),
             gb.data_ptr(),
             values.data_ptr(),
@@ -376,28 +413,13 @@ def max_plus(step: Step, xs: list[Tensor], argmax: bool) -> tuple[Tensor, Tensor
             ga.stride(2),
             gb.stride(0),
             gb.stride(1),
-            threads,
+            torch.get_num_threads() if lay.threads else 1,
         )
-    values = _to_output(values, lay)
-    if index is None:
-        return values, a.new_empty((0,), dtype=torch.int64)
-    return values, _to_output(index, lay)
-
-
-def _to_output(x: Tensor, lay: Layout) -> Tensor:
-    if lay.out_order == tuple(range(x.dim())):
-        return x
-    return x.permute(lay.out_order).contiguous()
-
-
-def _ungroup(
-    grad: Tensor, term: str, groups: tuple[str, ...], size: dict[str, int], like: Tensor
-) -> Tensor:
-    """A gradient in grouped form (see :func:`_grouped`) in the layout and shape of ``like``."""
-    order = "".join(groups)
-    grad = grad.view([size[c] for c in order]).permute([order.index(c) for c in term])
-    lacking = tuple(d for d, (n, full) in enumerate(zip(like.shape, grad.shape)) if n != full)
-    return grad.sum(lacking, keepdim=True) if lacking else grad
+    if lay.out_order is not None:
+        values = values.permute(lay.out_order).contiguous()
+        if index is not None:
+            index = index.permute(lay.out_order).contiguous()
+    return values, index if index is not None else a.new_empty((0,), dtype=torch.int64)
 
 
 def max_plus_vjp(
@@ -410,41 +432,38 @@ def max_plus_vjp(
     lib = library()
     lay = layout(step)
     assert lib is not None and lay is not None, f"not a tropical step: {step}"
-    size = step.size
     a, b = xs
-    ta, tb = step.inputs
     need_a, need_b = needs
-    if lay.left == 1:
-        a, b, ta, tb, need_a, need_b = b, a, tb, ta, need_b, need_a
-    groups_a = (lay.batch, lay.rows, lay.summed)
-    groups_b = (lay.batch, lay.summed, lay.cols)
-    nb, m, n = (_prod(size[c] for c in grp) for grp in (lay.batch, lay.rows, lay.cols))
-    k = _prod(size[c] for c in lay.summed)
-    back = [0] * len(lay.out_order)
-    for d, p in enumerate(lay.out_order):
-        back[p] = d
-    order = tuple(back)
-    shape = [size[c] for c in step.output]
+    if lay.swap:
+        a, b, need_a, need_b = b, a, need_b, need_a
+    nb, m, k, n = lay.dims
     dtype = a.dtype
-    gl = g.to(dtype).expand(shape).permute(order).contiguous()
-    il = index.permute(order).contiguous()
+    g = g.to(dtype).expand(step_shape(step))
+    if lay.back_order is not None:
+        g, index = g.permute(lay.back_order), index.permute(lay.back_order)
+    g, index = g.contiguous(), index.contiguous()
     ga = torch.zeros((nb, m, k), dtype=dtype) if need_a else None
     gb = torch.zeros((nb, k, n), dtype=dtype) if need_b else None
-    if gl.numel():
-        threads = torch.get_num_threads() if nb > 1 and nb * m * n >= PARALLEL_MIN_TERMS else 1
+    if g.numel():
         lib.vjp[dtype](
-            gl.data_ptr(),
-            il.data_ptr(),
+            g.data_ptr(),
+            index.data_ptr(),
             ga.data_ptr() if ga is not None else None,
             gb.data_ptr() if gb is not None else None,
             nb,
             m,
             k,
             n,
-            threads,
+            torch.get_num_threads() if lay.threads and nb > 1 else 1,
         )
     grads = [
-        _ungroup(ga, ta, groups_a, size, a) if ga is not None else None,
-        _ungroup(gb, tb, groups_b, size, b) if gb is not None else None,
+        lay.a.ungrouped(ga, a) if ga is not None else None,
+        lay.b.ungrouped(gb, b) if gb is not None else None,
     ]
-    return grads[::-1] if lay.left == 1 else grads
+    return grads[::-1] if lay.swap else grads
+
+
+def step_shape(step: Step) -> list[int]:
+    """The step's output shape."""
+    size = step.size
+    return [size[c] for c in step.output]

@@ -292,13 +292,20 @@ def _window_count(step: Step) -> int:
 _MAX_OPERATORS = {"rows": OPS.MAX_ROWS, "slices": OPS.MAX_SLICES, "tropical": OPS.MAX_TROPICAL}
 
 
-def _max_forward(spec: MaxSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+def _max_forward(spec: MaxSpec, ctx: Context, *xs: Tensor) -> tuple[Any, ...]:
     step = spec.step
     if step.kernel == "unsummed":
-        return K.add_only(step, xs), K.no_argmax(step, xs[0].device)
-    operator = _MAX_OPERATORS.get(step.kernel, OPS.MAX_WINDOWS)
-    values, index = operator(ctx, spec, spec.argmax, list(xs))
-    return values, index if spec.argmax else K.no_argmax(step, values.device)
+        values, index = K.add_only(step, xs), None
+    else:
+        operator = _MAX_OPERATORS.get(step.kernel, OPS.MAX_WINDOWS)
+        values, index = operator(ctx, spec, spec.argmax, list(xs))
+    if not (ctx.traced or ctx.transformed):
+        # Untransformed eager: no Function sees the outputs; the caller reads the
+        # index only where it asked for one (and never of an unsummed step).
+        return values, index
+    if index is None or not spec.argmax:
+        index = K.no_argmax(step, values.device)  # output-shaped, for the vmap rules
+    return values, index
 
 
 def _max_vjp(
