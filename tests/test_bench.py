@@ -194,11 +194,11 @@ def test_goals_json_and_table(report: bench.Report) -> None:
 def test_goals_name_builtin_workloads() -> None:
     keys = {w.key for w in W.WORKLOADS}
     assert set(goals.GOALS) <= keys
-    assert keys - set(goals.GOALS) == {"log-adversarial", "min-bmm"}  # self-checks only
+    assert keys - set(goals.GOALS) == {"log-adversarial"}  # a self-check only
     for gs in goals.GOALS.values():
         for g in gs:
             assert g.baseline in W.CONTENDERS and g.baseline != W.OURS
-    assert sum(len(gs) for gs in goals.GOALS.values()) == 24
+    assert sum(len(gs) for gs in goals.GOALS.values()) == 29
 
 
 def test_package_source_says_nothing_of_goals() -> None:
@@ -245,21 +245,22 @@ def test_run_script_judges_the_goals(
     run_script = _load_run_script()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the plot is optional
     out, png = tmp_path / "latest.json", tmp_path / "latest.png"
-    argv = ["--quick", "--only", "min-bmm", "max-bmm", "--no-progress"]
+    argv = ["--quick", "--only", "log-adversarial", "max-bmm", "--no-progress"]
     assert run_script.main([*argv, "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr()
     report_part, _, goals_part = text.out.partition("self-check: ok")
     assert "goal" not in report_part.lower()
     assert "Goals (ratio = ours / baseline" in goals_part
-    assert "of 2 goals met at these scaled-down sizes (indicative only)" in goals_part
+    assert "of 4 goals met at these scaled-down sizes (indicative only)" in goals_part
     assert "matplotlib is not installed" in text.err and not png.exists()
     data = json.loads(out.read_text())
     assert data["ok"] is True and data["meta"]["preset"] == "quick"
-    assert data["goals"]["total"] == 2
+    assert data["goals"]["total"] == 4  # max-bmm and max-bmm-bwd
     by_key = {c["key"]: c for c in data["cases"]}
-    assert by_key["min-bmm"]["goals"] == []
+    assert by_key["log-adversarial"]["goals"] == []
     assert [g["text"] for g in by_key["max-bmm"]["goals"]] == [
         "<= 0.5x naive broadcast amax",
+        "<= 1.0x tropical-gemm",
         "peak extra memory <= 1/2 of the reference's",
     ]
     assert run_script.main(["--list"]) == 0
@@ -344,12 +345,16 @@ def test_without_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_memory_selection() -> None:
-    reference = W.load_reference()
+    reference, tropical = W.load_reference(), W.load_tropical()
+
+    def plan(key: str, settings: bench.Settings) -> runner._CasePlan:
+        return runner._plan(W.workload(key), settings, reference, tropical)
+
     ours_and_reference = bench.Settings(memory="reference")
-    with_reference = runner._plan(W.workload("log-bmm"), ours_and_reference, reference)
+    with_reference = plan("log-bmm", ours_and_reference)
     assert with_reference.memory == ([W.OURS, W.REFERENCE] if reference else [W.OURS])
-    assert runner._plan(W.workload("log-adversarial"), ours_and_reference, reference).memory == []
-    everything = runner._plan(W.workload("log-bmm"), bench.Settings(memory="all"), reference)
+    assert plan("log-adversarial", ours_and_reference).memory == []
+    everything = plan("log-bmm", bench.Settings(memory="all"))
     assert everything.memory == everything.contenders
-    big = runner._plan(W.workload("log-chain-128"), bench.Settings(preset="full"), reference)
+    big = plan("log-chain-128", bench.Settings(preset="full"))
     assert W.NAIVE in big.skipped  # its joint tensor would be 1 GiB
