@@ -43,6 +43,7 @@ from ._rules import (
     MaxSpec,
     Spec,
     family_of,
+    max_values,
     neg_inf_policy,
     run_vjp,
 )
@@ -325,6 +326,11 @@ def _contract(
         if viterbi:
             backpointers.append((s, linear))
         return values
+
+    if not (argmax or ctx.traced or ctx.transformed):
+        # Values of plain eager operands, nothing recording: straight to the kernels.
+        def max_step(s: Step, args: list[Tensor]) -> Tensor:
+            return max_values(cast(MaxSpec, p.spec(s, False)), ctx, args)
 
     if family is MIN_FAMILY:  # min(x) = -max(-x)
         return -p.run(max_step, [-x for x in p.operands])

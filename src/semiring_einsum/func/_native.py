@@ -375,6 +375,20 @@ class Operand:
     perm: tuple[int, ...] | None  # to group order; None: already in it
     full: tuple[int, ...]  # its full (unbroadcast) sizes in group order
     shape: tuple[int, int, int]  # one dim per group
+    dims: tuple[int | None, int | None, int | None] | None  # per group: its one dim, if so
+
+    def strides(self, x: Tensor) -> tuple[int, int, int] | None:
+        """The grouped view's strides read off ``x`` itself where every group is at most
+        one index (the common case: no view to make); ``None`` otherwise."""
+        if self.dims is None:
+            return None
+        st, sh = x.stride(), x.shape
+        d0, d1, d2 = self.dims
+        return (
+            0 if d0 is None or sh[d0] == 1 else st[d0],
+            0 if d1 is None or sh[d1] == 1 else st[d1],
+            0 if d2 is None or sh[d2] == 1 else st[d2],
+        )
 
     def grouped(self, x: Tensor) -> Tensor:
         """``x`` as one dim per group: a view where it can be, else a copy."""
@@ -463,17 +477,22 @@ def _operand(term: str, groups: tuple[str, str, str], size: dict[str, int]) -> O
     perm = tuple(term.index(c) for g in groups for c in g)
     full = tuple(size[c] for g in groups for c in g)
     shape = tuple(math.prod(size[c] for c in g) for g in groups)
+    dims = None
+    if all(len(g) <= 1 for g in groups):
+        dims = tuple(term.index(g) if g else None for g in groups)
     return Operand(
         term,
         groups,
         None if perm == tuple(range(len(term))) else perm,
         full,
         shape,  # type: ignore[arg-type]
+        dims,  # type: ignore[arg-type]
     )
 
 
-def max_plus(step: Step, xs: list[Tensor], argmax: bool) -> tuple[Tensor, Tensor] | None:
-    """Values (and the linear argmax) of a max-plus step, or ``None`` where not applicable."""
+def max_plus(step: Step, xs: list[Tensor], argmax: bool) -> tuple[Tensor, Tensor | None] | None:
+    """Values and, if asked, the linear argmax of a max-plus step (``None`` where the
+    kernel does not apply)."""
     lib = library()
     lay = layout(step)
     if lib is None or lay is None:
@@ -484,37 +503,44 @@ def max_plus(step: Step, xs: list[Tensor], argmax: bool) -> tuple[Tensor, Tensor
         return None
     if lay.swap:
         a, b = b, a
-    ga = lay.a.grouped(a)
-    gb = lay.b.grouped(b)
-    if gb.stride(2) != 1 and gb.shape[2] > 1:
-        gb = gb.contiguous()
+    nb, m, k, n = lay.dims
+    found_a = lay.a.strides(a)
+    if found_a is None:
+        a = lay.a.grouped(a)
+        found_a = (a.stride(0), a.stride(1), a.stride(2))
+    found_b = lay.b.strides(b)
+    if found_b is None or (found_b[2] != 1 and n > 1):  # columns are read contiguously
+        b = lay.b.grouped(b)
+        if b.stride(2) != 1 and n > 1:
+            b = b.contiguous()
+        found_b = (b.stride(0), b.stride(1), b.stride(2))
+    sa, sb = found_a, found_b
     # Allocated in the output's own shape (not a view of a 3-d buffer: autograd
     # forbids in-place changes to views made inside a Function).
     values = torch.empty(lay.out_shape, dtype=dtype)
     index = torch.empty(lay.out_shape, dtype=torch.int64) if argmax else None
-    nb, m, k, n = lay.dims
     if nb and m and n:
         lib.forward[dtype](
-            ga.data_ptr(),
-            gb.data_ptr(),
+            a.data_ptr(),
+            b.data_ptr(),
             values.data_ptr(),
             index.data_ptr() if index is not None else None,
             nb,
             m,
             k,
             n,
-            ga.stride(0),
-            ga.stride(1),
-            ga.stride(2),
-            gb.stride(0),
-            gb.stride(1),
+            sa[0],
+            sa[1],
+            sa[2],
+            sb[0],
+            sb[1],
             torch.get_num_threads() if lay.threads else 1,
         )
     if lay.out_order is not None:
         values = values.permute(lay.out_order).contiguous()
         if index is not None:
             index = index.permute(lay.out_order).contiguous()
-    return values, index if index is not None else a.new_empty((0,), dtype=torch.int64)
+    return values, index
 
 
 def max_plus_vjp(

@@ -84,20 +84,20 @@ class Operator:
         self.op = getattr(getattr(torch.ops, NAMESPACE), name).default
         if vmap is not None:  # a vmap rule made for this operator
             torch.library.register_vmap(self.qualname, vmap(self.op), lib=_LIBRARY)
-        self._devices: set[str] = set()
+        self.devices: set[str] = set()  # those with a kernel registered for them
 
     def register_kernel(self, device_type: str, kernel: Callable[..., Any]) -> None:
         """Run ``kernel`` for this operator on ``device_type`` (always through the dispatcher)."""
         torch.library.register_kernel(self.qualname, device_type, kernel, lib=_LIBRARY)
-        self._devices.add(device_type)
+        self.devices.add(device_type)
 
     def __call__(self, ctx: Context, spec: Any, *args: Any) -> Any:
         """Run the kernel on ``spec.step`` (the operator gets ``spec.key``)."""
-        if not (ctx.traced or ctx.batched or ctx.foreign or self._devices) and not (
+        if not (ctx.traced or ctx.batched or ctx.foreign or self.devices) and not (
             torch.compiler.is_compiling()
         ):
             return self.eager(spec.step, *args)  # the common case first
-        if ctx.device_type in self._devices:
+        if ctx.device_type in self.devices:
             return self.op(spec.key, *args)
         # Dynamo may also trace a frame of ours on its own (a rule's forward, after a
         # graph break), under a context worked out eagerly: it is tracing all the same.
@@ -326,10 +326,10 @@ def _log_windows_vmap(op: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ---------------------------------------------------------- max-plus kernels
-def _indexed(found: tuple[Tensor, Tensor], argmax: bool) -> tuple[Tensor, Tensor]:
+def _indexed(found: tuple[Tensor, Tensor | None], argmax: bool) -> tuple[Tensor, Tensor]:
     """A max-plus kernel's result as its operator returns it (no index unless asked)."""
     values, index = found
-    return values, index if argmax else _no_index(values)
+    return values, index if argmax and index is not None else _no_index(values)
 
 
 def _max_windows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:

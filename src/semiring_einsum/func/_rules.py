@@ -308,6 +308,19 @@ def _max_forward(spec: MaxSpec, ctx: Context, *xs: Tensor) -> tuple[Any, ...]:
     return values, index
 
 
+def max_values(spec: MaxSpec, ctx: Context, xs: list[Tensor]) -> Tensor:
+    """A max-plus step's values where nothing traces, transforms or records: what the
+    rule's forward computes, without its layers (the per-call cost of small steps)."""
+    step = spec.step
+    if step.kernel == "tropical" and not OPS.MAX_TROPICAL.devices:
+        found = N.max_plus(step, xs, False)
+        if found is not None:
+            return found[0]
+    elif step.kernel == "unsummed":
+        return K.add_only(step, xs)
+    return run_forward(MAX_RULE, spec, ctx, *xs)[0]
+
+
 def _max_vjp(
     spec: MaxSpec,
     xs: Sequence[Tensor],
