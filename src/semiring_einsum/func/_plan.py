@@ -234,7 +234,7 @@ class Plan:
 
 def _window_bytes(step: Step, itemsize: int) -> int:
     """Bytes of the largest window-sized temporary the step's kernel makes."""
-    if step.kernel in ("blas", "unsummed", "empty"):
+    if step.kernel in ("blas", "tropical", "unsummed", "empty"):
         return 0
     return step.window_elements * itemsize
 
