@@ -1,15 +1,18 @@
 """Max-plus, Viterbi and max-plus forward+backward: ours before, ours now, tropical-gemm.
 
-    python benchmarks/tropical.py OLD [--rounds 5] [--reps 15] [--no-memory]
+    python benchmarks/tropical.py OLD [--rounds 5] [--reps 15] [--no-memory] [--inductor]
 
 ``OLD`` is a git revision (checked out into a temporary worktree); "now" is the working
-tree.  Every round runs one fresh subprocess per tree, in a seeded random order, each timing
-every case (median of ``--reps`` calls after a warm-up); the table shows the median over
-rounds.  The working tree's subprocess also times tropical-gemm (when installed: its
+tree, and "fallback" the working tree with ``SEMIRING_EINSUM_NATIVE=0`` (what runs without a
+C compiler).  Every round runs one fresh subprocess per tree, in a seeded random order, each
+timing every case (median of ``--reps`` calls after a warm-up); the table shows the median
+over rounds.  The working tree's subprocess also times tropical-gemm (when installed: its
 ``maxplus_matmul`` for values, ``maxplus_matmul[_batched]_with_argmax`` for Viterbi and its
 PyTorch autograd layer for forward+backward) and a plain-torch broadcast ``amax`` loop for the
 HMM recurrence, and checks that ours and tropical-gemm agree (values, and argmax on these
-tie-free inputs).  Unless ``--no-memory``, the peak extra memory (``ru_maxrss`` growth) of a
+tie-free inputs).  With ``--inductor`` it also times ``torch.compile`` (inductor) of the
+plain-torch broadcast ``amax`` (``max`` with indices for Viterbi; its autograd for
+forward+backward).  Unless ``--no-memory``, the peak extra memory (``ru_maxrss`` growth) of a
 few cases is measured in a fresh subprocess per tree and case.  float32, the machine's threads.
 """
 
@@ -31,7 +34,7 @@ import json, statistics, sys, time
 import torch
 from semiring_einsum import func
 
-reps, with_peer = int(sys.argv[1]), sys.argv[2] == "1"
+reps, with_peer, inductor = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
 tg = tgp = None
 if with_peer:
     try:
@@ -72,6 +75,16 @@ for label, eq, shapes in [
     out[f"fwd+bwd {label}"] = {
         "ours": timed(fwd_bwd(lambda x, y: func.max_einsum(eq, x, y), [la, lb]))
     }
+    if inductor:
+        import warnings
+        warnings.simplefilter("ignore")
+        def broadcast(x, y):
+            return x.unsqueeze(-1) + y.unsqueeze(-3)
+        values_c = torch.compile(lambda x, y: broadcast(x, y).amax(-2), fullgraph=True)
+        viterbi_c = torch.compile(lambda x, y: broadcast(x, y).max(-2), fullgraph=True)
+        out[f"values {label}"]["inductor"] = timed(lambda: values_c(a, b))
+        out[f"viterbi {label}"]["inductor"] = timed(lambda: viterbi_c(a, b))
+        out[f"fwd+bwd {label}"]["inductor"] = timed(fwd_bwd(values_c, [la, lb]))
     if tg is None:
         continue
     an, bn = a.numpy(), b.numpy()
@@ -137,13 +150,12 @@ def _worktree(rev: str, where: Path) -> Path:
     return path
 
 
-def _child(src: Path, code: str, *args: str) -> str:
+def _child(src: Path, code: str, *args: str, native: bool = True) -> str:
+    env = {"PYTHONPATH": str(src / "src"), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    if not native:
+        env["SEMIRING_EINSUM_NATIVE"] = "0"
     done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PYTHONPATH": str(src / "src"), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env
     )
     return done.stdout.strip().splitlines()[-1]
 
@@ -162,11 +174,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--inductor", action="store_true", help="also time inductor's code")
     args = parser.parse_args()
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {"old": [], "new": []}
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {"old": [], "new": [], "fallback": []}
     memory: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"old": _worktree(args.old, Path(tmp)), "new": ROOT}
+        trees = {"old": _worktree(args.old, Path(tmp)), "new": ROOT, "fallback": ROOT}
         try:
             order = list(trees)
             rng = random.Random(0)
@@ -174,12 +187,21 @@ def main() -> None:
                 rng.shuffle(order)
                 for name in order:
                     peer = "1" if name == "new" else "0"
-                    runs[name].append(json.loads(_child(trees[name], CHILD, str(args.reps), peer)))
+                    inductor = "1" if name == "new" and args.inductor else "0"
+                    got = _child(
+                        trees[name],
+                        CHILD,
+                        str(args.reps),
+                        peer,
+                        inductor,
+                        native=name != "fallback",
+                    )
+                    runs[name].append(json.loads(got))
                 print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
             if not args.no_memory:
                 for case in MEMORY_CASES:
                     memory[case] = {
-                        name: float(_child(tree, MEMORY_CHILD, case))
+                        name: float(_child(tree, MEMORY_CHILD, case, native=name != "fallback"))
                         for name, tree in trees.items()
                     }
         finally:
@@ -192,24 +214,32 @@ def main() -> None:
         got = [run[case][who] for run in runs[name] if who in run.get(case, {})]
         return statistics.median(got) if got else None
 
-    print(f"old {args.old}, new = working tree; median ms of {args.rounds} rounds")
-    head = f"{'case':<26} {'before':>9} {'now':>9} {'peer':>9} {'now/before':>10} {'now/peer':>9}"
-    print(head + f" {'naive':>9} {'now/naive':>9}")
-    print("-" * (len(head) + 20))
+    print(f"old {args.old}, now = working tree; median ms of {args.rounds} rounds")
+    head = (
+        f"{'case':<26} {'before':>9} {'fallback':>9} {'now':>9} {'peer':>9} {'inductor':>9} "
+        f"{'naive':>9} {'now/before':>10} {'now/peer':>9} {'now/ind.':>9} {'now/naive':>9}"
+    )
+    print(head)
+    print("-" * len(head))
     for case in runs["new"][0]:
-        before, now = med("old", case, "ours"), med("new", case, "ours")
-        peer, naive = med("new", case, "peer"), med("new", case, "naive")
+        now = med("new", case, "ours")
         assert now is not None
-
-        line = f"{case:<26} {_cell(before)} {_cell(now)} {_cell(peer)} "
-        line += f"{_ratio(now, before):>10} {_ratio(now, peer)}"
-        if naive is not None:
-            line += f" {_cell(naive)} {_ratio(now, naive)}"
+        before, fallback = med("old", case, "ours"), med("fallback", case, "ours")
+        peer, inductor = med("new", case, "peer"), med("new", case, "inductor")
+        naive = med("new", case, "naive")
+        line = f"{case:<26} " + " ".join(
+            _cell(x) for x in (before, fallback, now, peer, inductor, naive)
+        )
+        line += f" {_ratio(now, before):>10} {_ratio(now, peer)} {_ratio(now, inductor)}"
+        line += f" {_ratio(now, naive)}"
         print(line)
     if memory:
         print("\nPeak extra memory (MiB, ru_maxrss growth in a fresh process)")
         for case, got in memory.items():
-            print(f"{case:<26} before {got['old']:>7.1f}   now {got['new']:>7.1f}")
+            print(
+                f"{case:<26} before {got['old']:>7.1f}   fallback {got['fallback']:>7.1f}   "
+                f"now {got['new']:>7.1f}"
+            )
 
 
 if __name__ == "__main__":

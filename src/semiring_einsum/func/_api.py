@@ -348,6 +348,12 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     size = p.contraction.size
     out = p.contraction.output
     shape = [size[c] for c in out]
+    summed = p.equation.summed
+    if len(backpointers) == 1:  # one step (a matrix product, a joint sum): no lookups
+        step, linear = backpointers[0]
+        if step.output == out and "".join(c for c, _ in step.windows) == summed and summed:
+            flat = linear.reshape(linear.shape or (1,))
+            return K.unravel(step, flat).reshape(shape + [len(summed)])
     device = p.operands[0].device if p.operands else torch.device("cpu")
     known: dict[str, Tensor] = {}
     for d, c in enumerate(out):
@@ -365,7 +371,6 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
         coords = K.unravel(step, at.reshape(at.shape or (1,)))
         for i, (c, _) in enumerate(step.windows):
             known[c] = coords[..., i]
-    summed = p.equation.summed
     if not summed:
         return torch.zeros(shape + [0], dtype=torch.int64, device=device)
     cells = shape or [1]  # a scalar output was walked as one cell
