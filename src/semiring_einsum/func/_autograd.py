@@ -139,5 +139,20 @@ def apply(rule: Rule, spec: object, ctx: Context, *xs: Tensor) -> tuple[Tensor, 
     # transform dispatch): skip it when nothing can see the call.
     if not ctx.traced and not ctx.transformed:
         return run_forward(rule, spec, ctx, *xs)
-    out = _function(rule, len(xs), ctx.compiling).apply(spec, ctx, *xs)
+    fn = _function(rule, len(xs), ctx.compiling)
+    if ctx.traced or _functorch_active():
+        out = fn.apply(spec, ctx, *xs)
+    else:
+        # Plain autograd: what Function.apply ends in, without the inspect.signature
+        # binding it does first on every call (tens of microseconds; our forwards have
+        # fixed positional parameters, nothing to bind).
+        out = _c_apply(fn, spec, ctx, *_unwrap_dead(xs))
     return out if isinstance(out, tuple) else (out,)
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+_unwrap_dead = torch._functorch.utils.unwrap_dead_wrappers
+
+
+def _c_apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
+    return super(torch.autograd.Function, fn).apply(*args)  # type: ignore[misc]
