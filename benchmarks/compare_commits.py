@@ -145,7 +145,8 @@ print(json.dumps(out))
 """
 
 
-def _worktree(rev: str, where: Path) -> Path:
+def worktree(rev: str, where: Path) -> Path:
+    """A detached git worktree of ``rev`` in ``where`` (remove it with ``git worktree remove``)."""
     path = where / rev.replace("/", "_")
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev], check=True
@@ -181,8 +182,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"old": _worktree(args.old, Path(tmp))}
-        trees["new"] = _worktree(args.new, Path(tmp)) if args.new else ROOT
+        trees = {"old": worktree(args.old, Path(tmp))}
+        trees["new"] = worktree(args.new, Path(tmp)) if args.new else ROOT
         try:
             samples: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
             order = list(trees)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from compare_commits import ROOT, worktree
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -142,14 +142,6 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 MEMORY_CASES = ("values n=512", "viterbi b=8 n=128", "fwd+bwd n=256")
 
 
-def _worktree(rev: str, where: Path) -> Path:
-    path = where / "old"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev], check=True
-    )
-    return path
-
-
 def _child(src: Path, code: str, *args: str, native: bool = True) -> str:
     env = {"PYTHONPATH": str(src / "src"), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
     if not native:
@@ -179,7 +171,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, dict[str, float]]]] = {"old": [], "new": [], "fallback": []}
     memory: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"old": _worktree(args.old, Path(tmp)), "new": ROOT, "fallback": ROOT}
+        trees = {"old": worktree(args.old, Path(tmp)), "new": ROOT, "fallback": ROOT}
         try:
             order = list(trees)
             rng = random.Random(0)
