@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -775,4 +776,33 @@ def test_a_fresh_build_lands_one_library(
     assert sorted(p.name for p in tmp_path.iterdir()) == files
     assert built.stat().st_mtime_ns == mtime
     _check_against_oracle(eq, [a, b])
+    assert taken and all(taken)
+
+
+@native
+def test_a_compiler_that_refuses_the_cpu_flags_builds_with_portable_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
+) -> None:
+    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    assert real is not None  # the kernel is native here, so some compiler exists
+    picky = tmp_path / "picky-cc"
+    log = tmp_path / "calls.log"
+    picky.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        'for a in "$@"; do case "$a" in -march=native|-mprefer-vector-width=512)\n'
+        '  echo "unsupported: $a" >&2; exit 1;; esac; done\n'
+        f'exec {real} "$@"\n'
+    )
+    picky.chmod(picky.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(picky))
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(tmp_path / "cache"))
+    func.clear_caches()
+    assert func.native_status().startswith("native: loaded")
+    builds = [line for line in log.read_text().splitlines() if "-shared" in line]
+    assert len(builds) == 3  # refused twice, then built without the CPU-specific flags
+    assert "-march" not in builds[-1] and "-fopenmp" in builds[-1]
+    g = torch.Generator().manual_seed(29)
+    a, b = _ties((2, 5, 9), F32, g), _exact((2, 9, 130), F32, g)
+    _check_against_oracle("bij,bjk->bik", [a, b])
     assert taken and all(taken)

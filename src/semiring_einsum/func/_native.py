@@ -217,7 +217,7 @@ def _source() -> str:
 SOURCE = _source()
 """The kernels' C source (what is built and hashed)."""
 
-FLAGS = (
+FLAGS: tuple[str, ...] = (
     "-O3",
     "-march=native",
     "-mprefer-vector-width=512",  # (where the CPU has AVX-512: measured 1.2-2x faster)
@@ -284,20 +284,38 @@ def _compiler() -> list[str] | None:
     return None
 
 
+def _flag_sets() -> list[tuple[str, ...]]:
+    """:data:`FLAGS`, then ever more portable sets, for compilers that refuse some of them
+    (no ``-mprefer-vector-width``, no ``-march=native``, no OpenMP: one thread)."""
+    drop = ("-mprefer-vector-width=512", "-march=native", "-fopenmp")
+    sets = [FLAGS]
+    for k in range(1, len(drop) + 1):
+        sets.append(tuple(f for f in FLAGS if f not in drop[:k]))
+    return sets
+
+
 def _build(cc: list[str], target: Path) -> None:
-    """Compile :data:`SOURCE` into ``target`` (atomically: a temporary file, then a rename)."""
+    """Compile :data:`SOURCE` into ``target`` (atomically: a temporary file, then a rename),
+    with the first of :func:`_flag_sets` the compiler accepts."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "tropical.c"
         src.write_text(SOURCE)
         out = Path(tmp) / target.name
-        subprocess.run(
-            [*cc, *FLAGS, str(src), "-o", str(out), "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        sets = _flag_sets()
+        for k, flags in enumerate(sets):
+            try:
+                subprocess.run(
+                    [*cc, *flags, str(src), "-o", str(out), "-lm"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                break
+            except subprocess.CalledProcessError:
+                if k == len(sets) - 1:
+                    raise
         os.replace(out, target)
 
 
