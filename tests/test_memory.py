@@ -5,11 +5,16 @@ aten op returns while a contraction (and its backward) runs.  With
 ``block_size=AutomaticBlockSize(max_cpu_bytes=B)`` no recorded tensor may be
 larger than ``B`` bytes, except tensors the size of an input or of the output
 (which DESIGN §3.1 does not count) and the int64 argmax of ``viterbi_einsum``.
+A second mode follows the *live* temporaries (a storage is live from the op that
+makes it until the last tensor on it is freed): their peak must stay within a
+few budgets, so windows are freed as the loop goes, not kept.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -47,6 +52,49 @@ class TensorSizeRecorder(TorchDispatchMode):
 
     def offenders(self, limit: int, allowed_numels: set[int]) -> list[tuple[object, ...]]:
         return [r for r in self.records if r[2] > limit and r[1] not in allowed_numels]
+
+
+class LiveBytesRecorder(TorchDispatchMode):
+    """The peak, over a forward call, of the bytes of all live storages that ops made.
+
+    Each op output's storage is counted once, from the op that makes it until the
+    last Python tensor on it is freed (views share their base's storage).  Only for
+    calls that record no autograd graph: storages that autograd saves outlive their
+    Python tensors.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: dict[int, int] = {}  # storage address -> live tensors on it
+        self.sizes: dict[int, int] = {}  # storage address -> bytes
+        self.live = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = op(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if not storage.nbytes():
+            return
+        if key not in self.tensors:
+            self.tensors[key] = 0
+            self.sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.tensors[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.tensors[key] -= 1
+        if not self.tensors[key]:
+            del self.tensors[key]
+            self.live -= self.sizes.pop(key)
 
 
 def _inputs(shapes: Sequence[tuple[int, ...]], requires_grad: bool = False) -> list[Tensor]:
@@ -111,7 +159,7 @@ FUNCTIONS: dict[str, tuple[Callable[..., Tensor], func.Semiring, object]] = {
     "max_einsum": (_max, func.MAX_PLUS, "auto"),
     "max_einsum_joint": (_max_joint, func.MAX_PLUS, False),
     "min_einsum": (_min, func.MIN_PLUS, "auto"),
-    "viterbi_einsum": (_viterbi_values, func.MAX_PLUS, False),
+    "viterbi_einsum": (_viterbi_values, func.MAX_PLUS, "auto"),
     "custom_semiring": (_custom, PLAIN, "auto"),
 }
 
@@ -269,3 +317,41 @@ def test_int_block_size_caps_window_tensors(extent: int) -> None:
     limit = out_bytes * extent**2  # two summed indices, b and c
     bad = rec.offenders(limit, _allowed(xs, [out]))
     assert not bad, f"block_size={extent}: tensors over {limit} bytes: {bad[:5]}"
+
+
+# Window-sized temporaries a kernel keeps at once (a window, its mask or weights, a
+# running result...): the live peak may hold this many budgets, plus the tensors the
+# budget does not count (input-sized copies, results and intermediates).
+LIVE_WINDOWS = 4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_live_temporaries_peak_within_budget(name: str, case: str) -> None:
+    fn, semiring, optimize = FUNCTIONS[name]
+    eq, shapes = CASES[case]
+    xs = _inputs(shapes)
+    plan = func.plan(eq, *shapes, semiring=semiring, block_size=BLOCK, optimize=optimize)
+    sized = sum(x.numel() * x.element_size() for x in xs)  # copies of inputs, at most
+    results = sum(  # every step's result (int64 argmax beside each, for Viterbi)
+        12 * math.prod(s.size[c] for c in s.output) for s in plan.steps
+    )
+    gc.collect()
+    rec = LiveBytesRecorder()
+    with rec:
+        out = fn(eq, *xs)
+    del out
+    bound = LIVE_WINDOWS * BUDGET + sized + results
+    assert rec.peak, "the recorder saw no allocation"
+    assert rec.peak <= bound, f"{name} on {eq!r}: live peak {rec.peak} > {bound}"
+
+
+def test_live_recorder_sees_windows_kept_alive() -> None:
+    """Sanity check of the harness: a loop that keeps every window exceeds the bound."""
+    eq, shapes = CASES["chain3"]
+    xs = _inputs(shapes)
+    rec = LiveBytesRecorder()
+    with rec:
+        kept = [x.unsqueeze(-1) + xs[1] for x in xs[0].split(4)]  # the whole joint space
+    assert rec.peak >= 8 * BUDGET
+    del kept

@@ -15,11 +15,18 @@ from . import _logblas as LB
 from . import _native as N
 from . import _ops as OPS
 from ._autograd import apply, clear_functions
-from ._budget import AUTOMATIC_BLOCK_SIZE, BlockSize, Budget, budget_of, resolve_budget
+from ._budget import (
+    AUTOMATIC_BLOCK_SIZE,
+    AutomaticBlockSize,
+    BlockSize,
+    Budget,
+    budget_of,
+    resolve_budget,
+)
 from ._budget import cache_clear as budget_of_cache_clear
 from ._compile import in_graph
+from ._context import Context, call_context
 from ._context import cache_clear as context_cache_clear
-from ._context import call_context
 from ._parse import (
     Contraction,
     Equation,
@@ -36,11 +43,13 @@ from ._rules import (
     LOG_FAMILY,
     LOG_RULE,
     MIN_FAMILY,
+    RANKED_RULE,
     REAL_FAMILY,
     CustomSpec,
     Family,
     LogSpec,
     MaxSpec,
+    RankedSpec,
     Spec,
     family_of,
     max_values,
@@ -332,10 +341,156 @@ def _contract(
         def max_step(s: Step, args: list[Tensor]) -> Tensor:
             return max_values(cast(MaxSpec, p.spec(s, False)), ctx, args)
 
+    def run(operands: list[Tensor]) -> Tensor:
+        if argmax and len(p.plan.steps) > 1:  # where ties decide: the global rule
+            return p.finish(_max_ranked(p, family, ctx, operands, backpointers))
+        return p.run(max_step, operands)
+
     if family is MIN_FAMILY:  # min(x) = -max(-x)
-        return -p.run(max_step, [-x for x in p.operands])
-    values = p.run(max_step)
-    return (values, _backtrack(p, backpointers)) if viterbi else values
+        return -run([-x for x in p.operands])
+    values = run(p.operands)
+    if not viterbi:
+        return values
+    found = _backtrack(p, backpointers)
+    if len(p.plan.steps) > 1:
+        found = _joint_where_not_finite(p, ctx, budget, values, found)
+    return values, found
+
+
+def _ranks_needed(steps: Sequence[Step], operands: int) -> list[bool]:
+    """For each step, whether a later step that sums an index reads its result's rank
+    (directly, or through steps that sum nothing)."""
+    positions: list[int | None] = [None] * operands  # what made each current operand
+    readers: dict[int, list[int]] = {}
+    for k, step in enumerate(steps):
+        for i in step.operands:
+            made = positions[i]
+            if made is not None:
+                readers.setdefault(made, []).append(k)
+        for i in sorted(step.operands, reverse=True):
+            del positions[i]
+        positions.append(k)
+    needed = [False] * len(steps)
+    for k in reversed(range(len(steps))):
+        needed[k] = any(steps[j].windows or needed[j] for j in readers.get(k, []))
+    return needed
+
+
+def _joint_where_not_finite(
+    p: _Prepared, ctx: Context, budget: Budget, values: Tensor, argmax: Tensor
+) -> Tensor:
+    """The argmax of the cells whose value is not finite, by the joint rule.
+
+    Partial ranks order a pairwise plan's ties exactly where a cell's value is
+    finite; a later factor of -inf, +inf or NaN can make terms that an earlier
+    step told apart tie (or turn NaN) in the whole sum.  A -inf cell has only
+    -inf terms: its argmax is the first term, zeros.  The (rare) +inf and NaN
+    cells are recomputed one by one, jointly, from the operands restricted to
+    the cell -- in eager mode only: under a tracer or ``vmap`` the values cannot
+    be looked at, and those cells keep the pairwise plan's choice.
+    """
+    if not argmax.shape[-1]:
+        return argmax
+    if ctx.traced or ctx.batched or ctx.foreign:  # no value branches
+        return torch.where((values == -math.inf).unsqueeze(-1), 0, argmax)
+    if bool(torch.isfinite(values).all()):  # the common case: one pass
+        return argmax
+    neg = values == -math.inf
+    argmax = torch.where(neg.unsqueeze(-1), 0, argmax)
+    odd = ~torch.isfinite(values) & ~neg
+    if not bool(odd.any()):
+        return argmax
+    c = p.contraction
+    if len(c.size) > len(K.LETTERS):
+        return argmax
+    summed = p.equation.summed
+    letters = dict(zip(c.size, K.LETTERS))
+    argmax = argmax.clone()
+    block: BlockSize = budget.extent
+    if budget.bytes is not None:
+        block = AutomaticBlockSize(max_cpu_bytes=budget.bytes, max_cuda_bytes=budget.bytes)
+    for cell in odd.nonzero().tolist():
+        at = dict(zip(c.output, cell))
+        ops, terms = [], []
+        for term, x in zip(c.inputs, p.operands):
+            for d in reversed(range(len(term))):
+                if term[d] in at:
+                    x = x.select(d, at[term[d]])
+            ops.append(x.detach())
+            terms.append("".join(letters[i] for i in term if i not in at))
+        sub = ",".join(terms) + "->"
+        _, joint = viterbi_einsum(sub, *ops, block_size=block, optimize=False)
+        order = [i for i in dict.fromkeys("".join(terms))]  # the sub-equation's summed order
+        by_letter = dict(zip(order, joint.tolist()))
+        argmax[tuple(cell)] = torch.tensor([by_letter[letters[i]] for i in summed])
+    return argmax
+
+
+def _max_ranked(
+    p: _Prepared,
+    family: Family,
+    ctx: Context,
+    operands: Sequence[Tensor],
+    backpointers: list[tuple[Step, Tensor]],
+) -> Tensor:
+    """A pairwise max-plus plan whose argmax follows the joint tie rule exactly.
+
+    The first maximiser in row-major order of *all* the summed indices is the
+    term of smallest global rank among the maximisers (``rank = Σ index ·
+    stride`` over the equation's summed indices).  Each intermediate carries the
+    partial rank of the assignment its cells stand for (over the indices summed
+    so far); a step compares its terms' values, then their ranks -- the sum of
+    their operands' ranks and their own coordinates' share -- which orders them
+    exactly as the full rank would, since every index not yet summed is fixed
+    within an output cell.  A step without ranked operands whose summed indices
+    are in the global order needs no ranks (its first maximiser is the one), and
+    runs on its usual kernel; its result's rank is read off its argmax.
+    """
+    size = p.contraction.size
+    summed = p.equation.summed
+    stride: dict[str, int] = {}
+    acc = 1
+    for c in reversed(summed):
+        stride[c] = acc
+        acc *= size[c]
+    ops = list(operands)
+    ranks: list[Tensor | None] = [None] * len(ops)
+    needed = _ranks_needed(p.plan.steps, len(ops))
+    for k, step in enumerate(p.plan.steps):
+        args = [ops[i] for i in step.operands]
+        rargs = [ranks[i] for i in step.operands]
+        for i in sorted(step.operands, reverse=True):
+            del ops[i]
+            del ranks[i]
+        own = [c for c, _ in step.windows]
+        strides = tuple(stride[c] for c in own)
+        spec = cast(MaxSpec, p.spec(step, True))
+        in_order = own == sorted(own, key=summed.index)
+        rank: Tensor | None = None
+        if own and step.kernel != "empty" and (any(r is not None for r in rargs) or not in_order):
+            ranked = RankedSpec(
+                step,
+                spec.budget,
+                spec.itemsize,
+                spec.device_type,
+                argmax=True,
+                ranked=tuple(r is not None for r in rargs),
+                strides=strides,
+            )
+            present = [r for r in rargs if r is not None]
+            values, linear, rank = apply(RANKED_RULE, ranked, ctx, *args, *present)
+        else:
+            values, linear = apply(family.rule, spec, ctx, *args)
+            if needed[k] and own:
+                rank = K.encode_rank(step, linear, strides)
+            elif needed[k] and any(r is not None for r in rargs):  # unsummed: add them up
+                terms = tuple(t for t, r in zip(step.inputs, rargs) if r is not None)
+                present = [r for r in rargs if r is not None]
+                rank = K.add_only(replace(step, inputs=terms), present)
+        backpointers.append((step, linear))
+        ops.append(values)
+        ranks.append(rank)
+    return ops[0]
 
 
 def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
@@ -585,7 +740,7 @@ def viterbi_einsum(
     equation: str,
     *operands: Tensor,
     block_size: BlockSize = None,
-    optimize: Optimize = False,
+    optimize: Optimize = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Max-plus einsum that also returns which summed indices achieved each max.
 
@@ -603,12 +758,12 @@ def viterbi_einsum(
         *operands: Log-space (or score) tensors.
         block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
             ``None`` for the default budget.
-        optimize: ``False`` (default) sums every index jointly, so ties follow
-            the row-major rule above exactly.  An opt_einsum strategy such as
-            ``'auto'`` contracts pairwise (much faster with three or more
-            operands) and rebuilds the argmax from each step's backpointers;
-            on ties each step then keeps its own first maximiser, so the
-            chosen term follows the contraction order.
+        optimize: An opt_einsum strategy (default ``'auto'``: pairwise, in
+            opt_einsum's order), an explicit path, or ``False`` to sum every
+            index jointly.  The tie rule above holds exactly for every one:
+            on a pairwise plan each intermediate carries the partial
+            row-major rank of the assignment it stands for, and each step
+            breaks ties by the smallest rank.
 
     Example:
         >>> import torch

@@ -25,6 +25,7 @@ from ._rules import (
     CUSTOM_RULE,
     LOG_RULE,
     MAX_RULE,
+    RANKED_RULE,
     REAL_RULE,
     Rule,
     fold_batch,
@@ -105,7 +106,7 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
 
 _FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
     (rule, n, with_jvp): _build(rule, n, with_jvp)
-    for rule in (LOG_RULE, MAX_RULE, REAL_RULE, CUSTOM_RULE)
+    for rule in (LOG_RULE, MAX_RULE, RANKED_RULE, REAL_RULE, CUSTOM_RULE)
     for n in range(1, PREBUILT_ARITY + 1)
     for with_jvp in (False, True)
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from itertools import product
 
 import torch
@@ -47,7 +48,8 @@ def einsum_letters(inputs: Sequence[str], output: str, *xs: Tensor) -> Tensor:
     return einsum_product(tuple(inputs), output)(*xs)
 
 
-_EINSUM_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""The index letters of torch.einsum's string form."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -58,8 +60,8 @@ def einsum_product(inputs: tuple[str, ...], output: str) -> Callable[..., Tensor
         if mm is not None:
             return mm
     letters = dict.fromkeys("".join(inputs) + output)
-    if len(letters) <= len(_EINSUM_LETTERS):
-        rename = dict(zip(letters, _EINSUM_LETTERS))
+    if len(letters) <= len(LETTERS):
+        rename = dict(zip(letters, LETTERS))
         eq = ",".join("".join(rename[c] for c in t) for t in inputs)
         eq += "->" + "".join(rename[c] for c in output)
         return functools.partial(torch.einsum, eq)
@@ -808,3 +810,107 @@ def log_weights(
         return torch.where(dead, weight, e)
 
     return weights
+
+
+# Bytes per element of a ranked window: the terms, their ranks, the hit mask, the
+# masked ranks (the plan sized windows for the terms alone).
+_RANKED_BYTES = 4 + 8 + 1 + 8
+_NO_RANK = torch.iinfo(torch.int64).max
+
+
+def ranked_windows(step: Step, itemsize: int) -> Step:
+    """``step`` with windows small enough that a ranked window fits the plan's bound."""
+    bound = max(1, step.window_elements * itemsize // _RANKED_BYTES)
+    windows = list(step.windows)
+    cells = math.prod(step.size[c] for c in step.output)
+    while windows and cells * math.prod(w for _, w in windows) > bound:
+        i = max(range(len(windows)), key=lambda j: windows[j][1])
+        c, w = windows[i]
+        if w == 1:
+            break
+        windows[i] = (c, max(1, w // 2))
+    return replace(step, windows=tuple(windows))
+
+
+def max_ranked(
+    step: Step,
+    ops: Sequence[Tensor],
+    ranks: Sequence[Tensor | None],
+    strides: Sequence[int],
+    itemsize: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Max-plus step whose ties go to the smallest global row-major rank.
+
+    ``ranks[k]`` is operand ``k``'s partial rank (the rank, among the indices
+    summed by earlier steps, of the assignment each of its cells stands for;
+    ``None``: 0) and ``strides[i]`` the global row-major stride of the step's
+    ``i``-th summed index, so a term's rank is its operands' ranks plus its own
+    coordinates times those strides.  Within every output cell the other
+    summed indices are fixed, so the smallest rank among the maximising terms
+    is the first maximiser in the row-major order of all summed indices
+    (NaN wins, the first NaN; all -inf gives the smallest rank).  Returns the
+    values, the step's linear argmax (what :func:`unravel` reads) and the
+    winner's rank.  No value branches (vmap and tracers run it as it is);
+    windows are cut so that the rank window also fits the plan's bound.
+    """
+    shape = out_shape(step)
+    device = ops[0].device
+    small = ranked_windows(step, itemsize)
+    aligned = align(small, ops)
+    present = [r for r in ranks if r is not None]
+    rank_terms = tuple(t for t, r in zip(step.inputs, ranks) if r is not None)
+    rank_step = replace(small, inputs=rank_terms)
+    aligned_ranks = align(rank_step, present) if present else []
+    size = step.size
+    best: Tensor | None = None
+    best_rank: Tensor | None = None
+    for (rng, views), rank_views in zip(
+        windows(small, aligned), _rank_windows(rank_step, aligned_ranks)
+    ):
+        t, _ = _term(views, torch.add)
+        extents = [hi - lo for lo, hi in rng]
+        lead = len(extents)
+        grid = torch.zeros((1,) * (lead + len(shape)), dtype=torch.int64, device=device)
+        for i, ((lo, hi), stride) in enumerate(zip(rng, strides)):
+            view = [1] * (lead + len(shape))
+            view[i] = hi - lo
+            grid = grid + (torch.arange(lo, hi, device=device) * stride).reshape(view)
+        r = functools.reduce(torch.add, rank_views, grid)
+        full = extents + shape
+        flat = t.expand(full).flatten(0, lead - 1)
+        flat_rank = r.expand(full).flatten(0, lead - 1)
+        m = flat.amax(0)
+        hits = (flat == m) | ((flat != flat) & (m != m))
+        rmin = torch.where(hits, flat_rank, _NO_RANK).amin(0)
+        if best is None or best_rank is None:
+            best, best_rank = m, rmin
+            continue
+        m_nan, best_nan = m != m, best != best
+        tie = (m == best) | (m_nan & best_nan)
+        better = (m > best) | (m_nan & ~best_nan) | (tie & (rmin < best_rank))
+        best = torch.where(better, m, best)
+        best_rank = torch.where(better, rmin, best_rank)
+    assert best is not None and best_rank is not None, "an empty step"
+    # The step's own coordinates are digits of the winner's rank.
+    linear = torch.zeros_like(best_rank)
+    for (c, _), stride, local in zip(step.windows, strides, _strides(step)):
+        linear = linear + (best_rank // stride % size[c]) * local
+    return _sized(best, shape), linear, best_rank
+
+
+def _rank_windows(step: Step, aligned: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    """The rank operands' parts in each window (none: an endless stream of empty lists)."""
+    if not aligned:
+        while True:
+            yield []
+    for _, views in windows(step, aligned):
+        yield views
+
+
+def encode_rank(step: Step, linear: Tensor, strides: Sequence[int]) -> Tensor:
+    """The global partial rank of a step's linear argmax (its coordinates times ``strides``)."""
+    if not step.windows:
+        return torch.zeros_like(linear)
+    coords = unravel(step, linear.reshape(linear.shape or (1,)))
+    rank = (coords * torch.tensor(list(strides), device=linear.device)).sum(-1)
+    return rank.reshape(linear.shape)

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ Tensor = torch.Tensor
 _HEADER = r"""
 #include <stdint.h>
 #include <math.h>
+#include <limits.h>
 
 #define RB 4   /* rows of the left operand per tile */
 #define NB 128 /* columns of the right operand per tile */
@@ -168,6 +170,66 @@ void NAME(const SCALAR* a, const SCALAR* b, SCALAR* c, int64_t* idx, int64_t nb,
     }
 }
 
+/* Ranked: ties (and NaN against NaN) go to the smallest rank ra[bt, i, s] + rb[bt, s, j] +
+   w[s] (ra, rb strided, either may be NULL: 0); writes the values, the argmax s and the
+   winner's rank.  A cell starts at -inf with no rank, so the first term always enters. */
+void NAME_ranked(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64_t* rb,
+                 const int64_t* w, SCALAR* c, int64_t* idx, int64_t* rout, int64_t nb,
+                 int64_t m, int64_t k, int64_t n, int64_t sab, int64_t sam, int64_t sak,
+                 int64_t sbb, int64_t sbk, int64_t rsab, int64_t rsam, int64_t rsak,
+                 int64_t rsbb, int64_t rsbk, int64_t rsbn, int nthreads) {
+    const int64_t mt = (m + RB - 1) / RB, nt = (n + NB - 1) / NB;
+    const int64_t total = nb * nt * mt;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
+    for (int64_t wi = 0; wi < total; wi++) {
+        const int64_t rt = wi % mt, jt = (wi / mt) % nt, bt = wi / (mt * nt);
+        const int64_t r0 = rt * RB, j0 = jt * NB;
+        const int64_t rows = m - r0 < RB ? m - r0 : RB;
+        const int64_t cols = n - j0 < NB ? n - j0 : NB;
+        SCALAR best[RB][NB];
+        int64_t rank[RB][NB], arg[RB][NB];
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < cols; j++) {
+                best[r][j] = -INFINITY; rank[r][j] = INT64_MAX; arg[r][j] = 0;
+            }
+        for (int64_t s = 0; s < k; s++) {
+            const SCALAR* brow = b + bt * sbb + s * sbk + j0;
+            const int64_t* rbrow = rb ? rb + bt * rsbb + s * rsbk + j0 * rsbn : 0;
+            for (int64_t r = 0; r < rows; r++) {
+                const SCALAR av = a[bt * sab + (r0 + r) * sam + s * sak];
+                const int64_t base = (ra ? ra[bt * rsab + (r0 + r) * rsam + s * rsak] : 0) + w[s];
+                SCALAR* restrict bb = best[r];
+                int64_t* restrict rr = rank[r];
+                int64_t* restrict aa = arg[r];
+                if (rbrow) {
+                    for (int64_t j = 0; j < cols; j++) {
+                        const SCALAR v = av + brow[j], o = bb[j];
+                        const int64_t rk = base + rbrow[j * rsbn], ro = rr[j];
+                        const int vn = v != v, on = o != o, earlier = rk < ro;
+                        const int up = (!vn & !on & ((v > o) | ((v == o) & earlier)))
+                                     | (vn & !on) | (vn & on & earlier);
+                        bb[j] = up ? v : o; rr[j] = up ? rk : ro; aa[j] = up ? s : aa[j];
+                    }
+                } else {  /* the right operand carries no rank: one rank per (row, s) */
+                    for (int64_t j = 0; j < cols; j++) {
+                        const SCALAR v = av + brow[j], o = bb[j];
+                        const int64_t ro = rr[j];
+                        const int vn = v != v, on = o != o, earlier = base < ro;
+                        const int up = (!vn & !on & ((v > o) | ((v == o) & earlier)))
+                                     | (vn & !on) | (vn & on & earlier);
+                        bb[j] = up ? v : o; rr[j] = up ? base : ro; aa[j] = up ? s : aa[j];
+                    }
+                }
+            }
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < cols; j++) {
+                const int64_t off = (bt * m + r0 + r) * n + j0 + j;
+                c[off] = best[r][j]; idx[off] = arg[r][j]; rout[off] = rank[r][j];
+            }
+    }
+}
+
 /* The vjp from the argmax: ga[bt, i, s] += g[bt, i, j] and gb[bt, s, j] += g[bt, i, j] at
    s = idx[bt, i, j] (ga, gb zeroed by the caller; either may be NULL).  Batches write
    disjoint parts, so they run in parallel; inside one the order is fixed (deterministic). */
@@ -235,12 +297,14 @@ DTYPES = (torch.float32, torch.float64)
 
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9 + [ctypes.c_int]
 _VJP_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+_RANKED_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 15 + [ctypes.c_int]
 
 
 @dataclass(frozen=True)
 class _Library:
     forward: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     vjp: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
+    ranked: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     path: Path
 
 
@@ -357,11 +421,12 @@ def library() -> _Library | None:
 
 def _load(target: Path) -> _Library:
     lib = ctypes.CDLL(str(target))
-    forward, vjp = {}, {}
+    forward, vjp, ranked = {}, {}, {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
         forward[dtype] = _bind(lib, f"maxplus_{suffix}", _ARGTYPES)
         vjp[dtype] = _bind(lib, f"maxplus_{suffix}_vjp", _VJP_ARGTYPES)
-    return _Library(forward, vjp, target)
+        ranked[dtype] = _bind(lib, f"maxplus_{suffix}_ranked", _RANKED_ARGTYPES)
+    return _Library(forward, vjp, ranked, target)
 
 
 def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
@@ -606,3 +671,77 @@ def step_shape(step: Step) -> list[int]:
     """The step's output shape."""
     size = step.size
     return [size[c] for c in step.output]
+
+
+def _plain(x: Tensor) -> bool:
+    """A tensor whose memory the kernel may read: a CPU tensor, not fake, not a transform's."""
+    return type(x) is torch.Tensor and x.is_cpu and not _wrapped(x)
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def max_plus_ranked(
+    step: Step, xs: Sequence[Tensor], ranks: Sequence[Tensor | None], strides: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`._kernels.max_ranked` on the native kernel, or ``None`` where it does not apply
+    (no library, not a matrix-shaped step, other dtypes, tensors it may not read)."""
+    lib = library()
+    lay = layout(step)
+    if lib is None or lay is None or torch.compiler.is_compiling():
+        return None
+    a, b = xs
+    ra, rb = ranks
+    dtype = a.dtype
+    if b.dtype != dtype or dtype not in DTYPES:
+        return None
+    if not all(_plain(x) for x in (a, b, *(r for r in ranks if r is not None))):
+        return None
+    if lay.swap:
+        a, b, ra, rb = b, a, rb, ra
+    nb, m, k, n = lay.dims
+    ga, gb = lay.a.grouped(a), lay.b.grouped(b)
+    if gb.stride(2) != 1 and n > 1:  # the values' columns are read contiguously
+        gb = gb.contiguous()
+    gra = lay.a.grouped(ra) if ra is not None else None
+    grb = lay.b.grouped(rb) if rb is not None else None
+    size = step.size
+    share = torch.zeros(1, dtype=torch.int64)
+    for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
+        share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
+    values = torch.empty(lay.out_shape, dtype=dtype)
+    index = torch.empty(lay.out_shape, dtype=torch.int64)
+    rank = torch.empty(lay.out_shape, dtype=torch.int64)
+    if nb and m and n:
+        zero = (0, 0, 0)
+        sra = gra.stride() if gra is not None else zero
+        srb = grb.stride() if grb is not None else zero
+        lib.ranked[dtype](
+            ga.data_ptr(),
+            gb.data_ptr(),
+            gra.data_ptr() if gra is not None else None,
+            grb.data_ptr() if grb is not None else None,
+            share.data_ptr(),
+            values.data_ptr(),
+            index.data_ptr(),
+            rank.data_ptr(),
+            nb,
+            m,
+            k,
+            n,
+            ga.stride(0),
+            ga.stride(1),
+            ga.stride(2),
+            gb.stride(0),
+            gb.stride(1),
+            sra[0],
+            sra[1],
+            sra[2],
+            srb[0],
+            srb[1],
+            srb[2],
+            torch.get_num_threads() if lay.threads else 1,
+        )
+    if lay.out_order is not None:
+        values, index, rank = (t.permute(lay.out_order).contiguous() for t in (values, index, rank))
+    return values, index, rank

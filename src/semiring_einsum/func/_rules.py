@@ -97,6 +97,19 @@ class MaxSpec(Spec):
 
 
 @dataclass(frozen=True, slots=True)
+class RankedSpec(MaxSpec):
+    """A max-plus step of a multi-step plan whose ties follow the global row-major rule.
+
+    ``ranked[k]``: whether operand ``k`` comes with its partial rank (the rank tensors
+    follow the operands, in operand order); ``strides``: the global row-major stride of
+    each of the step's summed indices (see :func:`._kernels.max_ranked`).
+    """
+
+    ranked: tuple[bool, ...] = ()
+    strides: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class CustomSpec(Spec):
     """A user semiring: the :class:`Semiring` itself, so that what keeps the spec keeps it."""
 
@@ -344,6 +357,52 @@ def _max_jvp(
 
 
 MAX_RULE = Rule("MaxEinsum", _max_forward, _max_vjp, _max_jvp)
+
+
+# ------------------------------------------------ max-plus with global ties
+def _ranked_forward(spec: RankedSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    n = len(spec.step.inputs)
+    extra = iter(xs[n:])
+    ranks = [next(extra) if has else None for has in spec.ranked]
+    if n == 2:
+        found = N.max_plus_ranked(spec.step, xs[:n], ranks, spec.strides)
+        if found is not None:
+            return found
+    return K.max_ranked(spec.step, xs[:n], ranks, spec.strides, spec.itemsize)
+
+
+def _ranked_vjp(
+    spec: RankedSpec,
+    xs: Sequence[Tensor],
+    outs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    n = len(spec.step.inputs)
+    step = spec.step
+    grads: Sequence[Tensor | None] | None = None
+    if n == 2 and xs[0].dtype in N.DTYPES and N.layout(step) and N.library():
+        ctx = _rule_ctx(*xs[:n], gs[0])
+        if not ctx.differentiated and not ctx.batched and ctx.device_type == "cpu":
+            # A first-order backward: one native pass over the cells (the ranked
+            # kernel's argmax has the tropical kernel's layout).
+            ga, gb = OPS.MAX_TROPICAL_VJP(ctx, spec, xs[0], xs[1], outs[1], gs[0], *needs[:n])
+            grads = [ga if needs[0] else None, gb if needs[1] else None]
+    if grads is None:
+        grads = K.argmax_pullback(step, xs[:n], outs[1], gs[0], needs[:n])
+    return [*grads, *([None] * (len(xs) - n))]  # the ranks have no gradient
+
+
+def _ranked_jvp(
+    spec: RankedSpec, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    n = len(spec.step.inputs)
+    return K.argmax_tangent(spec.step, xs[:n], outs[1], ts[:n]), None, None
+
+
+RANKED_RULE = Rule("RankedMaxEinsum", _ranked_forward, _ranked_vjp, _ranked_jvp, batched=False)
+"""Max-plus steps that carry partial ranks: values, the step's argmax, the winner's rank
+(pure torch without value branches: ``vmap`` runs the forward itself)."""
 
 
 # --------------------------------------------------------------------- real
