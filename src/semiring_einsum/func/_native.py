@@ -110,6 +110,18 @@ static inline __attribute__((always_inline)) void NAME_indexed_VARIANT(
 """
 
 _DRIVER = r"""
+/* Work item w of the output's tiles (row tiles fastest, so a thread's items share the
+   right operand's columns): its batch, first row and column, and extents. */
+static inline void NAME_tile(int64_t w, int64_t mt, int64_t nt, int64_t m, int64_t n,
+                             int64_t* bt, int64_t* r0, int64_t* j0, int64_t* rows,
+                             int64_t* cols) {
+    *bt = w / (mt * nt);
+    *r0 = (w % mt) * RB;
+    *j0 = ((w / mt) % nt) * NB;
+    *rows = m - *r0 < RB ? m - *r0 : RB;
+    *cols = n - *j0 < NB ? n - *j0 : NB;
+}
+
 /* Which of NaN, +inf, -inf occur in x[i0, i1, i2] (strided; a 0 stride is scanned once). */
 static int NAME_scan(const SCALAR* x, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1,
                      int64_t s2) {
@@ -143,10 +155,8 @@ void NAME(const SCALAR* a, const SCALAR* b, SCALAR* c, int64_t* idx, int64_t nb,
     const int64_t total = nb * nt * mt;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
     for (int64_t w = 0; w < total; w++) {
-        const int64_t rt = w % mt, jt = (w / mt) % nt, bt = w / (mt * nt);
-        const int64_t r0 = rt * RB, j0 = jt * NB;
-        const int64_t rows = m - r0 < RB ? m - r0 : RB;
-        const int64_t cols = n - j0 < NB ? n - j0 : NB;
+        int64_t bt, r0, j0, rows, cols;
+        NAME_tile(w, mt, nt, m, n, &bt, &r0, &j0, &rows, &cols);
         const SCALAR* at = a + bt * sab + r0 * sam;
         const SCALAR* btile = b + bt * sbb + j0;
         const int64_t off = (bt * m + r0) * n + j0;
@@ -182,10 +192,8 @@ void NAME_ranked(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int6
     const int64_t total = nb * nt * mt;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
     for (int64_t wi = 0; wi < total; wi++) {
-        const int64_t rt = wi % mt, jt = (wi / mt) % nt, bt = wi / (mt * nt);
-        const int64_t r0 = rt * RB, j0 = jt * NB;
-        const int64_t rows = m - r0 < RB ? m - r0 : RB;
-        const int64_t cols = n - j0 < NB ? n - j0 : NB;
+        int64_t bt, r0, j0, rows, cols;
+        NAME_tile(wi, mt, nt, m, n, &bt, &r0, &j0, &rows, &cols);
         SCALAR best[RB][NB];
         int64_t rank[RB][NB], arg[RB][NB];
         for (int64_t r = 0; r < rows; r++)
