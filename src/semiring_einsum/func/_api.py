@@ -422,7 +422,8 @@ def _joint_where_not_finite(
         _, joint = viterbi_einsum(sub, *ops, block_size=block, optimize=False)
         order = [i for i in dict.fromkeys("".join(terms))]  # the sub-equation's summed order
         by_letter = dict(zip(order, joint.tolist()))
-        argmax[tuple(cell)] = torch.tensor([by_letter[letters[i]] for i in summed])
+        found = [by_letter[letters[i]] for i in summed]
+        argmax[tuple(cell)] = torch.tensor(found, device=argmax.device)
     return argmax
 
 
