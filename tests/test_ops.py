@@ -74,6 +74,18 @@ def _args(name: str) -> tuple[Any, tuple[Any, ...]]:
     return op, (key, *extra, xs)
 
 
+def test_opcheck_the_tropical_operators() -> None:
+    a, b = _data((2, 3, 4), (2, 4, 5))
+    key = _key(func.MAX_PLUS, "bij,bjk->bik", a, b)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(_ops.MAX_TROPICAL.op, (key, True, [a, b]), test_utils=utils)
+    values, index = _ops.MAX_TROPICAL.op(key, True, [a, b])
+    g = torch.randn(values.shape, dtype=F64)
+    torch.library.opcheck(
+        _ops.MAX_TROPICAL_VJP.op, (key, a, b, index, g, True, True), test_utils=utils
+    )
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_opcheck(name: str) -> None:
     op, args = _args(name)

@@ -448,3 +448,28 @@ def test_block_size_independence(eq: str, opt: str) -> None:
         assert torch.equal(values, results[0][0])
         assert torch.equal(argmax, results[0][1])
     assert torch.equal(results[0][1], want_argmax)
+
+
+def test_compiled_pairwise_plans_keep_the_rule() -> None:
+    # Under torch.compile the ranked steps run the traced torch kernel: the same argmax and
+    # gradients as eager, no graph break.
+    from torch._dynamo.utils import counters
+
+    eq = "bsxk,bsyk,xyz->bsz"
+    g = torch.Generator().manual_seed(3)
+    xs = [
+        torch.randint(0, 3, s, generator=g).float() for s in [(2, 3, 4, 2), (2, 3, 4, 2), (4, 4, 3)]
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    viterbi = torch.compile(lambda *a: func.viterbi_einsum(eq, *a), fullgraph=True)
+    values, argmax = viterbi(*xs)
+    want_values, want_argmax = brute_viterbi(eq, *[x.double() for x in xs])
+    assert torch.equal(values.double(), want_values) and torch.equal(argmax, want_argmax)
+    compiled = [x.clone().requires_grad_() for x in xs]
+    torch.compile(lambda *a: func.max_einsum(eq, *a), fullgraph=True)(*compiled).sum().backward()
+    eager = [x.clone().requires_grad_() for x in xs]
+    func.max_einsum(eq, *eager).sum().backward()
+    for c, e in zip(compiled, eager):
+        assert c.grad is not None and e.grad is not None and torch.equal(c.grad, e.grad)
+    assert not counters["graph_break"]
