@@ -287,12 +287,17 @@ def _strides(step: Step) -> list[int]:
     return strides[::-1]
 
 
-def window_linear_index(step: Step, rng: Range, device: torch.device) -> Tensor:
-    """Row-major linear index of every term of a window (window dims, then 1s)."""
+def window_linear_index(
+    step: Step, rng: Range, device: torch.device, strides: Sequence[int] | None = None
+) -> Tensor:
+    """Row-major linear index of every term of a window (window dims, then 1s).
+
+    ``strides`` (default: the step's own row-major strides) weighs each summed index.
+    """
     n = len(rng)
     nout = len(step.output)
     grid = torch.zeros((1,) * (n + nout), dtype=torch.int64, device=device)
-    for i, ((lo, hi), stride) in enumerate(zip(rng, _strides(step))):
+    for i, ((lo, hi), stride) in enumerate(zip(rng, strides or _strides(step))):
         shape = [1] * (n + nout)
         shape[i] = hi - lo
         grid = grid + (torch.arange(lo, hi, device=device) * stride).reshape(shape)
@@ -870,11 +875,7 @@ def max_ranked(
         t, _ = _term(views, torch.add)
         extents = [hi - lo for lo, hi in rng]
         lead = len(extents)
-        grid = torch.zeros((1,) * (lead + len(shape)), dtype=torch.int64, device=device)
-        for i, ((lo, hi), stride) in enumerate(zip(rng, strides)):
-            view = [1] * (lead + len(shape))
-            view[i] = hi - lo
-            grid = grid + (torch.arange(lo, hi, device=device) * stride).reshape(view)
+        grid = window_linear_index(small, rng, device, strides)  # the terms' own share
         r = functools.reduce(torch.add, rank_views, grid)
         full = extents + shape
         flat = t.expand(full).flatten(0, lead - 1)
