@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from . import _kernels as K
 from ._plan import Step
 
 Tensor = torch.Tensor
@@ -122,6 +123,21 @@ static inline void NAME_tile(int64_t w, int64_t mt, int64_t nt, int64_t m, int64
     *cols = n - *j0 < NB ? n - *j0 : NB;
 }
 
+/* One tile on the loop its data needs (inlined: a call with constant extents gets loops
+   with constant bounds). */
+static inline __attribute__((always_inline)) void NAME_run(
+    const SCALAR* a, const SCALAR* b, SCALAR* c, int64_t* idx, int64_t rows, int64_t k,
+    int64_t cols, int64_t sam, int64_t sak, int64_t sbk, int64_t ldc, int clean) {
+    if (idx && clean)
+        NAME_indexed_clean(a, b, c, idx, rows, k, cols, sam, sak, sbk, ldc);
+    else if (idx)
+        NAME_indexed_nan(a, b, c, idx, rows, k, cols, sam, sak, sbk, ldc);
+    else if (clean)
+        NAME_values_clean(a, b, c, rows, k, cols, sam, sak, sbk, ldc);
+    else
+        NAME_values_nan(a, b, c, rows, k, cols, sam, sak, sbk, ldc);
+}
+
 /* Which of NaN, +inf, -inf occur in x[i0, i1, i2] (strided; a 0 stride is scanned once). */
 static int NAME_scan(const SCALAR* x, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1,
                      int64_t s2) {
@@ -160,23 +176,11 @@ void NAME(const SCALAR* a, const SCALAR* b, SCALAR* c, int64_t* idx, int64_t nb,
         const SCALAR* at = a + bt * sab + r0 * sam;
         const SCALAR* btile = b + bt * sbb + j0;
         const int64_t off = (bt * m + r0) * n + j0;
-        if (rows == RB && cols == NB) {  /* a full tile: the loops with constant bounds */
-            if (idx && clean)
-                NAME_indexed_clean(at, btile, c + off, idx + off, RB, k, NB, sam, sak, sbk, n);
-            else if (idx)
-                NAME_indexed_nan(at, btile, c + off, idx + off, RB, k, NB, sam, sak, sbk, n);
-            else if (clean)
-                NAME_values_clean(at, btile, c + off, RB, k, NB, sam, sak, sbk, n);
-            else
-                NAME_values_nan(at, btile, c + off, RB, k, NB, sam, sak, sbk, n);
-        } else if (idx && clean)
-            NAME_indexed_clean(at, btile, c + off, idx + off, rows, k, cols, sam, sak, sbk, n);
-        else if (idx)
-            NAME_indexed_nan(at, btile, c + off, idx + off, rows, k, cols, sam, sak, sbk, n);
-        else if (clean)
-            NAME_values_clean(at, btile, c + off, rows, k, cols, sam, sak, sbk, n);
+        int64_t* it = idx ? idx + off : 0;
+        if (rows == RB && cols == NB)  /* a full tile: the loops with constant bounds */
+            NAME_run(at, btile, c + off, it, RB, k, NB, sam, sak, sbk, n, clean);
         else
-            NAME_values_nan(at, btile, c + off, rows, k, cols, sam, sak, sbk, n);
+            NAME_run(at, btile, c + off, it, rows, k, cols, sam, sak, sbk, n, clean);
     }
 }
 
@@ -650,7 +654,7 @@ def max_plus_vjp(
         a, b, need_a, need_b = b, a, need_b, need_a
     nb, m, k, n = lay.dims
     dtype = a.dtype
-    g = g.to(dtype).expand(step_shape(step))
+    g = g.to(dtype).expand(K.out_shape(step))
     if lay.back_order is not None:
         g, index = g.permute(lay.back_order), index.permute(lay.back_order)
     g, index = g.contiguous(), index.contiguous()
@@ -673,12 +677,6 @@ def max_plus_vjp(
         lay.b.ungrouped(gb, b) if gb is not None else None,
     ]
     return grads[::-1] if lay.swap else grads
-
-
-def step_shape(step: Step) -> list[int]:
-    """The step's output shape."""
-    size = step.size
-    return [size[c] for c in step.output]
 
 
 def _plain(x: Tensor) -> bool:
