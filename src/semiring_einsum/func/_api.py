@@ -37,7 +37,15 @@ from ._parse import (
     parse_subscripts,
     resolve,
 )
-from ._plan import Plan, Step, _optimize_key, clear_plan_caches, make_plan, with_kernels
+from ._plan import (
+    Plan,
+    Step,
+    _optimize_key,
+    along_path,
+    clear_plan_caches,
+    make_plan,
+    with_kernels,
+)
 from ._rules import (
     GENERIC_FAMILY,
     LOG_FAMILY,
@@ -259,13 +267,7 @@ class _Prepared:
         steps = self.plan.steps
         if self.single:  # the common case: no list juggling
             return self.finish(run_step(steps[0], list(ops)))
-        ops = list(ops)
-        for step in steps:
-            args = [ops[i] for i in step.operands]
-            for i in sorted(step.operands, reverse=True):
-                del ops[i]
-            ops.append(run_step(step, args))
-        return self.finish(ops[0])
+        return self.finish(along_path(steps, ops, lambda _, step, args: run_step(step, args)))
 
     def finish(self, out: Tensor) -> Tensor:
         return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
@@ -360,16 +362,15 @@ def _contract(
 def _ranks_needed(steps: Sequence[Step], operands: int) -> list[bool]:
     """For each step, whether a later step that sums an index reads its result's rank
     (directly, or through steps that sum nothing)."""
-    positions: list[int | None] = [None] * operands  # what made each current operand
     readers: dict[int, list[int]] = {}
-    for k, step in enumerate(steps):
-        for i in step.operands:
-            made = positions[i]
-            if made is not None:
-                readers.setdefault(made, []).append(k)
-        for i in sorted(step.operands, reverse=True):
-            del positions[i]
-        positions.append(k)
+
+    def record(k: int, step: Step, made: list[int | None]) -> int:
+        for m in made:  # which step made each operand (None: an input)
+            if m is not None:
+                readers.setdefault(m, []).append(k)
+        return k
+
+    along_path(steps, [None] * operands, record)
     needed = [False] * len(steps)
     for k in reversed(range(len(steps))):
         needed[k] = any(steps[j].windows or needed[j] for j in readers.get(k, []))
@@ -454,21 +455,20 @@ def _max_ranked(
     for c in reversed(summed):
         stride[c] = acc
         acc *= size[c]
-    ops = list(operands)
-    ranks: list[Tensor | None] = [None] * len(ops)
-    needed = _ranks_needed(p.plan.steps, len(ops))
-    for k, step in enumerate(p.plan.steps):
-        args = [ops[i] for i in step.operands]
-        rargs = [ranks[i] for i in step.operands]
-        for i in sorted(step.operands, reverse=True):
-            del ops[i]
-            del ranks[i]
+    needed = _ranks_needed(p.plan.steps, len(operands))
+
+    def ranked_step(
+        k: int, step: Step, pairs: list[tuple[Tensor, Tensor | None]]
+    ) -> tuple[Tensor, Tensor | None]:
+        args = [x for x, _ in pairs]
+        rargs = [r for _, r in pairs]
+        present = [r for r in rargs if r is not None]
         own = [c for c, _ in step.windows]
         strides = tuple(stride[c] for c in own)
         spec = cast(MaxSpec, p.spec(step, True))
         in_order = own == sorted(own, key=summed.index)
         rank: Tensor | None = None
-        if own and step.kernel != "empty" and (any(r is not None for r in rargs) or not in_order):
+        if own and step.kernel != "empty" and (present or not in_order):
             ranked = RankedSpec(
                 step,
                 spec.budget,
@@ -478,20 +478,19 @@ def _max_ranked(
                 ranked=tuple(r is not None for r in rargs),
                 strides=strides,
             )
-            present = [r for r in rargs if r is not None]
             values, linear, rank = apply(RANKED_RULE, ranked, ctx, *args, *present)
         else:
             values, linear = apply(family.rule, spec, ctx, *args)
             if needed[k] and own:
                 rank = K.encode_rank(step, linear, strides)
-            elif needed[k] and any(r is not None for r in rargs):  # unsummed: add them up
+            elif needed[k] and present:  # unsummed: add them up
                 terms = tuple(t for t, r in zip(step.inputs, rargs) if r is not None)
-                present = [r for r in rargs if r is not None]
                 rank = K.add_only(replace(step, inputs=terms), present)
         backpointers.append((step, linear))
-        ops.append(values)
-        ranks.append(rank)
-    return ops[0]
+        return values, rank
+
+    start: list[tuple[Tensor, Tensor | None]] = [(x, None) for x in operands]
+    return along_path(p.plan.steps, start, ranked_step)[0]
 
 
 def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:

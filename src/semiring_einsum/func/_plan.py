@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
+from typing import TypeVar
 
 import opt_einsum
 
@@ -22,6 +23,8 @@ from ._parse import Contraction
 # On CPU, a window tensor that stays well inside the cache hierarchy (and well
 # under glibc's 32 MiB mmap threshold, beyond which every fresh allocation is
 # returned to the OS and page-faulted back) is faster than a bigger one.
+T = TypeVar("T")
+
 CPU_WINDOW_TARGET_BYTES = 4 << 20
 
 
@@ -248,6 +251,20 @@ def _peak(steps: Sequence[Step], itemsize: int) -> int:
             size = step.size
             peak = max(peak, itemsize * math.prod(size[c] for c in step.output))
     return peak
+
+
+def along_path(
+    steps: Sequence[Step], items: Sequence[T], combine: Callable[[int, Step, list[T]], T]
+) -> T:
+    """opt_einsum's path convention over ``items``: step ``k`` takes its operands out of the
+    list (by position) and ``combine(k, step, operands)`` is appended; the last result."""
+    current = list(items)
+    for k, step in enumerate(steps):
+        taken = [current[i] for i in step.operands]
+        for i in sorted(step.operands, reverse=True):
+            del current[i]
+        current.append(combine(k, step, taken))
+    return current[0]
 
 
 def with_kernels(plan: Plan, choose: Callable[[Step], str]) -> Plan:
