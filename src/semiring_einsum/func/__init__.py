@@ -19,7 +19,8 @@ from ._api import (
 from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 from ._errors import EquationError
 from ._plan import Plan, Step
-from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+from ._semiring import EXPECTATION, LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, kbest_semiring
+from ._structured import entropy_einsum, expectation_einsum, kbest_einsum
 
 __all__ = [
     "einsum",
@@ -27,6 +28,9 @@ __all__ = [
     "max_einsum",
     "min_einsum",
     "viterbi_einsum",
+    "kbest_einsum",
+    "entropy_einsum",
+    "expectation_einsum",
     "semiring_einsum",
     "plan",
     "Plan",
@@ -36,6 +40,8 @@ __all__ = [
     "LOG",
     "MAX_PLUS",
     "MIN_PLUS",
+    "EXPECTATION",
+    "kbest_semiring",
     "AutomaticBlockSize",
     "AUTOMATIC_BLOCK_SIZE",
     "EquationError",

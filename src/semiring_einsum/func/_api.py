@@ -98,9 +98,10 @@ def _setup(
     policy: float | str,
     extras: bool,
     traced: bool,
+    element: tuple[int, ...] = (),
 ) -> _Setup:
     """Validate, canonicalize and plan a call, kernels included (cached: one lookup per call)."""
-    recipe = analyze(equation, shapes, dtypes)
+    recipe = analyze(equation, shapes, dtypes, element)
     dtype = recipe.dtype
     if family is not REAL_FAMILY and not dtype.is_floating_point:
         raise TypeError(
@@ -192,6 +193,7 @@ class _Prepared:
         try:
             raw = (
                 semiring.name,
+                semiring.shape,
                 family.name,
                 equation,
                 budget,
@@ -225,6 +227,7 @@ class _Prepared:
                 neg_inf_policy(neg_inf, equation),
                 extras,
                 traced,
+                semiring.shape,
             )
             recipe = setup.recipe
             as_is = (

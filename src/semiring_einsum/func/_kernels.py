@@ -30,7 +30,7 @@ from itertools import product
 import torch
 
 from ._plan import Step
-from ._semiring import Semiring
+from ._semiring import Identity, Semiring
 
 Tensor = torch.Tensor
 Range = tuple[tuple[int, int], ...]
@@ -197,7 +197,7 @@ def contract(semiring: Semiring, step: Step, ops: Sequence[Tensor]) -> Tensor:
         part = semiring.sum(term, dims)
         acc = part if acc is None else semiring.add(acc, part)
     if acc is None:  # a summed index of size 0: the empty sum
-        return aligned[0].new_full(shape, semiring.zero)
+        return filled(aligned[0], shape, semiring.zero)
     if len(ops) == 1 and not dims:
         return _fresh(acc, shape)
     return acc if list(acc.shape) == shape else acc.expand(shape).contiguous()
@@ -357,9 +357,20 @@ def no_argmax(step: Step, device: torch.device) -> Tensor:
     return torch.zeros((), dtype=torch.int64, device=device).expand(out_shape(step))
 
 
-def empty(step: Step, ops: Sequence[Tensor], zero: float) -> Tensor:
+def empty(step: Step, ops: Sequence[Tensor], zero: Identity) -> Tensor:
     """A step whose summed indices include one of size 0: every cell is ``zero``."""
-    return ops[0].new_full(out_shape(step), zero)
+    return filled(ops[0], out_shape(step), zero)
+
+
+def filled(like: Tensor, shape: list[int], value: Identity) -> Tensor:
+    """A new tensor of ``shape`` holding ``value`` in every cell.
+
+    ``value`` is a number, or (a semiring with element dimensions) nested
+    tuples of the element shape, which ``shape`` ends with.
+    """
+    if isinstance(value, tuple):
+        return like.new_tensor(value).expand(shape).clone()
+    return like.new_full(shape, value)
 
 
 # Fewest terms per cell for which the row kernels (max_rows, log_rows) beat

@@ -199,6 +199,9 @@ class Recipe:
             :func:`torch.diagonal` over, in order.
         shapes: Per operand, the shape to expand to (after the diagonals).
         dtype: The common dtype (:func:`torch.promote_types` of all operands).
+        element_rank: How many trailing element dimensions every operand has
+            (a semiring with element dimensions); a diagonal is moved back
+            before them.
     """
 
     equation: Equation
@@ -206,21 +209,59 @@ class Recipe:
     diagonals: tuple[tuple[tuple[int, int], ...], ...]
     shapes: tuple[tuple[int, ...], ...]
     dtype: torch.dtype
+    element_rank: int = 0
+
+
+# Symbols of a semiring's element dimensions: far past the ones '...' takes.
+_FIRST_ELEMENT_SYMBOL = 2000
 
 
 @functools.lru_cache(maxsize=4096)
 def analyze(
-    equation: str, shapes: tuple[tuple[int, ...], ...], dtypes: tuple[torch.dtype, ...]
+    equation: str,
+    shapes: tuple[tuple[int, ...], ...],
+    dtypes: tuple[torch.dtype, ...],
+    element: tuple[int, ...] = (),
 ) -> Recipe:
     """Validate an equation against operand shapes and plan its canonical form.
 
     Pure and cached: only shapes and dtypes go in, so every error is raised
-    before any tensor is touched.
+    before any tensor is touched.  ``element`` is the element shape of a
+    semiring with element dimensions: every operand ends with those dims, which
+    the equation does not name; they become output indices that every operand
+    has (last in the output), so the planner and the kernels carry them along
+    like any output index.
 
     Raises:
-        EquationError: for a wrong operand count, a rank mismatch, or sizes
-            that disagree.
+        EquationError: for a wrong operand count, a rank mismatch, sizes
+            that disagree, or operands that do not end with the element shape.
     """
+    if element:
+        n = len(element)
+        for k, shape in enumerate(shapes):
+            if len(shape) < n or tuple(shape[len(shape) - n :]) != element:
+                raise fail(
+                    equation,
+                    f"operand {k} has shape {tuple(shape)}, but the semiring's elements "
+                    f"have shape {element}: every operand must end with those dimensions",
+                )
+        named = tuple(shape[: len(shape) - n] for shape in shapes)
+        recipe = analyze(equation, named, dtypes)
+        extra = "".join(get_symbol(_FIRST_ELEMENT_SYMBOL + i) for i in range(n))
+        eq = recipe.equation
+        clean = recipe.contraction
+        return Recipe(
+            Equation(eq.source, tuple(t + extra for t in eq.inputs), eq.output + extra),
+            Contraction(
+                tuple(t + extra for t in clean.inputs),
+                clean.output + extra,
+                clean.sizes + tuple(zip(extra, element)),
+            ),
+            recipe.diagonals,
+            tuple(shape + element for shape in recipe.shapes),
+            recipe.dtype,
+            n,
+        )
     eq = resolve(parse_subscripts(equation), tuple(len(shape) for shape in shapes))
     source = eq.source
     sizes: dict[str, int] = {}
@@ -308,6 +349,8 @@ def apply_recipe(
     for x, pairs, shape in zip(operands, recipe.diagonals, recipe.shapes):
         for i, j in pairs:
             x = torch.diagonal(x, dim1=i, dim2=j)
+            if recipe.element_rank:  # torch puts the diagonal last: before the elements
+                x = x.movedim(-1, -1 - recipe.element_rank)
         if tuple(x.shape) != shape:
             x = x.expand(shape)
         if x.dtype != target:

@@ -411,6 +411,13 @@ def _make_plan(
 ) -> Plan:
     path = _path(equation, contraction, joint, itemsize, budget, optimize)
     current = list(contraction.inputs)
+    # The output's trailing indices that every operand has (a semiring's element
+    # dimensions, see _parse.analyze) stay last in every intermediate, in order.
+    tail = ""
+    for c in reversed(contraction.output):
+        if not all(c in term for term in contraction.inputs):
+            break
+        tail = c + tail
     steps: list[Step] = []
     for k, ids in enumerate(path):
         taken = [current[i] for i in ids]
@@ -420,7 +427,8 @@ def _make_plan(
             out = contraction.output
         else:
             later = set("".join(current)) | set(contraction.output)
-            out = "".join(c for c in dict.fromkeys("".join(taken)) if c in later)
+            kept = [c for c in dict.fromkeys("".join(taken)) if c in later and c not in tail]
+            out = "".join(kept) + "".join(c for c in tail if c in later)
         letters = set("".join(taken))
         step_sizes = tuple((c, n) for c, n in contraction.sizes if c in letters)
         windows = window_extents(tuple(taken), out, step_sizes, budget, itemsize, device_type)

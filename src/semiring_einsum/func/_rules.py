@@ -36,7 +36,7 @@ from . import _ops as OPS
 from ._budget import Budget
 from ._context import Context, rule_context
 from ._plan import Sized, Step, fold, window_extents
-from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Identity, Semiring
 
 Tensor = torch.Tensor
 NegInf = K.NegInf
@@ -145,7 +145,7 @@ def fold_batch(
 
 
 # ---------------------------------------------------------------- empty steps
-def _zero(spec: Spec) -> float:
+def _zero(spec: Spec) -> Identity:
     if isinstance(spec, CustomSpec):
         return _semiring(spec).zero
     if isinstance(spec, (LogSpec, MaxSpec)):
