@@ -331,7 +331,7 @@ def test_entropy_and_expectation_gradients() -> None:
         torch.testing.assert_close(got, ref)
 
 
-def test_entropy_composes_with_vmap_and_jacrev() -> None:
+def test_entropy_composes_with_vmap_jacrev_jacfwd_and_hessian() -> None:
     g = torch.Generator().manual_seed(11)
     a = torch.randn(2, 3, 4, generator=g, dtype=F64)
     b = torch.randn(4, 5, generator=g, dtype=F64)
@@ -341,8 +341,11 @@ def test_entropy_composes_with_vmap_and_jacrev() -> None:
     jac = torch.func.jacrev(lambda x: func.entropy_einsum("ij,jk->k", x, b)[1])(a[0])
     ref = torch.func.jacrev(lambda x: brute_entropy("ij,jk->k", [x, b])[1])(a[0])
     torch.testing.assert_close(jac, ref)
-    with pytest.raises(NotImplementedError, match="forward-over-forward"):
-        torch.func.jacfwd(lambda x: func.entropy_einsum("ij,jk->", x, b)[1])(a[0])
+    fwd = torch.func.jacfwd(lambda x: func.entropy_einsum("ij,jk->k", x, b)[1])(a[0])
+    torch.testing.assert_close(fwd, ref)
+    hess = torch.func.hessian(lambda x: func.entropy_einsum("ij,jk->", x, b)[1])(a[0])
+    want = torch.func.hessian(lambda x: brute_entropy("ij,jk->", [x, b])[1])(a[0])
+    torch.testing.assert_close(hess, want)
 
 
 def test_entropy_under_torch_compile() -> None:

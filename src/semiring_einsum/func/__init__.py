@@ -19,6 +19,7 @@ from ._api import (
 from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 from ._errors import EquationError
 from ._plan import Plan, Step
+from ._sample import sample_einsum
 from ._semiring import EXPECTATION, LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, kbest_semiring
 from ._structured import entropy_einsum, expectation_einsum, kbest_einsum
 
@@ -31,6 +32,7 @@ __all__ = [
     "kbest_einsum",
     "entropy_einsum",
     "expectation_einsum",
+    "sample_einsum",
     "semiring_einsum",
     "plan",
     "Plan",

@@ -27,6 +27,7 @@ from ._budget import cache_clear as budget_of_cache_clear
 from ._compile import in_graph
 from ._context import Context, call_context
 from ._context import cache_clear as context_cache_clear
+from ._multi import reject, several
 from ._parse import (
     Contraction,
     Equation,
@@ -545,6 +546,8 @@ def _run(
     policy: float | str = "nan",
     viterbi: bool = False,
 ) -> Any:
+    if isinstance(equation, str) and "," in equation.partition("->")[2]:
+        return _several(semiring, equation, operands, block_size, optimize, policy, viterbi)
     first = operands[0] if operands else None
     if block_size is None and type(first) is torch.Tensor and first.is_cpu:
         # The default budget on CPU, the common case, without resolving it anew.
@@ -552,6 +555,29 @@ def _run(
     else:
         extent, nbytes = _budget(block_size, operands, equation).as_ints()
     return _contract(semiring, equation, extent, nbytes, optimize, policy, viterbi, *operands)
+
+
+def _several(
+    semiring: Semiring,
+    equation: str,
+    operands: Sequence[Tensor],
+    block_size: BlockSize,
+    optimize: Optimize,
+    policy: float | str,
+    viterbi: bool,
+) -> tuple[Tensor, ...]:
+    """An equation with several outputs (see :mod:`._multi`)."""
+    if viterbi:
+        reject(equation, "viterbi_einsum")
+    _budget(block_size, operands, equation)  # validate it once, up front
+
+    def contract(s: Semiring, eq: str, ops: Sequence[Tensor]) -> Tensor:
+        return cast(Tensor, _run(s, eq, ops, block_size, optimize, policy))
+
+    def planner(s: Semiring, eq: str, ops: Sequence[Tensor]) -> Plan:
+        return plan(eq, *ops, semiring=s, block_size=block_size, optimize=optimize)
+
+    return several(semiring, equation, operands, contract, planner)
 
 
 def einsum(
@@ -576,7 +602,9 @@ def einsum(
             sum every index jointly in windows.
 
     Returns:
-        The contraction, a new tensor.
+        The contraction, a new tensor; for an equation with several
+        comma-separated outputs (``"bij,bjk->,bij,bjk"``), a tuple of them,
+        computed together in one inside-outside pass (see :doc:`/structured`).
 
     Example:
         >>> import torch
@@ -615,7 +643,9 @@ def log_einsum(
             the whole contraction.
 
     Returns:
-        The contraction, a new tensor.
+        The contraction, a new tensor; for an equation with several
+        comma-separated outputs (``"bij,bjk->,bij,bjk"``), a tuple of them,
+        computed together in one inside-outside pass (see :doc:`/structured`).
 
     Example:
         >>> import torch
@@ -694,7 +724,9 @@ def max_einsum(
         optimize: opt_einsum strategy, explicit path, or ``False``.
 
     Returns:
-        The contraction, a new tensor.
+        The contraction, a new tensor; for an equation with several
+        comma-separated outputs (``"bij,bjk->,bij,bjk"``), a tuple of them,
+        computed together in one inside-outside pass (see :doc:`/structured`).
 
     Example:
         >>> import torch
@@ -726,7 +758,9 @@ def min_einsum(
         optimize: opt_einsum strategy, explicit path, or ``False``.
 
     Returns:
-        The contraction, a new tensor.
+        The contraction, a new tensor; for an equation with several
+        comma-separated outputs (``"bij,bjk->,bij,bjk"``), a tuple of them,
+        computed together in one inside-outside pass (see :doc:`/structured`).
 
     Example:
         >>> import torch
@@ -806,7 +840,9 @@ def semiring_einsum(
         optimize: opt_einsum strategy, explicit path, or ``False``.
 
     Returns:
-        The contraction, a new tensor.
+        The contraction, a new tensor; for an equation with several
+        comma-separated outputs (``"bij,bjk->,bij,bjk"``), a tuple of them,
+        computed together in one inside-outside pass (see :doc:`/structured`).
 
     Example:
         >>> import torch

@@ -7,9 +7,9 @@ plain log-space operands and run faster routes that give the same results:
 
 * the expectation semiring's second component is the directional derivative
   of the log partition function along the value operands, so
-  :func:`expectation_einsum` is one forward-mode pass over the log plan
-  (:func:`torch.func.jvp`), pairwise, on the log kernels; entropy is the
-  expectation of the log factors themselves;
+  :func:`expectation_einsum` walks the log plan once, each step pushing the
+  tangent through with its own jvp rule (out of place, so differentiable);
+  entropy is the expectation of the log factors themselves;
 * :func:`kbest_einsum` walks the plan's pairwise steps keeping each cell's
   ``k`` best partial assignments, ordered by value and then by their partial
   row-major rank (so that ties go exactly where a brute-force enumeration puts
@@ -20,19 +20,22 @@ plain log-space operands and run faster routes that give the same results:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import opt_einsum
 import torch
 
-from . import _kernels as K
-from ._api import Optimize, _budget, _Prepared, log_einsum, semiring_einsum
-from ._budget import BlockSize, Budget
+from ._api import Optimize, _budget, _Prepared
+from ._autograd import apply
+from ._budget import BlockSize, Budget, budget_of
+from ._compile import in_graph
+from ._context import call_context
+from ._multi import reject
 from ._plan import Step, along_path, window_extents
-from ._rules import MAX_FAMILY
-from ._semiring import EXPECTATION, MAX_PLUS
+from ._rules import LOG_FAMILY, LOG_RULE, MAX_FAMILY, run_jvp
+from ._semiring import LOG, MAX_PLUS
 
 Tensor = torch.Tensor
 
@@ -68,26 +71,48 @@ def _expectation(
     block_size: BlockSize,
     optimize: Optimize,
 ) -> tuple[Tensor, Tensor]:
-    """``(log Z, E_p[Σ values])`` per output cell; ``values`` already shaped like the operands."""
+    """``(log Z, E_p[Σ values])`` per output cell; ``values`` already shaped like the operands.
+
+    The expectation is the derivative of ``log Z`` along the values: each step of
+    the log plan runs forward (its differentiable rule) and pushes the tangent
+    through with the rule's own jvp (BLAS where the step allows), all out of
+    place, so the result is differentiable in every mode, under ``vmap`` and
+    under the compiler.  (Not :func:`torch.func.jvp`: that would open a
+    forward-mode level, so that forward mode over it would be forward over
+    forward, and it costs a wrapper per step.)
+    """
+    extent, nbytes = _budget(block_size, log_operands, equation).as_ints()
+    n = len(log_operands)
+    out = _expectation_node(equation, extent, nbytes, optimize, n, *log_operands, *values)
+    return out[0], out[1]
+
+
+@in_graph
+def _expectation_node(
+    equation: str, extent: int, nbytes: int, optimize: Optimize, n: int, *tensors: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The expectation's one node under ``torch.compile`` (see :mod:`._compile`)."""
+    log_operands, values = tensors[:n], tensors[n:]
+    budget = budget_of(extent, nbytes)
+    ctx = call_context(log_operands)
+    p = _Prepared(LOG, LOG_FAMILY, equation, log_operands, budget, optimize, traced=ctx.traced)
     # A -inf factor has weight 0 in every term it is part of: its value never
     # counts (and must not turn the tangent into inf * 0).
-    tangents = tuple(
-        torch.where(x == -math.inf, torch.zeros((), dtype=v.dtype, device=v.device), v)
-        for x, v in zip(log_operands, values)
-    )
-    if torch.compiler.is_compiling():
-        # Dynamo refuses forward-mode autograd Functions: the semiring itself.
-        stacked = [torch.stack([x, t.to(x.dtype)], dim=-1) for x, t in zip(log_operands, tangents)]
-        out = semiring_einsum(
-            EXPECTATION, equation, *stacked, block_size=block_size, optimize=optimize
-        )
-        return out[..., 0], out[..., 1]
+    tangents = [
+        torch.where(x == -math.inf, torch.zeros((), dtype=t.dtype, device=t.device), t)
+        for x, t in zip(p.operands, p.canonical(values))
+    ]
 
-    def log_z(*xs: Tensor) -> Tensor:
-        return log_einsum(equation, *xs, block_size=block_size, optimize=optimize)
+    def step(k: int, s: Step, pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        xs = [x for x, _ in pairs]
+        spec = p.spec(s)
+        out = apply(LOG_RULE, spec, ctx, *xs)[0]
+        tangent = run_jvp(LOG_RULE, spec, xs, [out], [t for _, t in pairs])[0]
+        assert tangent is not None
+        return out, tangent
 
-    out, tangent = torch.func.jvp(log_z, tuple(log_operands), tangents)[:2]
-    return out, tangent
+    out, tangent = along_path(p.plan.steps, list(zip(p.operands, tangents)), step)
+    return p.finish(out), p.finish(tangent)
 
 
 def expectation_einsum(
@@ -108,10 +133,11 @@ def expectation_einsum(
 
     It equals :func:`semiring_einsum` with :data:`EXPECTATION` on the stacked
     pairs ``(log_operands[k], value_operands[k])``, and is computed as the
-    directional derivative of the log partition function along the values (one
-    forward-mode pass over the log semiring's pairwise plan), so it costs about
-    two log contractions.  Both results are differentiable (reverse mode, and
-    ``vmap``; under ``torch.compile`` the semiring route runs).
+    directional derivative of the log partition function along the values: each
+    step of the log semiring's pairwise plan runs forward and pushes the
+    tangent through (BLAS where the step allows), about two log contractions.
+    Both results are differentiable in every mode (reverse, forward, ``vmap``,
+    ``torch.compile``).
 
     Args:
         equation: An einsum equation in :func:`torch.einsum` syntax.
@@ -142,6 +168,7 @@ def expectation_einsum(
         >>> round(log_z.exp().item(), 4), round(expected.item(), 4)
         (4.0, 17.5)
     """
+    reject(equation, "expectation_einsum")
     logs = _as_tensors("log_operands", log_operands, equation)
     vals = _as_tensors("value_operands", value_operands, equation)
     if len(logs) != len(vals):
@@ -194,6 +221,7 @@ def entropy_einsum(
         >>> round(h.item(), 4) == round(math.log(8), 4)
         True
     """
+    reject(equation, "entropy_einsum")
     for i, x in enumerate(log_operands):
         if not isinstance(x, Tensor):
             raise TypeError(
@@ -212,8 +240,15 @@ _INT_MIN = torch.iinfo(torch.int64).min
 _INT_MAX = torch.iinfo(torch.int64).max
 
 
-def _select(values: Tensor, ranks: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``k`` best candidates along the last dim, best first.
+def _order(values: Tensor, key_rank: Tensor) -> Tensor:
+    """The permutation of the last dim sorting by value descending, then ``key_rank`` ascending."""
+    by_rank = key_rank.argsort(dim=-1, stable=True)
+    by_value = values.gather(-1, by_rank).argsort(dim=-1, descending=True, stable=True)
+    return by_rank.gather(-1, by_value)
+
+
+def _select(values: Tensor, ranks: Tensor, k: int) -> Tensor:
+    """Positions of the ``k`` best candidates along the last dim, best first.
 
     Order: NaN first, then by value descending, ties by rank ascending (the
     first assignment in row-major order).  ``values.shape[-1] >= k``.
@@ -225,25 +260,29 @@ def _select(values: Tensor, ranks: Tensor, ids: Tensor, k: int) -> tuple[Tensor,
     # Everything above the k-th value is in; among the ties at it, the smallest ranks.
     key = torch.where(u > kth, _INT_MIN, torch.where(u == kth, key_rank, _INT_MAX))
     chosen = key.topk(k, dim=-1, largest=False).indices
-    by_rank = key_rank.gather(-1, chosen).argsort(dim=-1, stable=True)
-    chosen = chosen.gather(-1, by_rank)
-    by_value = u.gather(-1, chosen).argsort(dim=-1, descending=True, stable=True)
-    chosen = chosen.gather(-1, by_value)
-    return values.gather(-1, chosen), ranks.gather(-1, chosen), ids.gather(-1, chosen)
+    return chosen.gather(-1, _order(u.gather(-1, chosen), key_rank.gather(-1, chosen)))
 
 
 @dataclass(frozen=True)
 class _KStep:
-    """A k-best step: the plan's step with a slot index for each list operand."""
+    """A k-best step: the plan's step, its windows, and its candidates' layout.
 
-    step: Step  # inputs/output extended with the slot symbols
+    A window's candidates are laid out ``cells + window dims + slots`` (one slot
+    dim of size ``k`` per operand that is an earlier step's k-best list), and
+    flattened after the cells, so that a position there names a window
+    coordinate for each summed index and a slot for each list.
+    """
+
+    step: Step
+    windows: tuple[tuple[str, int], ...]  # the summed indices' windows, sized for candidates
     lists: tuple[int, ...]  # positions (in the step's operands) of the k-lists
-    slots: int  # candidates per assignment of the step's summed indices: k ** len(lists)
     strides: tuple[int, ...]  # global row-major stride of each summed index of the step
+    k: int
 
-
-def _slot_symbol(i: int) -> str:
-    return opt_einsum.get_symbol(3000 + i)
+    @property
+    def slots(self) -> int:
+        """Candidates per assignment of the summed indices: ``k`` per list."""
+        return self.k ** len(self.lists)
 
 
 def _kstep(
@@ -255,21 +294,15 @@ def _kstep(
     itemsize: int,
     device_type: str,
 ) -> _KStep:
-    inputs = list(step.inputs)
-    extra = ""
-    positions = []
-    for i, is_list in enumerate(lists):
-        if is_list:
-            s = _slot_symbol(len(extra))
-            inputs[i] += s
-            extra += s
-            positions.append(i)
-    output = step.output + extra
-    sizes = step.sizes + tuple((s, k) for s in extra)
-    # Candidates carry a value, a rank and an id: size the windows for all three.
-    windows = window_extents(tuple(inputs), output, sizes, budget, itemsize + 16, device_type)
-    kstep = Step(step.operands, tuple(inputs), output, sizes, windows)
-    return _KStep(kstep, tuple(positions), k ** len(extra), strides)
+    # A candidate carries a value, and while it is chosen a rank and a key (int64):
+    # size the windows for all of them, k slots per list.
+    slots = k ** sum(lists)
+    sizes = step.sizes + (("#", slots),)
+    windows = window_extents(
+        step.inputs, step.output + "#", sizes, budget, itemsize + 16, device_type
+    )
+    positions = tuple(i for i, is_list in enumerate(lists) if is_list)
+    return _KStep(step, windows, positions, strides, k)
 
 
 @dataclass
@@ -281,68 +314,143 @@ class _Item:
     made_by: int | None = None  # the step that made it
 
 
-def _kbest_step(ks: _KStep, items: list[_Item], k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Values, partial ranks and candidate ids of the ``k`` best terms of each output cell."""
+def _laid_out(x: Tensor, term: str, order: str, slot: int | None, nslots: int) -> Tensor:
+    """``x`` (indices ``term``, then a slot dim if ``slot`` is given) in the candidates' layout:
+    ``order`` then ``nslots`` slot dims, size 1 where ``x`` has none."""
+    dims = [order.index(c) for c in term]
+    if slot is not None:
+        dims.append(len(order) + slot)
+    x = x.permute(sorted(range(len(dims)), key=lambda i: dims[i]))
+    shape = [1] * (len(order) + nslots)
+    for d, n in zip(sorted(dims), x.shape):
+        shape[d] = n
+    return x.reshape(shape)
+
+
+def _kbest_step(
+    ks: _KStep, items: list[_Item], k: int, fast: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Values, partial ranks and candidate ids of the ``k`` best terms of each output cell.
+
+    A candidate's id within the step is the row-major position of its summed
+    coordinates (full extents) times ``k ** lists``, plus its slot number
+    (row-major over the lists).  With ``fast`` (values may be read), a window
+    whose k-th best value is not tied is chosen by value alone and only the
+    chosen candidates' ranks are worked out.
+    """
     step = ks.step
     size = step.size
     device = items[0].values.device
-    values_aligned = K.align(step, [it.values for it in items])
-    rank_terms = [(t, it.ranks) for t, it in zip(step.inputs, items) if it.ranks is not None]
-    rank_step = Step(
-        step.operands, tuple(t for t, _ in rank_terms), step.output, step.sizes, step.windows
-    )
-    ranks_aligned = K.align(rank_step, [r for _, r in rank_terms]) if rank_terms else []
-    nw = len(step.windows)
-    out_dims = [size[c] for c in step.output]
-    n_out = len(out_dims) - len(ks.lists)  # the step's real output dims; slots follow
-    cells = out_dims[:n_out]
-    # A candidate's id within the step: the row-major position of its summed
-    # coordinates times the slot count, plus its slot (row-major over the lists).
-    local: list[int] = []
-    acc = ks.slots
-    for c, _ in reversed(step.windows):
+    cells_ix = step.output
+    summed = step.summed
+    order = cells_ix + summed
+    nl = len(ks.lists)
+    slot_of = {j: n for n, j in enumerate(ks.lists)}
+    values = [
+        _laid_out(it.values, t, order, slot_of.get(j), nl)
+        for j, (t, it) in enumerate(zip(step.inputs, items))
+    ]
+    nc = len(cells_ix)
+    cells = [size[c] for c in cells_ix]
+    ncells = math.prod(cells)
+    nslots = ks.slots
+    full_ext = [size[c] for c in summed]
+    local = []  # row-major strides of the summed indices (full extents), times the slots
+    acc = nslots
+    for n in reversed(full_ext):
         local.append(acc)
-        acc *= size[c]
+        acc *= n
     local.reverse()
-    slot_id = torch.zeros((), dtype=torch.int64, device=device)
-    full = nw + len(out_dims)
-    acc = 1
-    for j in reversed(range(len(ks.lists))):
-        shape = [1] * full
-        shape[full - len(ks.lists) + j] = k
-        slot_id = slot_id + torch.arange(k, device=device).reshape(shape) * acc
-        acc *= k
-    dtype = values_aligned[0].dtype
-    best_v = torch.full(cells + [k], -math.inf, dtype=dtype, device=device)
-    best_r = torch.full(cells + [k], _PAD_RANK, dtype=torch.int64, device=device)
-    best_i = torch.full(cells + [k], -1, dtype=torch.int64, device=device)
-    # window dims first in the candidates' layout, then the cells, then the slots:
-    # move the window dims after the cells so each cell's candidates are contiguous.
-    perm = list(range(nw, nw + n_out)) + list(range(nw)) + list(range(nw + n_out, full))
-    for rng in step.ranges():
-        views = K.narrow(step, values_aligned, rng)
+    # Coordinates of every cell, to look list ranks up: (cells..., 1) broadcastable.
+    cell_coords = [
+        torch.arange(n, device=device).reshape([n if i == d else 1 for i in range(nc)] + [1])
+        for d, n in enumerate(cells)
+    ]
+
+    def ranks_and_ids(pos: Tensor, rng: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor]:
+        """Rank and id of the candidates at ``pos`` (cells + [m]) of window ``rng``."""
+        slot = pos % nslots
+        rest = pos // nslots
+        coords: dict[str, Tensor] = {}
+        for c, (lo, hi) in reversed(list(zip(summed, rng))):
+            coords[c] = rest % (hi - lo) + lo
+            rest = rest // (hi - lo)
+        rank = torch.zeros_like(pos)
+        ids = slot
+        for c, stride, loc in zip(summed, ks.strides, local):
+            rank = rank + coords[c] * stride
+            ids = ids + coords[c] * loc
+        for j in reversed(ks.lists):
+            r = items[j].ranks
+            assert r is not None
+            sj = slot % k
+            slot = slot // k
+            where = tuple(
+                cell_coords[cells_ix.index(c)] if c in cells_ix else coords[c]
+                for c in step.inputs[j]
+            )
+            rank = rank + r[where + (sj,)]
+        return rank, ids
+
+    best: tuple[Tensor, Tensor, Tensor] | None = None
+    for rng in _ranges(ks.windows, size):
+        views = []
+        for x in values:
+            for d, (lo, hi) in enumerate(rng):
+                if x.shape[nc + d] != 1:
+                    x = x.narrow(nc + d, lo, hi - lo)
+            views.append(x)
         cand = functools.reduce(torch.add, views)
-        rank = slot_id.new_zeros(())
-        idx = slot_id
-        for d, ((lo, hi), stride, loc) in enumerate(zip(rng, ks.strides, local)):
-            shape = [1] * full
-            shape[d] = hi - lo
-            coord = torch.arange(lo, hi, device=device).reshape(shape)
-            rank = rank + coord * stride
-            idx = idx + coord * loc
-        for r in K.narrow(rank_step, ranks_aligned, rng):
-            rank = rank + r
-        shape = [hi - lo for lo, hi in rng] + out_dims
-        cand = cand.expand(shape).permute(perm).reshape(cells + [-1])
-        rank = rank.expand(shape).permute(perm).reshape(cells + [-1])
-        idx = idx.expand(shape).permute(perm).reshape(cells + [-1])
-        best_v, best_r, best_i = _select(
-            torch.cat([best_v, cand], dim=-1),
-            torch.cat([best_r, rank], dim=-1),
-            torch.cat([best_i, idx], dim=-1),
-            k,
+        shape = cells + [hi - lo for lo, hi in rng] + [k] * nl
+        cand = cand.expand(shape).reshape(ncells and cells + [-1])
+        if cand.shape[-1] < k and best is None:
+            pad = cand.new_full(cells + [k - cand.shape[-1]], -math.inf)
+            cand = torch.cat([cand, pad], dim=-1)
+        v = cand if best is None else torch.cat([best[0], cand], dim=-1)
+        kept = 0 if best is None else k
+        m = cand.shape[-1]
+        chosen: Tensor | None = None
+        if fast and ncells:
+            top = v.topk(k, dim=-1)
+            kth = top.values[..., -1:]
+            # Above the k-th value, or tied with it: exactly k unless ties straddle it.
+            if not bool(torch.isnan(kth).any()) and int((v >= kth).sum(-1).max()) == k:
+                chosen = top.indices
+        if chosen is None:  # every candidate's rank, then the exact choice
+            pos = torch.arange(m, device=device).expand(cells + [m])
+            r, i = ranks_and_ids(pos, rng)
+            r = torch.where(pos >= math.prod(shape[nc:]), _PAD_RANK, r)
+            if best is not None:
+                r, i = torch.cat([best[1], r], -1), torch.cat([best[2], i], -1)
+            chosen = _select(v, r, k)
+            best = (v.gather(-1, chosen), r.gather(-1, chosen), i.gather(-1, chosen))
+            continue
+        fresh = chosen - kept
+        real = fresh.clamp(0, math.prod(shape[nc:]) - 1)
+        r, i = ranks_and_ids(real, rng)
+        r = torch.where(fresh >= math.prod(shape[nc:]), _PAD_RANK, r)
+        if best is not None:
+            old = chosen.clamp(max=k - 1)
+            r = torch.where(fresh < 0, best[1].gather(-1, old), r)
+            i = torch.where(fresh < 0, best[2].gather(-1, old), i)
+        vals = v.gather(-1, chosen)
+        order_k = _order(vals, r)
+        best = (vals.gather(-1, order_k), r.gather(-1, order_k), i.gather(-1, order_k))
+    if best is None:  # no window at all: a summed index of size 0
+        return (
+            torch.full(cells + [k], -math.inf, device=device, dtype=values[0].dtype),
+            torch.full(cells + [k], _PAD_RANK, device=device, dtype=torch.int64),
+            torch.full(cells + [k], -1, device=device, dtype=torch.int64),
         )
-    return best_v, best_r, best_i
+    v, r, i = best
+    return v, r, torch.where(r >= _PAD_RANK, -1, i)
+
+
+def _ranges(
+    windows: tuple[tuple[str, int], ...], size: dict[str, int]
+) -> list[tuple[tuple[int, int], ...]]:
+    axes = [[(lo, min(lo + w, size[c])) for lo in range(0, size[c], w)] for c, w in windows]
+    return list(itertools.product(*axes))
 
 
 def kbest_einsum(
@@ -397,6 +505,7 @@ def kbest_einsum(
         >>> argmax.tolist()                  # (i, j) of each; the tie in row-major order
         [[0, 1], [1, 1], [1, 0]]
     """
+    reject(equation, "kbest_einsum")
     k = _check_k(k, equation)
     budget = _budget(block_size, operands, equation)
     p = _Prepared(MAX_PLUS, MAX_FAMILY, equation, operands, budget, optimize)
@@ -421,10 +530,11 @@ def kbest_einsum(
         lists = tuple(it.ranks is not None for it in items)
         strides = tuple(stride[c] for c, _ in step.windows)
         ks = _kstep(step, lists, k, strides, budget, itemsize, device_type)
-        v, r, ids = _kbest_step(ks, items, k)
+        v, r, ids = _kbest_step(ks, items, k, fast)
         kept.append((ks, ids))
         return _Item(v, r, i)
 
+    fast = call_context(p.operands).plain  # values may be read: choose by value first
     with torch.no_grad():
         detached = [_Item(x.detach()) for x in p.operands]
         last = along_path(steps, detached, run_step)
