@@ -151,6 +151,29 @@ CASES = {
     "chain3": ("ab,bc,cd->ad", [(32, 32), (32, 32), (32, 32)]),
 }
 
+
+def _entropy(eq: str, *xs: Tensor) -> Tensor:
+    return func.entropy_einsum(eq, *xs, block_size=BLOCK)[1]
+
+
+def _expectation(eq: str, *xs: Tensor) -> Tensor:
+    return func.expectation_einsum(eq, xs, xs, block_size=BLOCK)[1]
+
+
+def _vector_semiring(eq: str, *xs: Tensor) -> Tensor:
+    pairs = [torch.stack([x, x], dim=-1) for x in xs]
+    return func.semiring_einsum(func.EXPECTATION, eq, *pairs, block_size=BLOCK)
+
+
+def _several_outputs(eq: str, *xs: Tensor) -> Tensor:
+    lhs = eq.split("->")[0]
+    return func.log_einsum(f"{lhs}->{eq.split('->')[1]},{lhs}", *xs, block_size=BLOCK)[0]
+
+
+def _sample(eq: str, *xs: Tensor) -> Tensor:
+    return func.sample_einsum(eq, *xs, num_samples=2, block_size=BLOCK)
+
+
 FUNCTIONS: dict[str, tuple[Callable[..., Tensor], func.Semiring, object]] = {
     # name: (call, semiring for plan(), optimize for plan())
     "einsum_joint": (_einsum_joint, func.REAL, False),
@@ -161,6 +184,9 @@ FUNCTIONS: dict[str, tuple[Callable[..., Tensor], func.Semiring, object]] = {
     "min_einsum": (_min, func.MIN_PLUS, "auto"),
     "viterbi_einsum": (_viterbi_values, func.MAX_PLUS, "auto"),
     "custom_semiring": (_custom, PLAIN, "auto"),
+    "entropy_einsum": (_entropy, func.LOG, "auto"),
+    "expectation_einsum": (_expectation, func.LOG, "auto"),
+    "several_outputs": (_several_outputs, func.LOG, "auto"),
 }
 
 
@@ -355,3 +381,52 @@ def test_live_recorder_sees_windows_kept_alive() -> None:
         kept = [x.unsqueeze(-1) + xs[1] for x in xs[0].split(4)]  # the whole joint space
     assert rec.peak >= 8 * BUDGET
     del kept
+
+
+def test_vector_semiring_live_peak_counts_its_operations() -> None:
+    """A semiring with element dimensions stays within windows too.
+
+    Its windows carry the element dims (the planner counts them), and its own
+    operations make their temporaries per window: the expectation semiring's
+    ⊕-reduce makes about four half-window tensors (the shifted log weights, their
+    exponentials, the masked weights, the weighted values) beside the window
+    itself, so the bound allows twice the kernels' LIVE_WINDOWS.
+    """
+    eq, shapes = CASES["chain3"]
+    xs = _inputs(shapes)
+    plan = func.plan(eq, *[s + (2,) for s in shapes], semiring=func.EXPECTATION, block_size=BLOCK)
+    assert plan.steps[0].windows[0][1] < 32  # really windowed
+    sized = 2 * sum(x.numel() * x.element_size() for x in xs)  # the stacked pairs
+    results = sum(8 * math.prod(s.size[c] for c in s.output) for s in plan.steps)
+    pairs = [torch.stack([x, x], dim=-1) for x in xs]
+    gc.collect()
+    rec = LiveBytesRecorder()
+    with rec:
+        out = _vector_semiring(eq, *xs)
+    del out
+    bound = 2 * LIVE_WINDOWS * BUDGET + sized + results
+    assert rec.peak <= bound, f"live peak {rec.peak} > {bound}"
+    del pairs
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sampling_live_peak_is_windows_plus_row_indices(case: str) -> None:
+    """Sampling keeps windows of candidates within the budget; besides them it holds one
+    int64 per (cell, sample) row for every index (the output's coordinates, the indices
+    drawn) and per operand (its row offsets): the result's own size, not counted."""
+    eq, shapes = CASES[case]
+    xs = _inputs(shapes)
+    plan = func.plan(eq, *shapes, semiring=func.LOG, block_size=BLOCK)
+    samples = 2
+    out_cells = math.prod(plan.contraction.size[c] for c in plan.contraction.output)
+    rows = out_cells * samples
+    indices = len(plan.contraction.size) + len(xs) + 2  # coordinates, offsets, a stack
+    sized = sum(x.numel() * x.element_size() for x in xs)
+    results = sum(4 * math.prod(s.size[c] for c in s.output) for s in plan.steps)
+    gc.collect()
+    rec = LiveBytesRecorder()
+    with rec:
+        out = _sample(eq, *xs)
+    del out
+    bound = LIVE_WINDOWS * BUDGET + sized + results + 8 * rows * indices
+    assert rec.peak <= bound, f"live peak {rec.peak} > {bound}"

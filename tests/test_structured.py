@@ -179,7 +179,12 @@ def test_vector_semiring_plan_counts_element_bytes() -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("k", [1, 3, 40])
 @pytest.mark.parametrize("neg_inf", [False, True])
-def test_kbest_matches_brute_force_with_ties(case: str, k: int, neg_inf: bool) -> None:
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_kbest_matches_brute_force_with_ties(
+    case: str, k: int, neg_inf: bool, kernel: str, request: pytest.FixtureRequest
+) -> None:
+    if kernel == "torch":
+        request.getfixturevalue("pure_torch")
     eq, shapes = CASES[case]
     for seed in range(3):
         xs = _ints(shapes, seed, neg_inf)
@@ -200,11 +205,22 @@ def test_kbest_with_k_1_is_viterbi(case: str) -> None:
     assert torch.equal(argmax[..., 0, :], a)
 
 
-def test_kbest_nan_terms_come_first_and_float_data() -> None:
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_kbest_nan_terms_come_first_and_float_data(
+    kernel: str, request: pytest.FixtureRequest
+) -> None:
+    if kernel == "torch":
+        request.getfixturevalue("pure_torch")
     x = torch.tensor([[1.0, math.nan], [3.0, 5.0]])
     values, argmax = func.kbest_einsum("ij->", x, k=3)
     assert math.isnan(values[0]) and values[1:].tolist() == [5.0, 3.0]
     assert argmax.tolist() == [[0, 1], [1, 1], [1, 0]]
+    y = torch.tensor([[2.0, math.nan, 1.0], [math.nan, 4.0, 4.0]])  # a matrix-shaped step
+    values, argmax = func.kbest_einsum("ij,jk->ik", y, y.T, k=4)
+    want_v, want_a = brute_kbest("ij,jk->ik", [y, y.T], 4)
+    assert torch.equal(values.isnan(), want_v.isnan())
+    assert torch.equal(values.nan_to_num(), want_v.float().nan_to_num())
+    assert torch.equal(argmax, want_a)
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(s, generator=g) for s in [(3, 5), (5, 6), (6, 2)]]
     want_v, want_a = brute_kbest("ab,bc,cd->ad", xs, 4)

@@ -264,6 +264,77 @@ void NAME_vjp(const SCALAR* g, const int64_t* idx, SCALAR* ga, SCALAR* gb, int64
 }
 """
 
+# k-best: per cell the k best terms, best first: NaN first (by rank), then by value
+# descending, ties by rank ascending; a slot is (value, rank, id), an empty slot
+# (-inf, PAD, -1).  Terms a[bt, i, s, p] + b[bt, s, q, j] with rank ra[bt, i, s, p] +
+# rb[bt, s, q, j] + w[s] (ra, rb may be NULL: 0) and id s * S + p * ma + q * mb, where p
+# and q run over the operands' own k-best lists (KA, KB: 1 for a plain operand).  A term
+# enters a cell when it beats the cell's worst slot (rare once the lists fill up), and
+# moves up by insertion.  Cells are written straight into the outputs (nb, m, n, K).
+_KBEST = r"""
+static inline int NAME_beats(SCALAR v, int64_t r, SCALAR o, int64_t ro) {
+    const int vn = v != v, on = o != o;
+    if (vn | on) return vn & (!on | (r < ro));
+    return (v > o) | ((v == o) & (r < ro));
+}
+
+void NAME_kbest(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64_t* rb,
+                const int64_t* w, SCALAR* cv, int64_t* cr, int64_t* ci, int64_t nb, int64_t m,
+                int64_t kk, int64_t n, int64_t KA, int64_t KB, int64_t K, int64_t sab,
+                int64_t sam, int64_t sak, int64_t sap, int64_t sbb, int64_t sbk, int64_t sbq,
+                int64_t rsab, int64_t rsam, int64_t rsak, int64_t rsap, int64_t rsbb,
+                int64_t rsbk, int64_t rsbq, int64_t S, int64_t ma, int64_t mb, int64_t pad,
+                int nthreads) {
+    const int64_t NC = 32;  /* columns per tile: RB x NC cells' lists stay in L1/L2 */
+    const int64_t mt = (m + RB - 1) / RB, nt = (n + NC - 1) / NC;
+    const int64_t total = nb * nt * mt;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
+    for (int64_t wi = 0; wi < total; wi++) {
+        const int64_t bt = wi / (mt * nt);
+        const int64_t r0 = (wi % mt) * RB, j0 = ((wi / mt) % nt) * NC;
+        const int64_t rows = m - r0 < RB ? m - r0 : RB, cols = n - j0 < NC ? n - j0 : NC;
+        SCALAR wv[RB][32];
+        int64_t wr[RB][32];
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < cols; j++) {
+                const int64_t off = ((bt * m + r0 + r) * n + j0 + j) * K;
+                for (int64_t t = 0; t < K; t++) {
+                    cv[off + t] = -INFINITY; cr[off + t] = pad; ci[off + t] = -1;
+                }
+                wv[r][j] = -INFINITY; wr[r][j] = pad;
+            }
+        for (int64_t s = 0; s < kk; s++)
+            for (int64_t p = 0; p < KA; p++)
+                for (int64_t q = 0; q < KB; q++) {
+                    const SCALAR* brow = b + bt * sbb + s * sbk + q * sbq + j0;
+                    const int64_t* rbrow = rb ? rb + bt * rsbb + s * rsbk + q * rsbq + j0 : 0;
+                    const int64_t id = s * S + p * ma + q * mb;
+                    for (int64_t r = 0; r < rows; r++) {
+                        const SCALAR av = a[bt * sab + (r0 + r) * sam + s * sak + p * sap];
+                        const int64_t base =
+                            (ra ? ra[bt * rsab + (r0 + r) * rsam + s * rsak + p * rsap] : 0) + w[s];
+                        for (int64_t j = 0; j < cols; j++) {
+                            const SCALAR v = av + brow[j];
+                            const int64_t rk = base + (rbrow ? rbrow[j] : 0);
+                            if (!NAME_beats(v, rk, wv[r][j], wr[r][j])) continue;
+                            const int64_t off = ((bt * m + r0 + r) * n + j0 + j) * K;
+                            SCALAR* lv = cv + off;
+                            int64_t* lr = cr + off;
+                            int64_t* li = ci + off;
+                            int64_t t = K - 1;
+                            while (t > 0 && NAME_beats(v, rk, lv[t - 1], lr[t - 1])) {
+                                lv[t] = lv[t - 1]; lr[t] = lr[t - 1]; li[t] = li[t - 1];
+                                t--;
+                            }
+                            lv[t] = v; lr[t] = rk; li[t] = id;
+                            wv[r][j] = lv[K - 1]; wr[r][j] = lr[K - 1];
+                        }
+                    }
+                }
+    }
+}
+"""
+
 _WINS = {
     "nan": ("(v > bb[j]) | (v != v)", "(v > o) | ((v != v) & (o == o))"),
     "clean": ("v > bb[j]", "v > o"),
@@ -281,9 +352,10 @@ def _source() -> str:
                 .replace("VARIANT", variant)
             )
         parts.append(_DRIVER)
-        parts[-1 - len(_WINS) :] = [
+        parts.append(_KBEST)
+        parts[-2 - len(_WINS) :] = [
             p.replace("NAME", name).replace("IDX", idx).replace("SCALAR", t)
-            for p in parts[-1 - len(_WINS) :]
+            for p in parts[-2 - len(_WINS) :]
         ]
     return "\n".join(parts)
 
@@ -310,6 +382,7 @@ DTYPES = (torch.float32, torch.float64)
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9 + [ctypes.c_int]
 _VJP_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _RANKED_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 15 + [ctypes.c_int]
+_KBEST_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 25 + [ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -317,6 +390,7 @@ class _Library:
     forward: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     vjp: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     ranked: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
+    kbest: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     path: Path
 
 
@@ -433,12 +507,13 @@ def library() -> _Library | None:
 
 def _load(target: Path) -> _Library:
     lib = ctypes.CDLL(str(target))
-    forward, vjp, ranked = {}, {}, {}
+    forward, vjp, ranked, kbest = {}, {}, {}, {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
         forward[dtype] = _bind(lib, f"maxplus_{suffix}", _ARGTYPES)
         vjp[dtype] = _bind(lib, f"maxplus_{suffix}_vjp", _VJP_ARGTYPES)
         ranked[dtype] = _bind(lib, f"maxplus_{suffix}_ranked", _RANKED_ARGTYPES)
-    return _Library(forward, vjp, ranked, target)
+        kbest[dtype] = _bind(lib, f"maxplus_{suffix}_kbest", _KBEST_ARGTYPES)
+    return _Library(forward, vjp, ranked, kbest, target)
 
 
 def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
@@ -751,3 +826,95 @@ def max_plus_ranked(
     if lay.out_order is not None:
         values, index, rank = (t.permute(lay.out_order).contiguous() for t in (values, index, rank))
     return values, index, rank
+
+
+def kbest(
+    step: Step,
+    xs: Sequence[Tensor],
+    ranks: Sequence[Tensor | None],
+    k: int,
+    strides: Sequence[int],
+    pad: int,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The ``k`` best terms of each cell of a matrix-shaped step on the native kernel.
+
+    ``xs[i]`` is the operand's values, with a trailing dim of ``k`` slots where
+    ``ranks[i]`` (its lists' partial ranks, same shape) is given; ``strides``:
+    the global row-major stride of each summed index (in the step's order).  Returns
+    ``(values, ranks, ids)``, each of shape ``step output + (k,)`` (see
+    :func:`._structured._kbest_step` for the id), or ``None`` where the kernel does
+    not apply (no library, not a matrix-shaped step, other dtypes, tensors it may not
+    read).  Empty slots are ``(-inf, pad, -1)``.
+    """
+    lib = library()
+    lay = layout(step)
+    if lib is None or lay is None or torch.compiler.is_compiling():
+        return None
+    dtype = xs[0].dtype
+    if any(x.dtype != dtype for x in xs) or dtype not in DTYPES:
+        return None
+    if not all(_plain(x) for x in (*xs, *(r for r in ranks if r is not None))):
+        return None
+    slots = [k if r is not None else 1 for r in ranks]
+    # A candidate's slot number is row-major over the step's lists in operand order.
+    mul = [slots[1], 1]
+    a, b, ra, rb = xs[0], xs[1], ranks[0], ranks[1]
+    ka, kb, ma, mb = slots[0], slots[1], mul[0], mul[1]
+    if lay.swap:
+        a, b, ra, rb, ka, kb, ma, mb = b, a, rb, ra, kb, ka, mb, ma
+    nb, m, kk, n = lay.dims
+
+    def grouped(op: Operand, x: Tensor, lists: bool, at: int) -> Tensor:
+        """The grouped view with the slot dim at ``at`` (3: a's last; 2: b's, before columns)."""
+        if not lists:
+            return op.grouped(x).unsqueeze(at)
+        return torch.stack([op.grouped(x[..., t]) for t in range(k)], dim=at)
+
+    ga = grouped(lay.a, a, ra is not None, 3)
+    gb = grouped(lay.b, b, rb is not None, 2).contiguous()
+    gra = grouped(lay.a, ra, True, 3) if ra is not None else None
+    grb = grouped(lay.b, rb, True, 2).contiguous() if rb is not None else None
+    size = step.size
+    share = torch.zeros(1, dtype=torch.int64)
+    for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
+        share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
+    values = torch.empty(lay.out_shape + (k,), dtype=dtype)
+    rank = torch.empty(lay.out_shape + (k,), dtype=torch.int64)
+    ids = torch.empty(lay.out_shape + (k,), dtype=torch.int64)
+    if nb and m and n:
+        sra = gra.stride() if gra is not None else (0, 0, 0, 0)
+        srb = grb.stride() if grb is not None else (0, 0, 0, 0)
+        lib.kbest[dtype](
+            ga.data_ptr(),
+            gb.data_ptr(),
+            gra.data_ptr() if gra is not None else None,
+            grb.data_ptr() if grb is not None else None,
+            share.data_ptr(),
+            values.data_ptr(),
+            rank.data_ptr(),
+            ids.data_ptr(),
+            nb,
+            m,
+            kk,
+            n,
+            ka,
+            kb,
+            k,
+            *ga.stride(),
+            gb.stride(0),
+            gb.stride(1),
+            gb.stride(2),
+            *sra,
+            srb[0],
+            srb[1],
+            srb[2],
+            ka * kb,
+            ma,
+            mb,
+            pad,
+            torch.get_num_threads() if lay.threads else 1,
+        )
+    if lay.out_order is not None:
+        order = (*lay.out_order, len(lay.out_order))
+        values, rank, ids = (t.permute(order).contiguous() for t in (values, rank, ids))
+    return values, rank, ids

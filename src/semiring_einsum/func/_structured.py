@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _native as N
 from ._api import Optimize, _budget, _Prepared
 from ._autograd import apply
 from ._budget import BlockSize, Budget, budget_of
@@ -339,6 +340,12 @@ def _kbest_step(
     chosen candidates' ranks are worked out.
     """
     step = ks.step
+    if fast and len(items) == 2:
+        native = N.kbest(
+            step, [it.values for it in items], [it.ranks for it in items], k, ks.strides, _PAD_RANK
+        )
+        if native is not None:
+            return native
     size = step.size
     device = items[0].values.device
     cells_ix = step.output
