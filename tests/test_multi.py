@@ -48,7 +48,9 @@ def _operands(shapes: list[tuple[int, ...]], seed: int, ints: bool) -> list[Tens
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("semiring", sorted(FUNCTIONS))
 @pytest.mark.parametrize("optimize", ["auto", False])
-def test_several_outputs_match_one_brute_force_each(case: str, semiring: str, optimize: object) -> None:
+def test_several_outputs_match_one_brute_force_each(
+    case: str, semiring: str, optimize: object
+) -> None:
     eq, shapes = CASES[case]
     lhs, rhs = eq.split("->")
     xs = _operands(shapes, 0, ints=semiring in ("max", "min"))
@@ -59,6 +61,18 @@ def test_several_outputs_match_one_brute_force_each(case: str, semiring: str, op
     for out, o in zip(outs, rhs.split(",")):
         want = brute(semiring, f"{lhs}->{o}", *xs)
         torch.testing.assert_close(out, want, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_several_outputs_in_the_boolean_semiring(case: str) -> None:
+    eq, shapes = CASES[case]
+    lhs, rhs = eq.split("->")
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.rand(s, generator=g) < 0.4 for s in shapes]
+    outs = func.bool_einsum(eq, *xs, block_size=2)
+    for out, o in zip(outs, rhs.split(",")):
+        assert out.dtype == torch.bool
+        assert torch.equal(out, brute("real", f"{lhs}->{o}", *[x.double() for x in xs]) > 0)
 
 
 @pytest.mark.parametrize("semiring", ["real", "log", "max"])
@@ -132,7 +146,10 @@ def test_marginals_share_the_work() -> None:
     assert steps == 3
     # Forward: one reduction per step; outside: one per operand of a step; then one per
     # output read off a node -- against a whole plan for each output alone.
-    assert together <= steps + 2 * steps + len(outputs) < len(reductions), (together, len(reductions))
+    assert together <= steps + 2 * steps + len(outputs) < len(reductions), (
+        together,
+        len(reductions),
+    )
 
 
 def test_single_output_functions_refuse_several_outputs() -> None:

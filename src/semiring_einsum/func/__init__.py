@@ -16,6 +16,7 @@ from ._api import (
     semiring_einsum,
     viterbi_einsum,
 )
+from ._boolean import bool_einsum
 from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 from ._errors import EquationError
 from ._plan import Plan, Step
@@ -33,6 +34,7 @@ __all__ = [
     "entropy_einsum",
     "expectation_einsum",
     "sample_einsum",
+    "bool_einsum",
     "semiring_einsum",
     "plan",
     "Plan",

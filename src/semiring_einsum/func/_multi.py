@@ -182,5 +182,6 @@ def reject(equation: str, function: str) -> None:
         raise fail(
             equation,
             f"{function} returns one output; several comma-separated outputs are "
-            "supported by einsum, log_einsum, max_einsum, min_einsum and semiring_einsum",
+            "supported by einsum, log_einsum, max_einsum, min_einsum, bool_einsum and "
+            "semiring_einsum",
         )
