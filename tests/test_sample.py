@@ -131,10 +131,13 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["joint", "marginals"])
+@pytest.fixture(params=["joint", "marginals", "blocks"])
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Steps summing several indices draw them jointly, or one by one from marginal tables."""
+    """Steps summing several indices draw them jointly, or one by one from marginal tables;
+    matrix-product steps by blocks of exponentials (the default where they apply)."""
     monkeypatch.setattr(S, "_MARGINALS_FROM", 1 << 62 if request.param == "joint" else 0)
+    if request.param != "blocks":
+        monkeypatch.setattr(S, "_draw_blocks", lambda *args: None)
     return str(request.param)
 
 
@@ -356,3 +359,37 @@ def test_module_helpers() -> None:
     flat = torch.arange(12)
     got = S._unravel(flat, [3, 4], [10, 0])
     assert torch.equal(got[0], flat // 4 + 10) and torch.equal(got[1], flat % 4)
+
+
+def test_the_block_route_is_taken_and_falls_back_where_weights_underflow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Matrix-product steps draw by blocks; rows whose shifted weights underflow (the
+    maxima of the two operands far apart) are drawn exactly, and both fit."""
+    taken: list[bool] = []
+    real = S._draw_blocks
+
+    def spy(*args: object) -> object:
+        out = real(*args)  # type: ignore[arg-type]
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(S, "_draw_blocks", spy)
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    b = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    check_fit("ij,jk->ik", [a, b])
+    assert taken == [True]
+    # Row 0 of a peaks at j = 0 and column 0 of b at j = 19, 600 nats apart: every
+    # weight of cell (0, 0) underflows in the shifted exponentials.
+    a[0, 0], b[19, 0] = 600.0, 600.0
+    calls: list[int] = []
+    exact_draw = S._draw_any
+
+    def count(*args: object) -> object:
+        calls.append(int(args[3]))  # type: ignore[call-overload]
+        return exact_draw(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(S, "_draw_any", count)
+    check_fit("ij,jk->ik", [a, b])
+    assert calls == [SAMPLES]  # the rows of cell (0, 0), and only those

@@ -48,9 +48,11 @@ _HEADER = r"""
 #include <stdint.h>
 #include <math.h>
 #include <limits.h>
+#include <string.h>
 
 #define RB 4   /* rows of the left operand per tile */
 #define NB 128 /* columns of the right operand per tile */
+#define KC 32  /* columns per tile of the k-best kernel */
 """
 
 # One tile: rows x cols cells, each the max over s < k of a[r, s] + b[s, j].  best and arg
@@ -272,10 +274,22 @@ void NAME_vjp(const SCALAR* g, const int64_t* idx, SCALAR* ga, SCALAR* gb, int64
 # enters a cell when it beats the cell's worst slot (rare once the lists fill up), and
 # moves up by insertion.  Cells are written straight into the outputs (nb, m, n, K).
 _KBEST = r"""
+/* Whether (v, r) beats (o, ro): NaN first (by rank), then value descending, rank ascending.
+   Branch-free, so that a loop of tests vectorizes. */
 static inline int NAME_beats(SCALAR v, int64_t r, SCALAR o, int64_t ro) {
-    const int vn = v != v, on = o != o;
-    if (vn | on) return vn & (!on | (r < ro));
-    return (v > o) | ((v == o) & (r < ro));
+    const int vn = v != v, on = o != o, lt = r < ro;
+    return (vn & (!on | lt)) | (!vn & !on & ((v > o) | ((v == o) & lt)));
+}
+
+/* Insert (v, r, id) into a cell's sorted list of K, which it beats at its last slot. */
+static inline void NAME_insert(SCALAR* lv, int64_t* lr, int64_t* li, int64_t K, SCALAR v,
+                               int64_t r, int64_t id) {
+    int64_t t = K - 1;
+    while (t > 0 && NAME_beats(v, r, lv[t - 1], lr[t - 1])) {
+        lv[t] = lv[t - 1]; lr[t] = lr[t - 1]; li[t] = li[t - 1];
+        t--;
+    }
+    lv[t] = v; lr[t] = r; li[t] = id;
 }
 
 void NAME_kbest(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64_t* rb,
@@ -285,16 +299,17 @@ void NAME_kbest(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64
                 int64_t rsab, int64_t rsam, int64_t rsak, int64_t rsap, int64_t rsbb,
                 int64_t rsbk, int64_t rsbq, int64_t S, int64_t ma, int64_t mb, int64_t pad,
                 int nthreads) {
-    const int64_t NC = 32;  /* columns per tile: RB x NC cells' lists stay in L1/L2 */
-    const int64_t mt = (m + RB - 1) / RB, nt = (n + NC - 1) / NC;
+    /* KC columns per tile: the tile's lists (RB x KC cells of K slots) stay in L1. */
+    const int64_t mt = (m + RB - 1) / RB, nt = (n + KC - 1) / KC;
     const int64_t total = nb * nt * mt;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
     for (int64_t wi = 0; wi < total; wi++) {
         const int64_t bt = wi / (mt * nt);
-        const int64_t r0 = (wi % mt) * RB, j0 = ((wi / mt) % nt) * NC;
-        const int64_t rows = m - r0 < RB ? m - r0 : RB, cols = n - j0 < NC ? n - j0 : NC;
-        SCALAR wv[RB][32];
-        int64_t wr[RB][32];
+        const int64_t r0 = (wi % mt) * RB, j0 = ((wi / mt) % nt) * KC;
+        const int64_t rows = m - r0 < RB ? m - r0 : RB, cols = n - j0 < KC ? n - j0 : KC;
+        SCALAR wv[RB][KC];  /* each cell's worst slot: what a term must beat to enter */
+        int64_t wr[RB][KC];
+        unsigned char enter[KC] = {0};  /* (zero past the tile's columns) */
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < cols; j++) {
                 const int64_t off = ((bt * m + r0 + r) * n + j0 + j) * K;
@@ -303,34 +318,49 @@ void NAME_kbest(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64
                 }
                 wv[r][j] = -INFINITY; wr[r][j] = pad;
             }
-        for (int64_t s = 0; s < kk; s++)
-            for (int64_t p = 0; p < KA; p++)
-                for (int64_t q = 0; q < KB; q++) {
-                    const SCALAR* brow = b + bt * sbb + s * sbk + q * sbq + j0;
-                    const int64_t* rbrow = rb ? rb + bt * rsbb + s * rsbk + q * rsbq + j0 : 0;
-                    const int64_t id = s * S + p * ma + q * mb;
-                    for (int64_t r = 0; r < rows; r++) {
-                        const SCALAR av = a[bt * sab + (r0 + r) * sam + s * sak + p * sap];
-                        const int64_t base =
-                            (ra ? ra[bt * rsab + (r0 + r) * rsam + s * rsak + p * rsap] : 0) + w[s];
-                        for (int64_t j = 0; j < cols; j++) {
-                            const SCALAR v = av + brow[j];
-                            const int64_t rk = base + (rbrow ? rbrow[j] : 0);
-                            if (!NAME_beats(v, rk, wv[r][j], wr[r][j])) continue;
-                            const int64_t off = ((bt * m + r0 + r) * n + j0 + j) * K;
-                            SCALAR* lv = cv + off;
-                            int64_t* lr = cr + off;
-                            int64_t* li = ci + off;
-                            int64_t t = K - 1;
-                            while (t > 0 && NAME_beats(v, rk, lv[t - 1], lr[t - 1])) {
-                                lv[t] = lv[t - 1]; lr[t] = lr[t - 1]; li[t] = li[t - 1];
-                                t--;
-                            }
-                            lv[t] = v; lr[t] = rk; li[t] = id;
-                            wv[r][j] = lv[K - 1]; wr[r][j] = lr[K - 1];
+        for (int64_t s = 0; s < kk; s++) {
+            const SCALAR* b0 = b + bt * sbb + s * sbk + j0;
+            const int64_t* rb0 = rb ? rb + bt * rsbb + s * rsbk + j0 : 0;
+            for (int64_t r = 0; r < rows; r++) {
+                const SCALAR* ar = a + bt * sab + (r0 + r) * sam + s * sak;
+                const int64_t* rar = ra ? ra + bt * rsab + (r0 + r) * rsam + s * rsak : 0;
+                /* The lists are sorted best first, so a term of slots (p, q) enters only if
+                   (p - 1, q) and (p, q - 1) do: test (0, 0) for every column at once. */
+                const SCALAR av = ar[0];
+                const int64_t base = (rar ? rar[0] : 0) + w[s];
+                SCALAR* restrict wvr = wv[r];
+                int64_t* restrict wrr = wr[r];
+                /* A value test first (ties and NaN pass: the exact test follows), which
+                   vectorizes; then whole words of columns where none passed are skipped. */
+                for (int64_t j = 0; j < cols; j++) {
+                    const SCALAR v = av + b0[j];
+                    enter[j] = (v >= wvr[j]) | (v != v);
+                }
+                for (int64_t j = 0; j < cols; j++) {
+                    if ((j & 7) == 0) {
+                        uint64_t word;
+                        memcpy(&word, enter + j, 8);
+                        if (!word) { j += 7; continue; }
+                    }
+                    if (!enter[j]) continue;
+                    const int64_t off = ((bt * m + r0 + r) * n + j0 + j) * K;
+                    for (int64_t p = 0; p < KA; p++) {
+                        const SCALAR ap = ar[p * sap];
+                        const int64_t rp = (rar ? rar[p * rsap] : 0) + w[s];
+                        int64_t q = 0;
+                        for (; q < KB; q++) {
+                            const SCALAR v = ap + b0[q * sbq + j];
+                            const int64_t rk = rp + (rb0 ? rb0[q * rsbq + j] : 0);
+                            if (!NAME_beats(v, rk, wvr[j], wrr[j])) break;
+                            NAME_insert(cv + off, cr + off, ci + off, K, v, rk,
+                                        s * S + p * ma + q * mb);
+                            wvr[j] = cv[off + K - 1]; wrr[j] = cr[off + K - 1];
                         }
+                        if (q == 0) break;  /* (p, 0) did not enter: no (p' > p, q) will */
                     }
                 }
+            }
+        }
     }
 }
 """

@@ -31,6 +31,7 @@ from itertools import product
 
 import torch
 
+from . import _native as N
 from ._api import Optimize, _budget, _Prepared
 from ._api import log_einsum as _log_einsum
 from ._autograd import apply
@@ -256,6 +257,118 @@ def _extents(own: Sequence[str], size: dict[str, int], budget: Budget, cap: int)
 
 
 def _draw_step(
+    step: Step,
+    args: Sequence[Tensor],
+    known: dict[str, Tensor],
+    rows: int,
+    generator: torch.Generator | None,
+    budget: Budget,
+    itemsize: int,
+) -> dict[str, Tensor]:
+    """Draw the step's summed indices on every row: by blocks of exponentials where the
+    step is a matrix product (:func:`_draw_blocks`), else through :func:`_draw_any`."""
+    blocks = _draw_blocks(step, args, known, rows, generator, budget, itemsize)
+    if blocks is not None:
+        return blocks
+    return _draw_any(step, args, known, rows, generator, budget, itemsize)
+
+
+# A row whose block sums (exponentials shifted by the operands' maxima) add up to
+# less than this is drawn exactly instead: its weights may have underflowed.
+_SAFE_TOTAL = {torch.float32: 1e-20, torch.float64: 1e-200}
+
+
+def _draw_blocks(
+    step: Step,
+    args: Sequence[Tensor],
+    known: dict[str, Tensor],
+    rows: int,
+    generator: torch.Generator | None,
+    budget: Budget,
+    itemsize: int,
+) -> dict[str, Tensor] | None:
+    """Inverse-CDF draws of a matrix-product step, two uniforms per row, through BLAS.
+
+    The step is ``c[t, i, j] = Σ_s a[t, i, s] b[t, s, j]`` in exponentials (the
+    grouped form of :func:`._native.layout`, no library needed): with ``ea =
+    exp(a - max_s a)`` and ``eb = exp(b - max_s b)``, the weight of ``s`` in cell
+    ``(t, i, j)`` is ``ea[t, i, s] eb[t, s, j]`` up to the cell's constant.  The
+    summed range is cut into blocks of about √n; one batched product gives every
+    cell's block sums, a row draws its block from them and then ``s`` within the
+    block from the block's own weights (a gather of ``ea`` and ``eb``).  That is
+    exact: P(block) P(s | block) = weight / total.  Rows whose total is too small
+    to trust (the maxima of ``a`` and ``b`` far apart: the weights underflowed)
+    are drawn exactly by :func:`_draw_any`.  ``None`` where it does not apply: not
+    a two-operand matrix product, or block sums over the budget.
+    """
+    lay = N.layout(step)
+    if lay is None or len(args) != 2 or args[0].dtype not in _SAFE_TOTAL:
+        return None
+    a, b = args
+    if lay.swap:
+        a, b = b, a
+    nb, m, kk, n = lay.dims
+    width = max(1, math.isqrt(kk))
+    nblk = -(-kk // width)
+    if nb * nblk * m * n * itemsize > _table_cap(budget) or kk < 4:
+        return None
+    ga, gb = lay.a.grouped(a), lay.b.grouped(b)  # (nb, m, kk), (nb, kk, n)
+    zero = torch.zeros((), dtype=ga.dtype, device=ga.device)
+    ma, mb = ga.amax(2, keepdim=True), gb.amax(1, keepdim=True)
+    ea = torch.exp(ga - torch.where(torch.isfinite(ma), ma, zero))
+    eb = torch.exp(gb - torch.where(torch.isfinite(mb), mb, zero))
+    pad = nblk * width - kk
+    pa = torch.nn.functional.pad(ea, (0, pad)).reshape(nb, m, nblk, width).transpose(1, 2)
+    pb = torch.nn.functional.pad(eb, (0, 0, 0, pad)).reshape(nb, nblk, width, n)
+    sums = torch.matmul(pa, pb).permute(0, 2, 3, 1)  # (nb, m, n, nblk): each cell's blocks
+    # Each row's cell in the grouped form.
+    size = step.size
+
+    def linear(group: str) -> Tensor | int:
+        at: Tensor | int = 0
+        for c in group:
+            at = at * size[c] + known[c]
+        return at
+
+    batch, rows_g, summed = lay.a.groups
+    cols_g = lay.b.groups[2]
+    t, i, j = linear(batch), linear(rows_g), linear(cols_g)
+    block_sums = sums[t, i, j].expand(rows, nblk)  # (a row's cell may be the only one)
+    cdf = block_sums.cumsum(-1)
+    total = cdf[:, -1]
+    u = torch.rand(rows, 2, generator=generator, device=ga.device, dtype=ga.dtype)
+    # Below the total (u < 1 may still round up to it): never past the last weight.
+    target = torch.minimum(u[:, 0] * total, total.nextafter(zero))
+    blk = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    blk = blk.clamp_(max=nblk - 1)
+    s_at = blk.unsqueeze(-1) * width + torch.arange(width, device=ga.device)  # (rows, width)
+    inside = s_at < kk
+    s_at = s_at.clamp(max=kk - 1)
+    t_rows = t.unsqueeze(-1) if isinstance(t, Tensor) else t
+    weights = ea[t_rows, i.unsqueeze(-1) if isinstance(i, Tensor) else i, s_at]
+    weights = weights * eb[t_rows, s_at, j.unsqueeze(-1) if isinstance(j, Tensor) else j]
+    weights = torch.where(inside, weights, zero)
+    cdf2 = weights.cumsum(-1)
+    total2 = cdf2[:, -1]
+    target2 = torch.minimum(u[:, 1] * total2, total2.nextafter(zero))
+    pick = torch.searchsorted(cdf2, target2.unsqueeze(-1), right=True).squeeze(-1)
+    s_lin = blk * width + pick.clamp_(max=width - 1)
+    drawn: dict[str, Tensor] = {}
+    rest = s_lin
+    for c in reversed(summed):
+        drawn[c] = rest % size[c]
+        rest = rest // size[c]
+    risky = ~((total > _SAFE_TOTAL[ga.dtype]) & (total2 > 0))
+    if bool(risky.any()):
+        where = risky.nonzero().squeeze(-1)
+        sub = {c: v[where] if v.numel() == rows else v for c, v in known.items()}
+        exact = _draw_any(step, args, sub, len(where), generator, budget, itemsize)
+        for c in summed:
+            drawn[c] = drawn[c].index_put((where,), exact[c])
+    return drawn
+
+
+def _draw_any(
     step: Step,
     args: Sequence[Tensor],
     known: dict[str, Tensor],

@@ -340,6 +340,10 @@ def _kbest_step(
     chosen candidates' ranks are worked out.
     """
     step = ks.step
+    if not step.windows and len(ks.lists) <= 1:
+        shortcut = _kbest_unsummed(ks, items, k, fast)
+        if shortcut is not None:
+            return shortcut
     if fast and len(items) == 2:
         native = N.kbest(
             step, [it.values for it in items], [it.ranks for it in items], k, ks.strides, _PAD_RANK
@@ -451,6 +455,52 @@ def _kbest_step(
         )
     v, r, i = best
     return v, r, torch.where(r >= _PAD_RANK, -1, i)
+
+
+def _kbest_unsummed(
+    ks: _KStep, items: list[_Item], k: int, fast: bool
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A step that sums nothing over at most one k-best list: no choice to make.
+
+    Each cell has one candidate per slot of the list (one in all without a list):
+    the list plus the other operands' entries, in the list's order -- adding the
+    same finite amount to every slot keeps it.  ``None`` where that could fail
+    (a non-finite entry added, whose value is not checked without ``fast``).
+    """
+    step = ks.step
+    size = step.size
+    cells = [size[c] for c in step.output]
+    plain = [(t, it.values) for t, it in zip(step.inputs, items) if it.ranks is None]
+    added = None
+    for t, x in plain:
+        y = _laid_out(x, t, step.output, None, 0)
+        added = y if added is None else added + y
+    if ks.lists:
+        if added is not None:
+            if not fast or not bool((torch.isfinite(added) | (added == -math.inf)).all()):
+                return None
+        (j,) = ks.lists
+        lst = items[j]
+        assert lst.ranks is not None
+        values = _laid_out(lst.values, step.inputs[j], step.output, 0, 1)
+        ranks = _laid_out(lst.ranks, step.inputs[j], step.output, 0, 1)
+        if added is not None:
+            values = values + added.unsqueeze(-1)
+        ids = torch.arange(k, device=values.device)
+        return (
+            values.expand(cells + [k]).contiguous(),
+            ranks.expand(cells + [k]).contiguous(),
+            ids.expand(cells + [k]).contiguous(),
+        )
+    assert added is not None
+    first = added.expand(cells).unsqueeze(-1)
+    pad = first.new_full(cells + [k - 1], -math.inf)
+    values = torch.cat([first, pad], dim=-1)
+    ranks = torch.full(cells + [k], _PAD_RANK, dtype=torch.int64, device=values.device)
+    ranks[..., 0] = 0
+    ids = torch.full(cells + [k], -1, dtype=torch.int64, device=values.device)
+    ids[..., 0] = 0
+    return values, ranks, ids
 
 
 def _ranges(
@@ -570,8 +620,10 @@ def kbest_einsum(
     for i in reversed(range(len(steps))):
         ks, ids = kept[i]
         step = steps[i]
-        at = tuple(known[c] for c in step.output) + (slot[i],)
-        cid = ids[at]
+        if i == len(steps) - 1 and step.output == out:  # laid out as the particles are
+            cid = ids
+        else:
+            cid = ids[tuple(known[c] for c in step.output) + (slot[i],)]
         valid = valid & (cid >= 0)
         cid = cid.clamp_min(0)
         own, slots = cid // ks.slots, cid % ks.slots
@@ -583,15 +635,14 @@ def kbest_einsum(
             assert maker is not None
             slot[maker] = slots % k
             slots = slots // k
+    found = {c: torch.where(valid, known[c], 0) for c in summed}
+    found.update((c, known[c]) for c in out)
     if summed:
-        argmax = torch.stack([torch.where(valid, known[c], 0) for c in summed], dim=-1)
+        argmax = torch.stack([found[c] for c in summed], dim=-1)
     else:
         argmax = torch.zeros(particles + [0], dtype=torch.int64, device=device)
     # The values, differentiably: each term read back from the operands.
-    terms = [
-        x[tuple(torch.where(valid, known[c], 0) for c in t)]
-        for t, x in zip(p.contraction.inputs, p.operands)
-    ]
+    terms = [x[tuple(found[c] for c in t)] for t, x in zip(p.contraction.inputs, p.operands)]
     total = functools.reduce(torch.add, terms) if terms else torch.zeros(particles, device=device)
     values = torch.where(valid, total, -math.inf)
     return p.finish(values), argmax
