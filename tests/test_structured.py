@@ -395,3 +395,36 @@ def test_structured_functions_leave_inputs_alone() -> None:
     func.entropy_einsum("ij,jk->ik", *xs)
     func.expectation_einsum("ij,jk->ik", xs, xs)
     assert all(torch.equal(x, c) for x, c in zip(xs, copies))
+
+
+def _chain_kbest_dp(xs: list[Tensor], k: int) -> Tensor:
+    """The k best path scores of a chain ``ab,bc,cd,...->`` by a plain list-Viterbi DP."""
+    best = torch.full((xs[0].shape[0], k), -math.inf, dtype=xs[0].dtype)
+    best[:, 0] = 0.0  # per state of the first index: its k best prefixes
+    for x in xs:
+        cand = best.unsqueeze(0) + x.T.unsqueeze(-1)  # (next, previous, k)
+        best = cand.reshape(x.shape[1], -1).topk(k, dim=-1).values
+    return best.reshape(-1).topk(k).values
+
+
+def test_chains_past_int64_ranks_still_give_best_assignments() -> None:
+    """8**30 assignments: no int64 rank; values and assignments stay right (ties aside)."""
+    steps, n = 30, 8
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGH"[: steps + 1]
+    eq = ",".join(letters[i : i + 2] for i in range(steps)) + "->"
+    g = torch.Generator().manual_seed(14)
+    xs = [torch.randn(n, n, generator=g, dtype=F64) for _ in range(steps)]
+
+    def score(path: list[int]) -> float:
+        return sum(float(xs[i][path[i], path[i + 1]]) for i in range(steps))
+
+    value, argmax = func.viterbi_einsum(eq, *xs)
+    want = _chain_kbest_dp(xs, 1)[0]
+    torch.testing.assert_close(value, want)
+    assert math.isclose(score(argmax.tolist()), float(value), rel_tol=1e-12)
+    values, paths = func.kbest_einsum(eq, *xs, k=4)
+    torch.testing.assert_close(values, _chain_kbest_dp(xs, 4))
+    rows = paths.tolist()
+    assert len({tuple(r) for r in rows}) == 4
+    for v, r in zip(values.tolist(), rows):
+        assert math.isclose(score(r), v, rel_tol=1e-12)

@@ -348,7 +348,8 @@ def _contract(
             return max_values(cast(MaxSpec, p.spec(s, False)), ctx, args)
 
     def run(operands: list[Tensor]) -> Tensor:
-        if argmax and len(p.plan.steps) > 1:  # where ties decide: the global rule
+        if argmax and len(p.plan.steps) > 1 and rankable(p.contraction, p.equation.summed):
+            # Where ties decide: the global rule.
             return p.finish(_max_ranked(p, family, ctx, operands, backpointers))
         return p.run(max_step, operands)
 
@@ -361,6 +362,22 @@ def _contract(
     if len(p.plan.steps) > 1:
         found = _joint_where_not_finite(p, ctx, budget, values, found)
     return values, found
+
+
+RANKABLE = 1 << 62
+"""Assignments of the summed indices beyond which a global row-major rank does not fit an
+int64 (with room for sums of partial ranks and the "no rank" mark)."""
+
+
+def rankable(contraction: Contraction, summed: str, limit: int = RANKABLE) -> bool:
+    """Whether every assignment of the summed indices has an int64 rank below ``limit``."""
+    size = contraction.size
+    total = 1
+    for c in summed:
+        total *= size[c]
+        if total >= limit:
+            return False
+    return True
 
 
 def _ranks_needed(steps: Sequence[Step], operands: int) -> list[bool]:
@@ -800,7 +817,11 @@ def viterbi_einsum(
             index jointly.  The tie rule above holds exactly for every one:
             on a pairwise plan each intermediate carries the partial
             row-major rank of the assignment it stands for, and each step
-            breaks ties by the smallest rank.
+            breaks ties by the smallest rank.  (Ranks are int64: with
+            2**62 or more assignments of the summed indices -- a chain of
+            30 steps over 8 states, say -- a pairwise plan breaks ties in
+            its own step order instead; values and gradients are the same,
+            and the argmax is still a maximising assignment.)
 
     Example:
         >>> import torch

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _logblas as LB
 from . import _native as N
-from ._api import Optimize, _budget, _Prepared
+from ._api import Optimize, _budget, _Prepared, rankable
 from ._autograd import apply
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
@@ -104,8 +105,15 @@ def _expectation_node(
         for x, t in zip(p.operands, p.canonical(values))
     ]
 
+    # Plain values with no derivative to record: BLAS steps share their exponentials.
+    fused = ctx.plain and not ctx.derivative and not any(t.requires_grad for t in tangents)
+
     def step(k: int, s: Step, pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         xs = [x for x, _ in pairs]
+        if fused and s.kernel == "log_blas":
+            both = _log_blas_with_tangent(s, xs[0], xs[1], pairs[0][1], pairs[1][1])
+            if both is not None:
+                return both
         spec = p.spec(s)
         out = apply(LOG_RULE, spec, ctx, *xs)[0]
         tangent = run_jvp(LOG_RULE, spec, xs, [out], [t for _, t in pairs])[0]
@@ -114,6 +122,34 @@ def _expectation_node(
 
     out, tangent = along_path(p.plan.steps, list(zip(p.operands, tangents)), step)
     return p.finish(out), p.finish(tangent)
+
+
+def _log_blas_with_tangent(
+    step: Step, a: Tensor, b: Tensor, ta: Tensor, tb: Tensor
+) -> tuple[Tensor, Tensor] | None:
+    """A log-BLAS step's output and tangent from one set of shifted exponentials.
+
+    ``out = log(ea · eb) + mA + mB`` and ``tangent = ((ea ∘ ta) · eb + ea · (eb ∘ tb)) /
+    (ea · eb)`` with ``ea = exp(A - mA)``: the rule's forward and jvp without computing
+    the exponentials twice.  ``None`` (the caller runs the rule) unless every cell passes
+    the forward's certificate.
+    """
+    prog = LB.program(step)
+    if prog is None or prog.perm_a is not None or prog.perm_b is not None:
+        return None
+    ma = a.amax(prog.dims_a, keepdim=True)
+    mb = b.amax(prog.dims_b, keepdim=True)
+    if not (bool(torch.isfinite(ma).all()) and bool(torch.isfinite(mb).all())):
+        return None
+    ea, eb = torch.exp(a - ma), torch.exp(b - mb)
+    product = prog.product(ea, eb)
+    log_sum = torch.log(product)
+    if LB.risky(log_sum) is not None:
+        return None
+    out = log_sum + (ma if prog.view_a is None else LB._lined_up(ma, prog.view_a))
+    out = out + (mb if prog.view_b is None else LB._lined_up(mb, prog.view_b))
+    tangent = (prog.product(ea * ta, eb) + prog.product(ea, eb * tb)) / product
+    return out, tangent
 
 
 def expectation_einsum(
@@ -548,6 +584,11 @@ def kbest_einsum(
         ``argmax`` int64 of shape ``output + (k, n_summed)``, each row one
         assignment of the summed indices in :func:`viterbi_einsum`'s order.
 
+    The row-major rank of an assignment is an int64: with ``2**55`` or more
+    assignments of the summed indices (a chain of 18 steps over 8 states, say),
+    ties among equal values come in the plan's own order instead; the values, and
+    that each row is an assignment reaching its value, are unchanged.
+
     Raises:
         TypeError / ValueError: For a ``k`` that is not a positive int, or bad
             operands (as :func:`max_einsum`).
@@ -568,15 +609,13 @@ def kbest_einsum(
     p = _Prepared(MAX_PLUS, MAX_FAMILY, equation, operands, budget, optimize)
     size = p.contraction.size
     summed = p.equation.summed
-    if math.prod(size[c] for c in summed) >= _MAX_RANK:
-        raise ValueError(
-            f"kbest_einsum ranks every assignment of the summed indices exactly; "
-            f"{math.prod(size[c] for c in summed)} assignments are too many (equation {equation!r})"
-        )
+    # Ranks order ties; past int64 (with room for the marks) every rank is 0, and ties
+    # fall in the plan's own order (the lists are still k best, of real assignments).
+    ranked = rankable(p.contraction, summed, _MAX_RANK)
     stride: dict[str, int] = {}
     acc = 1
     for c in reversed(summed):
-        stride[c] = acc
+        stride[c] = acc if ranked else 0
         acc *= size[c]
     itemsize = p.compute_dtype.itemsize
     device_type = p.operands[0].device.type if p.operands else "cpu"
