@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from semiring_einsum.func import Semiring, semiring_einsum
-from semiring_einsum.func import bool_einsum
+from semiring_einsum.func import Semiring, bool_einsum, semiring_einsum
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import medians_ms  # noqa: E402

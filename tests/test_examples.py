@@ -26,6 +26,11 @@ def test_the_tutorials_are_all_there() -> None:
         "shortest_paths.py",
         "per_example_grads.py",
         "custom_semiring.py",
+        "kbest_hmm.py",
+        "kbest_parses.py",
+        "entropy_crf.py",
+        "sample_parses.py",
+        "reachability.py",
     }
 
 

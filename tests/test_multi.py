@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from oracle import brute
 
 import semiring_einsum
+from oracle import brute
 from semiring_einsum import func
 from semiring_einsum.func import EquationError, Semiring
 
@@ -124,7 +124,7 @@ def test_several_outputs_in_a_user_semiring() -> None:
 
 
 def test_marginals_share_the_work() -> None:
-    """Five outputs cost one forward and one outside pass, far fewer contractions than five calls."""
+    """Five outputs: one forward and one outside pass, far fewer contractions than five calls."""
     reductions: list[tuple[int, ...]] = []
 
     def counted_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
