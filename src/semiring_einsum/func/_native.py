@@ -293,7 +293,8 @@ static inline void NAME_insert(SCALAR* lv, int64_t* lr, int64_t* li, int64_t K, 
 }
 
 void NAME_kbest(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64_t* rb,
-                const int64_t* w, SCALAR* cv, int64_t* cr, int64_t* ci, int64_t nb, int64_t m,
+                const int64_t* w, const int64_t* ord, SCALAR* cv, int64_t* cr, int64_t* ci,
+                int64_t nb, int64_t m,
                 int64_t kk, int64_t n, int64_t KA, int64_t KB, int64_t K, int64_t sab,
                 int64_t sam, int64_t sak, int64_t sap, int64_t sbb, int64_t sbk, int64_t sbq,
                 int64_t rsab, int64_t rsam, int64_t rsak, int64_t rsap, int64_t rsbb,
@@ -318,16 +319,19 @@ void NAME_kbest(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64
                 }
                 wv[r][j] = -INFINITY; wr[r][j] = pad;
             }
-        for (int64_t s = 0; s < kk; s++) {
-            const SCALAR* b0 = b + bt * sbb + s * sbk + j0;
-            const int64_t* rb0 = rb ? rb + bt * rsbb + s * rsbk + j0 : 0;
-            for (int64_t r = 0; r < rows; r++) {
+        for (int64_t r = 0; r < rows; r++) {
+            /* The row's sums in the order given (its best terms of ``a`` first, so that
+               the lists fill with good terms early and few later terms enter). */
+            const int64_t* order = ord ? ord + (bt * m + r0 + r) * kk : 0;
+            for (int64_t si = 0; si < kk; si++) {
+                const int64_t s = order ? order[si] : si;
+                const SCALAR* b0 = b + bt * sbb + s * sbk + j0;
+                const int64_t* rb0 = rb ? rb + bt * rsbb + s * rsbk + j0 : 0;
                 const SCALAR* ar = a + bt * sab + (r0 + r) * sam + s * sak;
                 const int64_t* rar = ra ? ra + bt * rsab + (r0 + r) * rsam + s * rsak : 0;
                 /* The lists are sorted best first, so a term of slots (p, q) enters only if
                    (p - 1, q) and (p, q - 1) do: test (0, 0) for every column at once. */
                 const SCALAR av = ar[0];
-                const int64_t base = (rar ? rar[0] : 0) + w[s];
                 SCALAR* restrict wvr = wv[r];
                 int64_t* restrict wrr = wr[r];
                 /* A value test first (ties and NaN pass: the exact test follows), which
@@ -412,7 +416,7 @@ DTYPES = (torch.float32, torch.float64)
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9 + [ctypes.c_int]
 _VJP_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _RANKED_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 15 + [ctypes.c_int]
-_KBEST_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 25 + [ctypes.c_int]
+_KBEST_ARGTYPES = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 25 + [ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -908,6 +912,9 @@ def kbest(
     share = torch.zeros(1, dtype=torch.int64)
     for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
         share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
+    # Each row visits its sums from its best term of ``a`` down (ties: in order).
+    best_a = ga[..., 0]  # (nb, m, kk): a list operand by its best slot
+    visit = best_a.argsort(dim=2, descending=True, stable=True).contiguous()
     values = torch.empty(lay.out_shape + (k,), dtype=dtype)
     rank = torch.empty(lay.out_shape + (k,), dtype=torch.int64)
     ids = torch.empty(lay.out_shape + (k,), dtype=torch.int64)
@@ -920,6 +927,7 @@ def kbest(
             gra.data_ptr() if gra is not None else None,
             grb.data_ptr() if grb is not None else None,
             share.data_ptr(),
+            visit.data_ptr(),
             values.data_ptr(),
             rank.data_ptr(),
             ids.data_ptr(),

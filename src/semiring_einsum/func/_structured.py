@@ -665,23 +665,47 @@ def kbest_einsum(
             cid = ids[tuple(known[c] for c in step.output) + (slot[i],)]
         valid = valid & (cid >= 0)
         cid = cid.clamp_min(0)
-        own, slots = cid // ks.slots, cid % ks.slots
-        for c, _ in reversed(step.windows):
-            known[c] = own % size[c]
-            own = own // size[c]
-        for j in reversed(ks.lists):
+        # Unravel the id (integer division is slow: only what is needed).
+        own: Tensor | None = None
+        slots: Tensor | None = None
+        if ks.slots == 1:  # (k = 1, or no list): every slot is 0
+            own = cid
+            slots = torch.zeros_like(cid) if ks.lists else None
+        else:
+            slots = cid % ks.slots
+        if step.windows and own is None:
+            own = cid // ks.slots
+        for n, (c, _) in enumerate(reversed(step.windows)):
+            assert own is not None
+            first = n == len(step.windows) - 1  # the most significant: nothing left over
+            known[c] = own if first else own % size[c]
+            if not first:
+                own = own // size[c]
+        for n, j in enumerate(reversed(ks.lists)):
             maker = makers[i][j]
-            assert maker is not None
-            slot[maker] = slots % k
-            slots = slots // k
+            assert maker is not None and slots is not None
+            first = n == len(ks.lists) - 1
+            slot[maker] = slots if first else slots % k
+            if not first:
+                slots = slots // k
     found = {c: torch.where(valid, known[c], 0) for c in summed}
     found.update((c, known[c]) for c in out)
     if summed:
         argmax = torch.stack([found[c] for c in summed], dim=-1)
     else:
         argmax = torch.zeros(particles + [0], dtype=torch.int64, device=device)
-    # The values, differentiably: each term read back from the operands.
-    terms = [x[tuple(found[c] for c in t)] for t, x in zip(p.contraction.inputs, p.operands)]
+    # The values, differentiably: each term read back from the operands (``take`` at
+    # flat positions: faster than indexing with one tensor per dim; ``take`` has no
+    # vmap rule, so a vmapped call indexes).
+    terms = []
+    for t, x in zip(p.contraction.inputs, p.operands):
+        if not fast:
+            terms.append(x[tuple(found[c] for c in t)])
+            continue
+        flat: Tensor | int = 0
+        for c in t:
+            flat = flat * size[c] + found[c]
+        terms.append(x.reshape(-1).take(flat) if isinstance(flat, Tensor) else x.expand(particles))
     total = functools.reduce(torch.add, terms) if terms else torch.zeros(particles, device=device)
     values = torch.where(valid, total, -math.inf)
     return p.finish(values), argmax
