@@ -375,6 +375,18 @@ def test_entropy_under_torch_compile() -> None:
         torch.testing.assert_close(x, y)
 
 
+def test_kbest_under_torch_compile() -> None:
+    g = torch.Generator().manual_seed(15)
+    xs = [torch.randint(-1, 2, s, generator=g).float() for s in [(3, 4), (4, 5), (5, 2)]]
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda *ys: func.kbest_einsum("ij,jk,kl->il", *ys, k=3), backend="aot_eager"
+    )
+    values, argmax = compiled(*xs)
+    want_v, want_a = brute_kbest("ij,jk,kl->il", xs, 3)
+    assert torch.equal(values.double(), want_v) and torch.equal(argmax, want_a)
+
+
 def test_expectation_errors() -> None:
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="one value tensor per log operand"):

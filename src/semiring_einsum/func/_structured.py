@@ -348,7 +348,6 @@ class _Item:
 
     values: Tensor
     ranks: Tensor | None = None  # None: an input (rank 0, one candidate)
-    made_by: int | None = None  # the step that made it
 
 
 def _laid_out(x: Tensor, term: str, order: str, slot: int | None, nslots: int) -> Tensor:
@@ -605,8 +604,19 @@ def kbest_einsum(
     """
     reject(equation, "kbest_einsum")
     k = _check_k(k, equation)
-    budget = _budget(block_size, operands, equation)
-    p = _Prepared(MAX_PLUS, MAX_FAMILY, equation, operands, budget, optimize)
+    extent, nbytes = _budget(block_size, operands, equation).as_ints()
+    values, argmax = _kbest_node(equation, k, extent, nbytes, optimize, *operands)
+    return values, argmax
+
+
+@in_graph
+def _kbest_node(
+    equation: str, k: int, extent: int, nbytes: int, optimize: Optimize, *operands: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The k-best contraction as one node under ``torch.compile`` (see :mod:`._compile`)."""
+    budget = budget_of(extent, nbytes)
+    ctx = call_context(operands)
+    p = _Prepared(MAX_PLUS, MAX_FAMILY, equation, operands, budget, optimize, traced=ctx.traced)
     size = p.contraction.size
     summed = p.equation.summed
     # Ranks order ties; past int64 (with room for the marks) every rank is 0, and ties
@@ -628,9 +638,9 @@ def kbest_einsum(
         ks = _kstep(step, lists, k, strides, budget, itemsize, device_type)
         v, r, ids = _kbest_step(ks, items, k, fast)
         kept.append((ks, ids))
-        return _Item(v, r, i)
+        return _Item(v, r)
 
-    fast = call_context(p.operands).plain  # values may be read: choose by value first
+    fast = ctx.plain  # values may be read: choose by value first
     with torch.no_grad():
         detached = [_Item(x.detach()) for x in p.operands]
         last = along_path(steps, detached, run_step)
