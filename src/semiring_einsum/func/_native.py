@@ -902,7 +902,9 @@ def kbest(
         """The grouped view with the slot dim at ``at`` (3: a's last; 2: b's, before columns)."""
         if not lists:
             return op.grouped(x).unsqueeze(at)
-        return torch.stack([op.grouped(x[..., t]) for t in range(k)], dim=at)
+        perm = op.perm if op.perm is not None else tuple(range(len(op.term)))
+        y = x.permute(*perm, x.dim() - 1).expand(*op.full, k).reshape(*op.shape, k)
+        return y if at == 3 else y.permute(0, 1, 3, 2)
 
     ga = grouped(lay.a, a, ra is not None, 3)
     gb = grouped(lay.b, b, rb is not None, 2).contiguous()
@@ -912,9 +914,12 @@ def kbest(
     share = torch.zeros(1, dtype=torch.int64)
     for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
         share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
-    # Each row visits its sums from its best term of ``a`` down (ties: in order).
-    best_a = ga[..., 0]  # (nb, m, kk): a list operand by its best slot
-    visit = best_a.argsort(dim=2, descending=True, stable=True).contiguous()
+    # Each row visits its sums from its best term of ``a`` down (ties: in order), where
+    # there are enough of them for the order to matter.
+    visit = None
+    if kk > 2 * k:
+        best_a = ga[..., 0].contiguous()  # (nb, m, kk): a list operand by its best slot
+        visit = best_a.argsort(dim=2, descending=True, stable=True).contiguous()
     values = torch.empty(lay.out_shape + (k,), dtype=dtype)
     rank = torch.empty(lay.out_shape + (k,), dtype=torch.int64)
     ids = torch.empty(lay.out_shape + (k,), dtype=torch.int64)
@@ -927,7 +932,7 @@ def kbest(
             gra.data_ptr() if gra is not None else None,
             grb.data_ptr() if grb is not None else None,
             share.data_ptr(),
-            visit.data_ptr(),
+            visit.data_ptr() if visit is not None else None,
             values.data_ptr(),
             rank.data_ptr(),
             ids.data_ptr(),
