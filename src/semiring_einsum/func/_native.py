@@ -285,9 +285,18 @@ static inline int NAME_beats(SCALAR v, int64_t r, SCALAR o, int64_t ro) {
 static inline void NAME_insert(SCALAR* lv, int64_t* lr, int64_t* li, int64_t K, SCALAR v,
                                int64_t r, int64_t id) {
     int64_t t = K - 1;
-    while (t > 0 && NAME_beats(v, r, lv[t - 1], lr[t - 1])) {
-        lv[t] = lv[t - 1]; lr[t] = lr[t - 1]; li[t] = li[t - 1];
-        t--;
+    if (v == v) {  /* the common case: no NaN to move past (NaN entries stay in front) */
+        while (t > 0) {
+            const SCALAR o = lv[t - 1];
+            if (!((v > o) | ((v == o) & (r < lr[t - 1])))) break;
+            lv[t] = o; lr[t] = lr[t - 1]; li[t] = li[t - 1];
+            t--;
+        }
+    } else {
+        while (t > 0 && NAME_beats(v, r, lv[t - 1], lr[t - 1])) {
+            lv[t] = lv[t - 1]; lr[t] = lr[t - 1]; li[t] = li[t - 1];
+            t--;
+        }
     }
     lv[t] = v; lr[t] = r; li[t] = id;
 }
