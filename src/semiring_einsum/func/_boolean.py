@@ -65,7 +65,7 @@ from ._api import Optimize, _budget
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
 from ._multi import several, split_outputs
-from ._parse import analyze, apply_recipe, check_operands
+from ._parse import Recipe, analyze, apply_recipe, check_operands
 from ._plan import Plan, Step, along_path, make_plan
 from ._semiring import Semiring
 
@@ -140,12 +140,7 @@ def bool_einsum(
     if split_outputs(equation) is not None:  # a tuple, typed as the common case
         return cast(Tensor, _several(equation, operands, block_size, optimize))
     check_operands(equation, operands)
-    for k, x in enumerate(operands):
-        if x.dtype != torch.bool:
-            raise TypeError(
-                f"bool_einsum needs torch.bool operands, but operand {k} has dtype "
-                f"{x.dtype} (equation {equation!r})"
-            )
+    _check_bool(equation, operands)
     extent, nbytes = _budget(block_size, operands, equation).as_ints()
     return _contract(equation, extent, nbytes, optimize, *operands)
 
@@ -168,26 +163,36 @@ def _several(
 
     def planner(_: Semiring, eq: str, ops: Sequence[Tensor]) -> Plan:
         recipe = analyze(eq, *check_operands(eq, ops))
-        budget = _budget(block_size, ops, eq)
-        device_type = ops[0].device.type if ops else "cpu"
-        return make_plan(
-            eq,
-            recipe.contraction,
-            semiring="bool",
-            joint=optimize is False,
-            itemsize=1,
-            budget=budget,
-            optimize=optimize,
-            device_type=device_type,
-        )
+        return _plan(eq, recipe, _budget(block_size, ops, eq), optimize, ops)
 
+    check_operands(equation, operands)
+    _check_bool(equation, operands)
+    return several(_BOOLEAN, equation, operands, contract, planner)
+
+
+def _check_bool(equation: str, operands: Sequence[Tensor]) -> None:
     for k, x in enumerate(operands):
-        if isinstance(x, Tensor) and x.dtype != torch.bool:
+        if x.dtype != torch.bool:
             raise TypeError(
                 f"bool_einsum needs torch.bool operands, but operand {k} has dtype "
                 f"{x.dtype} (equation {equation!r})"
             )
-    return several(_BOOLEAN, equation, operands, contract, planner)
+
+
+def _plan(
+    equation: str, recipe: Recipe, budget: Budget, optimize: Optimize, operands: Sequence[Tensor]
+) -> Plan:
+    """The boolean contraction's plan (one byte per element: packed words are smaller)."""
+    return make_plan(
+        equation,
+        recipe.contraction,
+        semiring="bool",
+        joint=optimize is False,
+        itemsize=1,
+        budget=budget,
+        optimize=optimize,
+        device_type=operands[0].device.type if operands else "cpu",
+    )
 
 
 @in_graph
@@ -199,16 +204,7 @@ def _contract(
     recipe = analyze(equation, *check_operands(equation, operands))
     clean = apply_recipe(recipe, operands)
     device_type = operands[0].device.type if operands else "cpu"
-    plan = make_plan(
-        equation,
-        recipe.contraction,
-        semiring="bool",
-        joint=optimize is False,
-        itemsize=1,
-        budget=budget,
-        optimize=optimize,
-        device_type=device_type,
-    )
+    plan = _plan(equation, recipe, budget, optimize, operands)
     return along_path(
         plan.steps, clean, lambda _, step, ops: _run_step(step, ops, budget, device_type)
     )
