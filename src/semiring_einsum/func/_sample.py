@@ -354,9 +354,10 @@ def _draw_blocks(
     s_lin = blk * width + pick.clamp_(max=width - 1)
     drawn: dict[str, Tensor] = {}
     rest = s_lin
-    for c in reversed(summed):
-        drawn[c] = rest % size[c]
-        rest = rest // size[c]
+    for n, c in enumerate(reversed(summed)):  # (the first index: no remainder to take)
+        drawn[c] = rest if n == len(summed) - 1 else rest % size[c]
+        if n < len(summed) - 1:
+            rest = rest // size[c]
     risky = ~((total > _SAFE_TOTAL[ga.dtype]) & (total2 > 0))
     if bool(risky.any()):
         where = risky.nonzero().squeeze(-1)
