@@ -24,6 +24,7 @@ import torch
 
 from oracle import joint
 from semiring_einsum.func import AutomaticBlockSize
+from semiring_einsum.func import _native as N
 from semiring_einsum.func import _sample as S
 from semiring_einsum.func._sample import sample_einsum
 
@@ -131,13 +132,16 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["joint", "marginals", "blocks"])
+@pytest.fixture(params=["joint", "marginals", "blocks", "blocks-torch"])
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Steps summing several indices draw them jointly, or one by one from marginal tables;
-    matrix-product steps by blocks of exponentials (the default where they apply)."""
+    matrix-product steps by blocks of exponentials (the default where they apply), each
+    row's draw in the native kernel or in torch."""
     monkeypatch.setattr(S, "_MARGINALS_FROM", 1 << 62 if request.param == "joint" else 0)
-    if request.param != "blocks":
+    if not str(request.param).startswith("blocks"):
         monkeypatch.setattr(S, "_draw_blocks", lambda *args: None)
+    if request.param == "blocks-torch":
+        monkeypatch.setattr(N, "draw_blocks", lambda *args: None)
     return str(request.param)
 
 
@@ -361,11 +365,14 @@ def test_module_helpers() -> None:
     assert torch.equal(got[0], flat // 4 + 10) and torch.equal(got[1], flat % 4)
 
 
+@pytest.mark.parametrize("kernel", ["native", "torch"])
 def test_the_block_route_is_taken_and_falls_back_where_weights_underflow(
-    monkeypatch: pytest.MonkeyPatch,
+    kernel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Matrix-product steps draw by blocks; rows whose shifted weights underflow (the
     maxima of the two operands far apart) are drawn exactly, and both fit."""
+    if kernel == "torch":
+        monkeypatch.setattr(N, "draw_blocks", lambda *args: None)
     taken: list[bool] = []
     real = S._draw_blocks
 

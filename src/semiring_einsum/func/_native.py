@@ -378,6 +378,51 @@ void NAME_kbest(const SCALAR* a, const SCALAR* b, const int64_t* ra, const int64
 }
 """
 
+# Inverse-CDF draws by blocks (see ``_sample._draw_blocks``): per row, a block from its
+# cell's block sums, then an entry of that block from its weights pa * pb.  -1 where the
+# total is not above ``safe`` or the block's weights are all 0 (the caller draws those rows
+# exactly).  A cumulative sum that rounding leaves at or below the target takes the last
+# entry of positive weight, never one of weight 0.
+_DRAW = r"""
+void NAME_draw(const SCALAR* sums, const SCALAR* pa, const SCALAR* pb, const int64_t* t,
+               const int64_t* i, const int64_t* j, const SCALAR* u, int64_t* out, int64_t rows,
+               int64_t m, int64_t n, int64_t nblk, int64_t width, double safe, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t ti = t[r] * m + i[r];
+        const SCALAR* s = sums + (ti * n + j[r]) * nblk;
+        SCALAR total = 0;
+        for (int64_t b = 0; b < nblk; b++) total += s[b];
+        if (!((double)total > safe)) { out[r] = -1; continue; }
+        const SCALAR target = u[2 * r] * total;
+        int64_t blk = -1, last = 0;
+        SCALAR acc = 0;
+        for (int64_t b = 0; b < nblk; b++) {
+            if (s[b] > 0) last = b;
+            acc += s[b];
+            if (acc > target) { blk = b; break; }
+        }
+        if (blk < 0) blk = last;
+        const SCALAR* wa = pa + (ti * nblk + blk) * width;
+        const SCALAR* wb = pb + ((t[r] * n + j[r]) * nblk + blk) * width;
+        SCALAR total2 = 0;
+        for (int64_t l = 0; l < width; l++) total2 += wa[l] * wb[l];
+        if (!(total2 > 0)) { out[r] = -1; continue; }
+        const SCALAR target2 = u[2 * r + 1] * total2;
+        int64_t pick = -1, last2 = 0;
+        acc = 0;
+        for (int64_t l = 0; l < width; l++) {
+            const SCALAR wl = wa[l] * wb[l];
+            if (wl > 0) last2 = l;
+            acc += wl;
+            if (acc > target2) { pick = l; break; }
+        }
+        if (pick < 0) pick = last2;
+        out[r] = blk * width + pick;
+    }
+}
+"""
+
 _WINS = {
     "nan": ("(v > bb[j]) | (v != v)", "(v > o) | ((v != v) & (o == o))"),
     "clean": ("v > bb[j]", "v > o"),
@@ -396,9 +441,10 @@ def _source() -> str:
             )
         parts.append(_DRIVER)
         parts.append(_KBEST)
-        parts[-2 - len(_WINS) :] = [
+        parts.append(_DRAW)
+        parts[-3 - len(_WINS) :] = [
             p.replace("NAME", name).replace("IDX", idx).replace("SCALAR", t)
-            for p in parts[-2 - len(_WINS) :]
+            for p in parts[-3 - len(_WINS) :]
         ]
     return "\n".join(parts)
 
@@ -426,6 +472,7 @@ _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9 + [ctypes.c_int]
 _VJP_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _RANKED_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 15 + [ctypes.c_int]
 _KBEST_ARGTYPES = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 25 + [ctypes.c_int]
+_DRAW_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -434,6 +481,7 @@ class _Library:
     vjp: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     ranked: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     kbest: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
+    draw: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     path: Path
 
 
@@ -550,13 +598,14 @@ def library() -> _Library | None:
 
 def _load(target: Path) -> _Library:
     lib = ctypes.CDLL(str(target))
-    forward, vjp, ranked, kbest = {}, {}, {}, {}
+    forward, vjp, ranked, kbest, draw = {}, {}, {}, {}, {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
         forward[dtype] = _bind(lib, f"maxplus_{suffix}", _ARGTYPES)
         vjp[dtype] = _bind(lib, f"maxplus_{suffix}_vjp", _VJP_ARGTYPES)
         ranked[dtype] = _bind(lib, f"maxplus_{suffix}_ranked", _RANKED_ARGTYPES)
         kbest[dtype] = _bind(lib, f"maxplus_{suffix}_kbest", _KBEST_ARGTYPES)
-    return _Library(forward, vjp, ranked, kbest, target)
+        draw[dtype] = _bind(lib, f"maxplus_{suffix}_draw", _DRAW_ARGTYPES)
+    return _Library(forward, vjp, ranked, kbest, draw, target)
 
 
 def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
@@ -970,3 +1019,49 @@ def kbest(
         order = (*lay.out_order, len(lay.out_order))
         values, rank, ids = (t.permute(order).contiguous() for t in (values, rank, ids))
     return values, rank, ids
+
+
+def draw_blocks(
+    sums: Tensor,
+    pa: Tensor,
+    pb: Tensor,
+    cells: tuple[Tensor, Tensor, Tensor],
+    u: Tensor,
+    shape: tuple[int, int, int, int],
+    safe: float,
+) -> Tensor | None:
+    """The block sampler's per-row draws on the native kernel (see ``_sample._draw_blocks``):
+    ``sums`` ``(nb, m, n, nblk)``, ``pa`` ``(nb, m, nblk, width)``, ``pb`` ``(nb, n, nblk,
+    width)``, each row's cell ``(t, i, j)`` and two uniforms; ``shape`` is ``(m, n, nblk,
+    width)``.  Returns the drawn summed position per row (-1 for rows the caller must draw
+    exactly), or ``None`` where the kernel is not available."""
+    lib = library()
+    dtype = sums.dtype
+    tensors = (sums, pa, pb, *cells, u)
+    if lib is None or dtype not in DTYPES or torch.compiler.is_compiling():
+        return None
+    if not all(_plain(x) for x in tensors):
+        return None
+    sums, pa, pb, u = (x.contiguous() for x in (sums, pa, pb, u))
+    t, i, j = (x.contiguous() for x in cells)
+    rows = u.shape[0]
+    out = torch.empty(rows, dtype=torch.int64)
+    m, n, nblk, width = shape
+    lib.draw[dtype](
+        sums.data_ptr(),
+        pa.data_ptr(),
+        pb.data_ptr(),
+        t.data_ptr(),
+        i.data_ptr(),
+        j.data_ptr(),
+        u.data_ptr(),
+        out.data_ptr(),
+        rows,
+        m,
+        n,
+        nblk,
+        width,
+        safe,
+        torch.get_num_threads() if rows >= 4096 else 1,
+    )
+    return out

@@ -337,10 +337,44 @@ def _draw_blocks(
 
     batch, rows_g, summed = lay.a.groups
     t, i, j = linear(batch), linear(rows_g), linear(lay.b.groups[2])
+    u = torch.rand(rows, 2, generator=generator, device=device, dtype=ga.dtype)
+    s_lin = N.draw_blocks(sums, pa, pb, (t, i, j), u, (m, n, nblk, width), _SAFE_TOTAL[ga.dtype])
+    if s_lin is not None:  # the same draws, one loop per row in C
+        risky = s_lin < 0
+        s_lin = s_lin.clamp(min=0)
+    else:
+        s_lin, risky = _draw_rows(sums, pa, pb, (t, i, j), u, (m, n, nblk, width))
+    drawn: dict[str, Tensor] = {}
+    rest = s_lin
+    for d, c in enumerate(reversed(summed)):  # (the first index: no remainder to take)
+        drawn[c] = rest if d == len(summed) - 1 else rest % size[c]
+        if d < len(summed) - 1:
+            rest = rest // size[c]
+    if bool(risky.any()):
+        where = risky.nonzero().squeeze(-1)
+        sub = {c: v[where] if v.numel() == rows else v for c, v in known.items()}
+        exact = _draw_any(step, args, sub, len(where), generator, budget, itemsize)
+        for c in summed:
+            drawn[c] = drawn[c].index_put((where,), exact[c])
+    return drawn
+
+
+def _draw_rows(
+    sums: Tensor,
+    pa: Tensor,
+    pb: Tensor,
+    cells: tuple[Tensor, Tensor, Tensor],
+    u: Tensor,
+    shape: tuple[int, int, int, int],
+) -> tuple[Tensor, Tensor]:
+    """:func:`_draw_blocks`' per-row draws in torch: the drawn summed position of every row,
+    and the rows to draw exactly instead (their weights may have underflowed)."""
+    t, i, j = cells
+    m, n, nblk, width = shape
+    zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
     # index_select of whole rows: much faster than advanced indexing.
     cdf = sums.reshape(-1, nblk).index_select(0, (t * m + i) * n + j).cumsum_(-1)
     total = cdf[:, -1]
-    u = torch.rand(rows, 2, generator=generator, device=device, dtype=ga.dtype)
     # Below the total (u < 1 may still round up to it): never past the last weight.
     target = torch.minimum(u[:, 0] * total, total.nextafter(zero))
     blk = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
@@ -352,20 +386,7 @@ def _draw_blocks(
     target2 = torch.minimum(u[:, 1] * total2, total2.nextafter(zero))
     pick = torch.searchsorted(cdf2, target2.unsqueeze(-1), right=True).squeeze(-1)
     s_lin = blk * width + pick.clamp_(max=width - 1)
-    drawn: dict[str, Tensor] = {}
-    rest = s_lin
-    for n, c in enumerate(reversed(summed)):  # (the first index: no remainder to take)
-        drawn[c] = rest if n == len(summed) - 1 else rest % size[c]
-        if n < len(summed) - 1:
-            rest = rest // size[c]
-    risky = ~((total > _SAFE_TOTAL[ga.dtype]) & (total2 > 0))
-    if bool(risky.any()):
-        where = risky.nonzero().squeeze(-1)
-        sub = {c: v[where] if v.numel() == rows else v for c, v in known.items()}
-        exact = _draw_any(step, args, sub, len(where), generator, budget, itemsize)
-        for c in summed:
-            drawn[c] = drawn[c].index_put((where,), exact[c])
-    return drawn
+    return s_lin, ~((total > _SAFE_TOTAL[sums.dtype]) & (total2 > 0))
 
 
 def _draw_any(
