@@ -972,12 +972,13 @@ def kbest(
     share = torch.zeros(1, dtype=torch.int64)
     for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
         share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
-    # Each row visits its sums from its best term of ``a`` down (ties: in order), where
-    # there are enough of them for the order to matter.
+    # Each row visits its sums from its best term of ``a`` down, where there are enough
+    # of them for the order to matter.
     visit = None
     if kk > 2 * k:
         best_a = ga[..., 0].contiguous()  # (nb, m, kk): a list operand by its best slot
-        visit = best_a.argsort(dim=2, descending=True, stable=True).contiguous()
+        # (Any order is exact: ties among equal values are settled by rank in the lists.)
+        visit = best_a.argsort(dim=2, descending=True).contiguous()
     values = torch.empty(lay.out_shape + (k,), dtype=dtype)
     rank = torch.empty(lay.out_shape + (k,), dtype=torch.int64)
     ids = torch.empty(lay.out_shape + (k,), dtype=torch.int64)

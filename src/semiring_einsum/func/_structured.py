@@ -671,6 +671,11 @@ def _kbest_node(
         step = steps[i]
         if i == len(steps) - 1 and step.output == out:  # laid out as the particles are
             cid = ids
+        elif fast:  # a flat position and ``take`` (no vmap rule, and faster than indexing)
+            cell: Tensor | int = 0
+            for c in step.output:
+                cell = cell * size[c] + known[c]
+            cid = ids.reshape(-1).take(cell * k + slot[i])
         else:
             cid = ids[tuple(known[c] for c in step.output) + (slot[i],)]
         valid = valid & (cid >= 0)
