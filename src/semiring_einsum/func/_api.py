@@ -586,13 +586,15 @@ def _several(
     """An equation with several outputs (see :mod:`._multi`)."""
     if viterbi:
         reject(equation, "viterbi_einsum")
-    _budget(block_size, operands, equation)  # validate it once, up front
+    budget = _budget(block_size, operands, equation)  # validated once, up front
 
     def contract(s: Semiring, eq: str, ops: Sequence[Tensor]) -> Tensor:
         return cast(Tensor, _run(s, eq, ops, block_size, optimize, policy))
 
     def planner(s: Semiring, eq: str, ops: Sequence[Tensor]) -> Plan:
-        return plan(eq, *ops, semiring=s, block_size=block_size, optimize=optimize)
+        # The call's own (cached) setup: the plan its contraction would run.
+        traced = call_context(ops).traced
+        return _Prepared(s, family_of(s), eq, ops, budget, optimize, traced=traced).plan
 
     return several(semiring, equation, operands, contract, planner)
 
