@@ -13,7 +13,9 @@ semiring_einsum`` (float32, the preset's sizes), median ms of
 
 Goals from issue 12; ``ratio`` is the call's median over its baseline's.
 
-Every call is timed in the same interleaved rounds (benchmarks/_timing.py).
+Every call is timed in the same interleaved rounds (benchmarks/_timing.py), so that each one
+runs with its data out of cache, as between the other operations of a model; ``--hot`` times
+each call on its own, repeated, caches warm.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def _operands(key: str, preset: str, equation: str) -> list[torch.Tensor]:
     return [torch.randn([sizes[c] for c in t], generator=g) for t in lhs]
 
 
-def _measure(key: str, equation: str, preset: str, rounds: int) -> dict[str, float]:
-    """Median ms of every call on one workload, interleaved."""
+def _measure(key: str, equation: str, preset: str, rounds: int, hot: bool) -> dict[str, float]:
+    """Median ms of every call on one workload: interleaved (each call after the others, its
+    data out of cache as in a model's step), or ``hot`` (each call repeated on its own)."""
     xs = _operands(key, preset, equation)
     lhs = equation.split("->")[0]
     grads = [x.clone().requires_grad_() for x in xs]
@@ -60,6 +63,8 @@ def _measure(key: str, equation: str, preset: str, rounds: int) -> dict[str, flo
         "log_einsum ->": lambda: func.log_einsum(f"{lhs}->", *xs),
         "several outputs": lambda: func.log_einsum(f"{lhs}->,{lhs}", *xs),
     }
+    if hot:
+        return {name: medians_ms([fn], rounds=rounds)[0] for name, fn in calls.items()}
     return dict(zip(calls, medians_ms(list(calls.values()), rounds=rounds)))
 
 
@@ -76,12 +81,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--preset", default="default", choices=["quick", "default", "full"])
+    parser.add_argument(
+        "--hot", action="store_true", help="time each call on its own (caches warm) instead"
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}")
+    mode = "hot" if args.hot else "interleaved"
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, preset {args.preset}, {mode}")
     head = ("workload", "call", "ms", "baseline", "ms", "ratio", "goal")
     print("{:<6} {:<20} {:>9} {:<20} {:>9} {:>6} {:>5}".format(*head))
     for name, (key, equation) in CASES.items():
-        ms = _measure(key, equation, args.preset, args.rounds)
+        ms = _measure(key, equation, args.preset, args.rounds, args.hot)
         for call, base, goal in ROWS:
             ratio = ms[call] / ms[base]
             print(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _kernels as K
 from . import _logblas as LB
 from . import _native as N
 from ._api import Optimize, _budget, _Prepared, rankable
@@ -85,7 +86,9 @@ def _expectation(
     """
     extent, nbytes = _budget(block_size, log_operands, equation).as_ints()
     n = len(log_operands)
-    out = _expectation_node(equation, extent, nbytes, optimize, n, *log_operands, *values)
+    entropy = values is log_operands  # the factors are their own values
+    tensors = log_operands if entropy else (*log_operands, *values)
+    out = _expectation_node(equation, extent, nbytes, optimize, n, *tensors)
     return out[0], out[1]
 
 
@@ -93,32 +96,48 @@ def _expectation(
 def _expectation_node(
     equation: str, extent: int, nbytes: int, optimize: Optimize, n: int, *tensors: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The expectation's one node under ``torch.compile`` (see :mod:`._compile`)."""
-    log_operands, values = tensors[:n], tensors[n:]
+    """The expectation's one node under ``torch.compile`` (see :mod:`._compile`); with only
+    the ``n`` log operands, they are their own values (the entropy's expectation)."""
+    log_operands = tensors[:n]
     budget = budget_of(extent, nbytes)
     ctx = call_context(log_operands)
     p = _Prepared(LOG, LOG_FAMILY, equation, log_operands, budget, optimize, traced=ctx.traced)
     # A -inf factor has weight 0 in every term it is part of: its value never
     # counts (and must not turn the tangent into inf * 0).
-    tangents = [
-        torch.where(x == -math.inf, torch.zeros((), dtype=t.dtype, device=t.device), t)
-        for x, t in zip(p.operands, p.canonical(values))
-    ]
+    if len(tensors) == n:
+        tangents = [torch.nan_to_num(x, nan=math.nan, neginf=0.0) for x in p.operands]
+    else:
+        # (Finite values need no mask: a weight of exactly 0 times a finite value is 0.
+        # One sum tells: inf or NaN anywhere makes it non-finite; so may an overflow.)
+        tangents = [
+            t
+            if ctx.plain and math.isfinite(float(t.detach().sum()))
+            else torch.where(x == -math.inf, torch.zeros((), dtype=t.dtype, device=t.device), t)
+            for x, t in zip(p.operands, p.canonical(tensors[n:]))
+        ]
 
     # Plain values with no derivative to record: BLAS steps share their exponentials.
     fused = ctx.plain and not ctx.derivative and not any(t.requires_grad for t in tangents)
 
+    last = p.plan.steps[-1]
+
     def step(k: int, s: Step, pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         xs = [x for x, _ in pairs]
+        if s.kernel == "unsummed":  # one term per cell: the sums themselves
+            out = K.add_only(s, xs)
+            # A -inf cell has no weight: no expectation at the end (NaN), none passed on.
+            empty = math.nan if s is last else 0.0
+            sums = K.add_only(s, [t for _, t in pairs])
+            return out, torch.where(out == -math.inf, empty, sums)
         if fused and s.kernel == "log_blas":
             both = _log_blas_with_tangent(s, xs[0], xs[1], pairs[0][1], pairs[1][1])
             if both is not None:
                 return both
         spec = p.spec(s)
         out = apply(LOG_RULE, spec, ctx, *xs)[0]
-        tangent = run_jvp(LOG_RULE, spec, xs, [out], [t for _, t in pairs])[0]
-        assert tangent is not None
-        return out, tangent
+        pushed = run_jvp(LOG_RULE, spec, xs, [out], [t for _, t in pairs])[0]
+        assert pushed is not None
+        return out, pushed
 
     out, tangent = along_path(p.plan.steps, list(zip(p.operands, tangents)), step)
     return p.finish(out), p.finish(tangent)
@@ -139,7 +158,7 @@ def _log_blas_with_tangent(
         return None
     ma = a.amax(prog.dims_a, keepdim=True)
     mb = b.amax(prog.dims_b, keepdim=True)
-    if not (bool(torch.isfinite(ma).all()) and bool(torch.isfinite(mb).all())):
+    if not math.isfinite(float(ma.sum() + mb.sum())):  # (an overflow: the rule runs)
         return None
     ea, eb = torch.exp(a - ma), torch.exp(b - mb)
     product = prog.product(ea, eb)
