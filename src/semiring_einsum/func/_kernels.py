@@ -127,6 +127,17 @@ def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def laid_out(x: Tensor, term: str, target: str) -> Tensor:
+    """``x`` (one dim per index of ``term``, all in ``target``) permuted into ``target``'s
+    order, with size-1 dims for the indices it lacks (it broadcasts against ``target``)."""
+    x = x.permute([term.index(c) for c in target if c in term])
+    shape = []
+    it = iter(x.shape)
+    for c in target:
+        shape.append(next(it) if c in term else 1)
+    return x.reshape(shape)
+
+
 def narrow(step: Step, aligned: Sequence[Tensor], rng: Range) -> list[Tensor]:
     """The parts of the aligned operands that fall in one window.
 

@@ -170,16 +170,6 @@ def _numel(step: Step, letters: str) -> int:
     return math.prod(size[c] for c in letters)
 
 
-def _to(t: Tensor, letters: str, target: str) -> Tensor:
-    """``t`` (dims named by ``letters``) laid out in ``target`` order, 1 where absent."""
-    t = t.permute([letters.index(c) for c in target if c in letters])
-    shape = []
-    it = iter(t.shape)
-    for c in target:
-        shape.append(next(it) if c in letters else 1)
-    return t.reshape(shape)
-
-
 @dataclass
 class Shifted:
     """The shifted operands and their shifts."""
@@ -204,7 +194,9 @@ def shift(step: Step, a: Tensor, b: Tensor, inplace: bool = False) -> Shifted:
     ma = torch.nan_to_num(a.amax(dims_a, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
     mb = torch.nan_to_num(b.amax(dims_b, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
     out = step.output
-    total = _to(ma.squeeze(dims_a), keep_a, out) + _to(mb.squeeze(dims_b), keep_b, out)
+    total = K.laid_out(ma.squeeze(dims_a), keep_a, out) + K.laid_out(
+        mb.squeeze(dims_b), keep_b, out
+    )
     if inplace:  # fewer fresh allocations (forward only: not differentiated)
         return Shifted((a - ma).exp_(), (b - mb).exp_(), total)
     return Shifted(torch.exp(a - ma), torch.exp(b - mb), total)
@@ -348,8 +340,8 @@ def _fix_cells(
     outs = step.output
     keep_a = "".join(c for c in ta if c not in summed)
     keep_b = "".join(c for c in tb if c not in summed)
-    fa = _to(a, ta, keep_a + summed).flatten(len(keep_a))
-    fb = _to(b, tb, keep_b + summed).flatten(len(keep_b))
+    fa = K.laid_out(a, ta, keep_a + summed).flatten(len(keep_a))
+    fb = K.laid_out(b, tb, keep_b + summed).flatten(len(keep_b))
     if out.dim() == 0:  # one cell: both operands are single rows
         return torch.logsumexp(fa + fb, dim=-1)
     cells = unsafe.nonzero(as_tuple=True)

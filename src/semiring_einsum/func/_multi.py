@@ -143,7 +143,7 @@ def several(
             factors = [outside[result]] + [node_values[j] for j in others]
             if present <= set(kept):  # nothing to sum: the product, laid out as the node
                 value = functools.reduce(
-                    semiring.mul, [_laid_out(f, t, kept) for f, t in zip(factors, terms)]
+                    semiring.mul, [K.laid_out(f, t, kept) for f, t in zip(factors, terms)]
                 )
                 value = value.expand([c.size[s] for s in kept])
             else:
@@ -163,17 +163,6 @@ def several(
         value = reduced.permute([rest.index(s) for s in out]) if out else reduced
         results.append(value.to(recipe.dtype) if value.dtype != recipe.dtype else value)
     return tuple(results)
-
-
-def _laid_out(x: Tensor, term: str, target: str) -> Tensor:
-    """``x`` (indices ``term``, all in ``target``) permuted into ``target``'s order, with
-    size-1 dims for the indices it lacks (it broadcasts against ``target``)."""
-    x = x.permute([term.index(s) for s in target if s in term])
-    shape = []
-    it = iter(x.shape)
-    for s in target:
-        shape.append(next(it) if s in term else 1)
-    return x.reshape(shape)
 
 
 def _cells(term: str, size: dict[str, int]) -> int:
