@@ -369,6 +369,16 @@ RANKABLE = 1 << 62
 int64 (with room for sums of partial ranks and the "no rank" mark)."""
 
 
+def row_major_strides(size: dict[str, int], summed: str) -> dict[str, int]:
+    """Each summed index's weight in the row-major rank of an assignment (the global order)."""
+    stride: dict[str, int] = {}
+    acc = 1
+    for c in reversed(summed):
+        stride[c] = acc
+        acc *= size[c]
+    return stride
+
+
 def rankable(contraction: Contraction, summed: str, limit: int = RANKABLE) -> bool:
     """Whether every assignment of the summed indices has an int64 rank below ``limit``."""
     size = contraction.size
@@ -471,11 +481,7 @@ def _max_ranked(
     """
     size = p.contraction.size
     summed = p.equation.summed
-    stride: dict[str, int] = {}
-    acc = 1
-    for c in reversed(summed):
-        stride[c] = acc
-        acc *= size[c]
+    stride = row_major_strides(size, summed)
     needed = _ranks_needed(p.plan.steps, len(operands))
 
     def ranked_step(

@@ -26,13 +26,14 @@ differentiable.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from . import _kernels as K
 from ._errors import fail
-from ._parse import Contraction, analyze, apply_recipe, check_operands, parse_subscripts
+from ._parse import analyze, apply_recipe, check_operands, parse_subscripts
 from ._plan import Plan, along_path
 from ._semiring import Semiring
 
@@ -114,7 +115,9 @@ def several(
         wants = set(r.contraction.output)
         fits = [i for i, t in enumerate(node_terms) if wants <= set(t)]
         sizes = c.size
-        wanted.append(min(fits, key=lambda i: _cells(node_terms[i], sizes)) if fits else None)
+        wanted.append(
+            min(fits, key=lambda i: math.prod(sizes[s] for s in node_terms[i])) if fits else None
+        )
     # Outside: only towards the nodes that are read.
     parent: dict[int, tuple[int, list[int]]] = {}
     for result, ids in made:
@@ -148,7 +151,8 @@ def several(
                 value = value.expand([c.size[s] for s in kept])
             else:
                 value = contract(semiring, spell(terms, kept), factors)
-            outside[i] = _broadcast(value, kept, target, c)
+            # Laid out as the node, expanded along the indices it does not depend on.
+            outside[i] = K.laid_out(value, kept, target).expand([c.size[s] for s in target])
     results = []
     for eq, r, read in zip(singles, named, wanted):
         if read is None:
@@ -163,20 +167,6 @@ def several(
         value = reduced.permute([rest.index(s) for s in out]) if out else reduced
         results.append(value.to(recipe.dtype) if value.dtype != recipe.dtype else value)
     return tuple(results)
-
-
-def _cells(term: str, size: dict[str, int]) -> int:
-    return functools.reduce(lambda a, s: a * size[s], term, 1)
-
-
-def _broadcast(value: Tensor, kept: str, target: str, c: Contraction) -> Tensor:
-    """``value`` (indices ``kept``) laid out as ``target``, expanded along the indices it lacks."""
-    if kept == target:
-        return value
-    size = c.size
-    shape = [size[s] if s in kept else 1 for s in target]
-    value = value.reshape(shape)
-    return value.expand([size[s] for s in target])
 
 
 def reject(equation: str, function: str) -> None:

@@ -854,6 +854,15 @@ def _plain(x: Tensor) -> bool:
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def _rank_share(step: Step, lay: Layout, strides: Sequence[int]) -> Tensor:
+    """Each linear position of the summed group's share of the global rank (``w[s]``)."""
+    size = step.size
+    share = torch.zeros(1, dtype=torch.int64)
+    for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
+        share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
+    return share
+
+
 def max_plus_ranked(
     step: Step, xs: Sequence[Tensor], ranks: Sequence[Tensor | None], strides: Sequence[int]
 ) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -878,10 +887,7 @@ def max_plus_ranked(
         gb = gb.contiguous()
     gra = lay.a.grouped(ra) if ra is not None else None
     grb = lay.b.grouped(rb) if rb is not None else None
-    size = step.size
-    share = torch.zeros(1, dtype=torch.int64)
-    for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
-        share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
+    share = _rank_share(step, lay, strides)
     values = torch.empty(lay.out_shape, dtype=dtype)
     index = torch.empty(lay.out_shape, dtype=torch.int64)
     rank = torch.empty(lay.out_shape, dtype=torch.int64)
@@ -968,10 +974,7 @@ def kbest(
     gb = grouped(lay.b, b, rb is not None, 2).contiguous()
     gra = grouped(lay.a, ra, True, 3) if ra is not None else None
     grb = grouped(lay.b, rb, True, 2).contiguous() if rb is not None else None
-    size = step.size
-    share = torch.zeros(1, dtype=torch.int64)
-    for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
-        share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
+    share = _rank_share(step, lay, strides)
     # Each row visits its sums from its best term of ``a`` down, where there are enough
     # of them for the order to matter.
     visit = None

@@ -20,17 +20,17 @@ plain log-space operands and run faster routes that give the same results:
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import opt_einsum
 import torch
 
 from . import _kernels as K
 from . import _logblas as LB
 from . import _native as N
-from ._api import Optimize, _budget, _Prepared, rankable
+from ._api import Optimize, _budget, _Prepared, rankable, row_major_strides
 from ._autograd import apply
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
@@ -296,6 +296,11 @@ _INT_MIN = torch.iinfo(torch.int64).min
 _INT_MAX = torch.iinfo(torch.int64).max
 
 
+def _slot(n: int) -> str:
+    """The symbol of the ``n``-th k-best list's slot dim (past every index symbol)."""
+    return opt_einsum.get_symbol(3000 + n)
+
+
 def _order(values: Tensor, key_rank: Tensor) -> Tensor:
     """The permutation of the last dim sorting by value descending, then ``key_rank`` ascending."""
     by_rank = key_rank.argsort(dim=-1, stable=True)
@@ -369,19 +374,6 @@ class _Item:
     ranks: Tensor | None = None  # None: an input (rank 0, one candidate)
 
 
-def _laid_out(x: Tensor, term: str, order: str, slot: int | None, nslots: int) -> Tensor:
-    """``x`` (indices ``term``, then a slot dim if ``slot`` is given) in the candidates' layout:
-    ``order`` then ``nslots`` slot dims, size 1 where ``x`` has none."""
-    dims = [order.index(c) for c in term]
-    if slot is not None:
-        dims.append(len(order) + slot)
-    x = x.permute(sorted(range(len(dims)), key=lambda i: dims[i]))
-    shape = [1] * (len(order) + nslots)
-    for d, n in zip(sorted(dims), x.shape):
-        shape[d] = n
-    return x.reshape(shape)
-
-
 def _kbest_step(
     ks: _KStep, items: list[_Item], k: int, fast: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -408,13 +400,14 @@ def _kbest_step(
     device = items[0].values.device
     cells_ix = step.output
     summed = step.summed
-    order = cells_ix + summed
-    nl = len(ks.lists)
-    slot_of = {j: n for n, j in enumerate(ks.lists)}
+    # The candidates' layout: cells, summed indices, then one slot symbol per list.
+    slot_of = {j: _slot(n) for n, j in enumerate(ks.lists)}
+    order = cells_ix + summed + "".join(slot_of.values())
     values = [
-        _laid_out(it.values, t, order, slot_of.get(j), nl)
+        K.laid_out(it.values, t + slot_of.get(j, ""), order)
         for j, (t, it) in enumerate(zip(step.inputs, items))
     ]
+    nl = len(ks.lists)
     nc = len(cells_ix)
     cells = [size[c] for c in cells_ix]
     ncells = math.prod(cells)
@@ -458,7 +451,7 @@ def _kbest_step(
         return rank, ids
 
     best: tuple[Tensor, Tensor, Tensor] | None = None
-    for rng in _ranges(ks.windows, size):
+    for rng in replace(step, windows=ks.windows).ranges():
         views = []
         for x in values:
             for d, (lo, hi) in enumerate(rng):
@@ -527,7 +520,7 @@ def _kbest_unsummed(
     plain = [(t, it.values) for t, it in zip(step.inputs, items) if it.ranks is None]
     added = None
     for t, x in plain:
-        y = _laid_out(x, t, step.output, None, 0)
+        y = K.laid_out(x, t, step.output)
         added = y if added is None else added + y
     if ks.lists:
         if added is not None:
@@ -536,8 +529,9 @@ def _kbest_unsummed(
         (j,) = ks.lists
         lst = items[j]
         assert lst.ranks is not None
-        values = _laid_out(lst.values, step.inputs[j], step.output, 0, 1)
-        ranks = _laid_out(lst.ranks, step.inputs[j], step.output, 0, 1)
+        term, order = step.inputs[j] + _slot(0), step.output + _slot(0)
+        values = K.laid_out(lst.values, term, order)
+        ranks = K.laid_out(lst.ranks, term, order)
         if added is not None:
             values = values + added.unsqueeze(-1)
         ids = torch.arange(k, device=values.device)
@@ -555,13 +549,6 @@ def _kbest_unsummed(
     ids = torch.full(cells + [k], -1, dtype=torch.int64, device=values.device)
     ids[..., 0] = 0
     return values, ranks, ids
-
-
-def _ranges(
-    windows: tuple[tuple[str, int], ...], size: dict[str, int]
-) -> list[tuple[tuple[int, int], ...]]:
-    axes = [[(lo, min(lo + w, size[c])) for lo in range(0, size[c], w)] for c, w in windows]
-    return list(itertools.product(*axes))
 
 
 def kbest_einsum(
@@ -641,11 +628,9 @@ def _kbest_node(
     # Ranks order ties; past int64 (with room for the marks) every rank is 0, and ties
     # fall in the plan's own order (the lists are still k best, of real assignments).
     ranked = rankable(p.contraction, summed, _MAX_RANK)
-    stride: dict[str, int] = {}
-    acc = 1
-    for c in reversed(summed):
-        stride[c] = acc if ranked else 0
-        acc *= size[c]
+    stride = row_major_strides(size, summed)
+    if not ranked:
+        stride = dict.fromkeys(stride, 0)
     itemsize = p.compute_dtype.itemsize
     device_type = p.operands[0].device.type if p.operands else "cpu"
     steps = p.plan.steps
