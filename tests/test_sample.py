@@ -352,14 +352,20 @@ def test_inputs_untouched_and_grad_operands() -> None:
 
 
 def test_module_helpers() -> None:
-    """Window extents: innermost whole first, never below 1; coordinates unravel."""
+    """A row's window extents (the kernels' sizing with no output dims: room for ``cap``
+    float64 candidates): innermost whole first, never below 1; coordinates unravel."""
     from semiring_einsum.func._budget import Budget
+    from semiring_einsum.func._plan import window_extents
 
-    size = {"a": 5, "b": 4, "c": 3}
-    assert S._extents("abc", size, Budget(bytes=1), 20) == [1, 4, 3]
-    assert S._extents("abc", size, Budget(bytes=1), 50) == [4, 4, 3]
-    assert S._extents("abc", size, Budget(bytes=1), 1) == [1, 1, 1]
-    assert S._extents("abc", size, Budget(extent=2), 0) == [2, 2, 2]
+    sizes = (("a", 5), ("b", 4), ("c", 3))
+
+    def extents(budget: Budget) -> list[int]:
+        return [w for _, w in window_extents(("abc",), "", sizes, budget, 8, "cpu")]
+
+    assert extents(Budget(bytes=20 * 8)) == [1, 4, 3]
+    assert extents(Budget(bytes=50 * 8)) == [4, 4, 3]
+    assert extents(Budget(bytes=1 * 8)) == [1, 1, 1]
+    assert extents(Budget(extent=2)) == [2, 2, 2]
     flat = torch.arange(12)
     got = S._unravel(flat, [3, 4], [10, 0])
     assert torch.equal(got[0], flat // 4 + 10) and torch.equal(got[1], flat % 4)

@@ -38,7 +38,7 @@ from ._autograd import apply
 from ._budget import AutomaticBlockSize, BlockSize, Budget
 from ._context import call_context
 from ._multi import reject
-from ._plan import CPU_WINDOW_TARGET_BYTES, Step, along_path
+from ._plan import CPU_WINDOW_TARGET_BYTES, Step, along_path, window_extents
 from ._rules import LOG_FAMILY, LOG_RULE
 from ._semiring import LOG
 
@@ -237,23 +237,6 @@ def _cap_bytes(budget: Budget, device_type: str) -> int:
     if device_type == "cpu":
         return min(budget.bytes, CPU_WINDOW_TARGET_BYTES)
     return budget.bytes
-
-
-def _extents(own: Sequence[str], size: dict[str, int], budget: Budget, cap: int) -> list[int]:
-    """Window extent of each summed index for one row; innermost indices whole first."""
-    if budget.extent is not None:
-        return [max(1, min(size[c], budget.extent)) for c in own]
-    room = max(cap, 1)
-    extents = [1] * len(own)
-    for i in reversed(range(len(own))):
-        n = size[own[i]]
-        if room >= n:
-            extents[i] = n
-            room //= n
-        else:
-            extents[i] = max(room, 1)
-            room = 1
-    return extents
 
 
 def _draw_step(
@@ -476,7 +459,10 @@ def _draw(
     device = tensors[0].device
     dtype = tensors[0].dtype
     cap = _cap_bytes(budget, device.type)
-    extents = _extents(own, size, budget, cap // itemsize)
+    # One row's window: the kernels' own sizing, for a window with no output dims.
+    sizes = tuple((c, size[c]) for c in own)
+    sized = window_extents(("".join(own),), "", sizes, budget, itemsize, device.type)
+    extents = [w for _, w in sized]
     width = math.prod(extents)
     chunk = max(1, cap // max(itemsize * width, _INDEX_BYTES))
     # Each tensor as a view (row, *own): its known indices folded into one row
