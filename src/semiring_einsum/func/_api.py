@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import torch
 
+from . import _distributed as D
 from . import _kernels as K
 from . import _logblas as LB
 from . import _native as N
@@ -85,6 +86,12 @@ class _Setup:
     single: bool  # one step over every operand, in order
 
 
+# The grad_of_neg_inf policy of a contraction whose result is a partial sum (one rank's
+# share of a sharded summed index): its cells all -inf weigh 0, like an intermediate
+# step's, since the final cell is the ⊕ over ranks (which applies the user's policy).
+PARTIAL = "partial"
+
+
 @functools.lru_cache(maxsize=1024)
 def _setup(
     family: Family,
@@ -136,7 +143,7 @@ def _setup(
             # there (exactly as in the joint sum); if it is all -inf too, the final
             # step's policy already reaches the intermediate through the chain rule.
             # So intermediate steps use weight 0, which also passes a NaN cotangent on.
-            neg_inf = policy if step is last else 0.0
+            neg_inf = policy if step is last and policy != PARTIAL else 0.0
             specs[id(step)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
         elif family.spec is MaxSpec:
             specs[id(step)] = MaxSpec(*common, argmax=True)
@@ -225,7 +232,7 @@ class _Prepared:
                 budget,
                 _optimize_key(equation, optimize, len(operands)),
                 joint,
-                neg_inf_policy(neg_inf, equation),
+                neg_inf if neg_inf == PARTIAL else neg_inf_policy(neg_inf, equation),
                 extras,
                 traced,
                 semiring.shape,
@@ -317,7 +324,7 @@ def _contract(
 
         return p.run(real_step)
     if family is LOG_FAMILY:
-        joint = policy != "nan"
+        joint = policy not in ("nan", PARTIAL)
         p = _Prepared(
             semiring, family, equation, operands, budget, optimize,
             traced=traced, joint=joint, neg_inf=policy,
@@ -569,6 +576,8 @@ def _run(
     policy: float | str = "nan",
     viterbi: bool = False,
 ) -> Any:
+    if D.involved(operands):
+        return _distributed(semiring, equation, operands, block_size, optimize, policy, viterbi)
     if isinstance(equation, str) and "," in equation.partition("->")[2]:
         return _several(semiring, equation, operands, block_size, optimize, policy, viterbi)
     first = operands[0] if operands else None
@@ -578,6 +587,40 @@ def _run(
     else:
         extent, nbytes = _budget(block_size, operands, equation).as_ints()
     return _contract(semiring, equation, extent, nbytes, optimize, policy, viterbi, *operands)
+
+
+def _distributed(
+    semiring: Semiring,
+    equation: str,
+    operands: Sequence[Tensor],
+    block_size: BlockSize,
+    optimize: Optimize,
+    policy: float | str,
+    viterbi: bool,
+) -> Any:
+    """DTensor operands: each rank contracts its shards; ⊕ combines them (:mod:`._distributed`)."""
+
+    # NaN for cells all -inf on every rank comes from the combine; a cell all -inf on one
+    # rank only weighs 0 there (like an intermediate step's cell).
+    local_policy = PARTIAL if policy == "nan" and semiring == LOG else policy
+
+    def local(eq: str, *shards: Tensor) -> Any:
+        return _run(semiring, eq, shards, block_size, optimize, local_policy, viterbi)
+
+    def local_argmax(eq: str, *shards: Tensor) -> Tensor:
+        if semiring == MIN_PLUS:
+            shards = tuple(-x for x in shards)
+        return cast(Tensor, _run(MAX_PLUS, eq, shards, block_size, optimize, viterbi=True)[1])
+
+    return D.contract(
+        semiring,
+        equation,
+        operands,
+        local,
+        viterbi=viterbi,
+        policy=policy,
+        local_argmax=local_argmax,
+    )
 
 
 def _several(
@@ -693,6 +736,7 @@ def log_einsum_with_extras(
     finite range and ``sumexpsub = Σ exp(term - max)``; ``max`` and
     ``sumexpsub`` are not differentiable.  (Used by the compatibility layer.)
     """
+    D.refuse(operands, "log_einsum_with_extras")
     budget = _budget(block_size, operands, equation)
     p = _Prepared(LOG, LOG_FAMILY, equation, operands, budget, False, extras=True)
     (step,) = p.plan.steps
@@ -715,6 +759,7 @@ def log_einsum_vjp(
     result is differentiable: it is built from the same rule as the backward
     of :func:`log_einsum`.  (Used by the compatibility layer.)
     """
+    D.refuse(operands, "log_einsum_vjp")
     budget = _budget(block_size, operands, equation)
     p = _Prepared(LOG, LOG_FAMILY, equation, operands, budget, False, neg_inf=grad_of_neg_inf)
     clean, pull = torch.func.vjp(lambda *xs: tuple(p.canonical(xs)), *operands)[:2]
@@ -920,6 +965,7 @@ def plan(
         >>> p.path
         ((0, 1), (0, 1))
     """
+    D.refuse(operands_or_shapes, "plan")
     first = next((t for t in operands_or_shapes if isinstance(t, torch.Tensor)), None)
     default_dtype = first.dtype if first is not None else torch.float32
     tensors = []

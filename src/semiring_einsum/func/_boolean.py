@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from ._api import Optimize, _budget
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
+from ._distributed import refuse as refuse_dtensors
 from ._multi import several, split_outputs
 from ._parse import Recipe, analyze, apply_recipe, check_operands
 from ._plan import Plan, Step, along_path, make_plan
@@ -137,6 +138,7 @@ def bool_einsum(
                 [False, False, False],
                 [False, False, False]])
     """
+    refuse_dtensors(operands, "bool_einsum")
     if split_outputs(equation) is not None:  # a tuple, typed as the common case
         return cast(Tensor, _several(equation, operands, block_size, optimize))
     check_operands(equation, operands)

@@ -37,6 +37,7 @@ from ._api import log_einsum as _log_einsum
 from ._autograd import apply
 from ._budget import AutomaticBlockSize, BlockSize, Budget
 from ._context import call_context
+from ._distributed import refuse as refuse_dtensors
 from ._multi import reject
 from ._plan import CPU_WINDOW_TARGET_BYTES, Step, along_path, window_extents
 from ._rules import LOG_FAMILY, LOG_RULE
@@ -144,6 +145,7 @@ def sample_einsum(
                 [0, 1],
                 [0, 1]])
     """
+    refuse_dtensors(log_operands, "sample_einsum")
     reject(equation, "sample_einsum")
     _check_num_samples(num_samples, equation)
     if not log_operands:

@@ -35,6 +35,7 @@ from ._autograd import apply
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
 from ._context import call_context
+from ._distributed import refuse as refuse_dtensors
 from ._multi import reject
 from ._plan import Step, along_path, window_extents
 from ._rules import LOG_FAMILY, LOG_RULE, MAX_FAMILY, run_jvp
@@ -224,6 +225,7 @@ def expectation_einsum(
         >>> round(log_z.exp().item(), 4), round(expected.item(), 4)
         (4.0, 17.5)
     """
+    refuse_dtensors([*log_operands, *value_operands], "expectation_einsum")
     reject(equation, "expectation_einsum")
     logs = _as_tensors("log_operands", log_operands, equation)
     vals = _as_tensors("value_operands", value_operands, equation)
@@ -277,6 +279,7 @@ def entropy_einsum(
         >>> round(h.item(), 4) == round(math.log(8), 4)
         True
     """
+    refuse_dtensors(log_operands, "entropy_einsum")
     reject(equation, "entropy_einsum")
     for i, x in enumerate(log_operands):
         if not isinstance(x, Tensor):
@@ -608,6 +611,7 @@ def kbest_einsum(
         >>> argmax.tolist()                  # (i, j) of each; the tie in row-major order
         [[0, 1], [1, 1], [1, 0]]
     """
+    refuse_dtensors(operands, "kbest_einsum")
     reject(equation, "kbest_einsum")
     k = _check_k(k, equation)
     extent, nbytes = _budget(block_size, operands, equation).as_ints()

@@ -1,0 +1,341 @@
+"""The distributed test cases, and the worker that runs them on a gloo process group.
+
+``python tests/distributed_cases.py WORLD OUT`` spawns ``WORLD`` processes (gloo on CPU, a
+``FileStore`` under ``OUT``: no network), runs every case of that world on DTensor operands
+with forward and backward passes under ``CommDebugMode``, and saves rank 0's results (the full
+values, argmax and gradients, the placements, the collectives counted) to ``OUT/results.pt``.
+``tests/test_distributed.py`` runs it once per world and compares every case with the
+single-process answer.  Each case builds its operands from its own seed, the same in the
+workers and in the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semiring_einsum import func
+
+Tensor = torch.Tensor
+
+# A user semiring (log-sum-exp from its operations: the generic route) and one with element
+# dimensions (the 2 best scores): both combine across ranks by an all-gather and their ⊕.
+USER_LOG = func.Semiring(
+    "user-log",
+    torch.logaddexp,
+    torch.add,
+    lambda x, dims: torch.logsumexp(x, dims) if dims else x,
+    -math.inf,
+    0.0,
+)
+KBEST2 = func.kbest_semiring(2)
+
+SEMIRINGS = ("real", "log", "max", "min", "viterbi", "user")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An equation with its operands' placements (see :class:`Case`).
+
+    ``reduced`` and ``gathered`` count the backward collectives DTensor runs to bring the
+    gradients back to the operands' placements: an all-reduce for each (operand, mesh
+    dimension) where a replicated operand lacks the sharded index (its local gradient is a
+    partial sum), an all-gather for each replicated operand that was sliced to its shard.
+    """
+
+    name: str
+    equation: str
+    shapes: tuple[tuple[int, ...], ...]
+    placements: tuple[tuple[str, ...], ...]
+    output: tuple[str, ...]
+    combines: int
+    clean: bool = True
+    reduced: int = 0
+    gathered: int = 0
+
+
+M = ((6, 8), (8, 5))
+HMM = ((3, 8), (8, 8), (3, 8))
+LAYOUTS_1D = [
+    Layout("matmul-out", "ij,jk->ik", M, (("S0",), ("R",)), ("S0",), 0, reduced=1),
+    Layout("matmul-sum", "ij,jk->ik", M, (("S1",), ("S0",)), ("R",), 1),
+    Layout("matmul-sum-slice", "ij,jk->ik", M, (("S1",), ("R",)), ("R",), 1, gathered=1),
+    Layout("matmul-conflict", "ij,jk->ik", M, (("S0",), ("S1",)), ("S0",), 0, clean=False),
+    Layout("uneven-sum", "ij,jk->ik", ((5, 7), (7, 3)), (("S1",), ("S0",)), ("R",), 1),
+    Layout("tiny-sum", "ij,jk->ik", ((4, 3), (3, 2)), (("S1",), ("S0",)), ("R",), 1),
+    Layout("hmm-step", "bi,ij,bj->bj", HMM, (("S1",), ("S0",), ("R",)), ("R",), 1, reduced=1),
+    Layout("hmm-out", "bi,ij,bj->bj", HMM, (("R",), ("S1",), ("S1",)), ("S1",), 0, reduced=1),
+    Layout(
+        "cky-rule-x",
+        "bsxk,bsyk,xyz->bsz",
+        ((2, 3, 8, 2), (2, 3, 6, 2), (8, 6, 4)),
+        (("S2",), ("R",), ("S0",)),
+        ("R",),
+        1,
+        reduced=1,
+    ),
+    Layout(
+        "cky-rule-z",
+        "bsxk,bsyk,xyz->bsz",
+        ((2, 3, 4, 2), (2, 3, 6, 2), (4, 6, 8)),
+        (("R",), ("R",), ("S2",)),
+        ("S2",),
+        0,
+        reduced=2,
+    ),
+    Layout(
+        "ellipsis", "...ij,...jk->...ik", ((4, 3, 5), (4, 5, 2)), (("S0",), ("S0",)), ("S0",), 0
+    ),
+    Layout("diagonal", "ii,ij->j", ((6, 6), (6, 4)), (("R",), ("S0",)), ("R",), 0, clean=False),
+    Layout("scalar", "ij,ij->", ((6, 4), (6, 4)), (("S0",), ("S0",)), ("R",), 1),
+    Layout("partial-input", "ij,jk->ik", M, (("P",), ("S0",)), ("R",), 1, clean=False),
+]
+
+# 2-D meshes (world 4 as 2 x 2): an output index on one mesh dimension and a summed one on
+# the other; two summed indices, one per mesh dimension.
+LAYOUTS_2D = [
+    Layout(
+        "mesh2d-out-sum", "ij,jk->ik", M, (("S0", "S1"), ("R", "S0")), ("S0", "R"), 1, reduced=1
+    ),
+    Layout(
+        "mesh2d-sum-sum",
+        "ijk,jkl->il",
+        ((3, 4, 6), (4, 6, 2)),
+        (("S1", "S2"), ("S0", "S1")),
+        ("R", "R"),
+        2,
+    ),
+]
+KBEST_LAYOUTS = [
+    Layout("kbest-sum", "ij,jk->ik", ((6, 8, 2), (8, 5, 2)), (("S1",), ("S0",)), ("R",), 1),
+    Layout(
+        "kbest-out", "ij,jk->ik", ((6, 8, 2), (8, 5, 2)), (("S0",), ("R",)), ("S0",), 0, reduced=1
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One distributed call: a semiring on a layout, on a mesh, with some data.
+
+    ``data`` is ``'float'``, ``'int'`` (small integers: ties across ranks), ``'neginf'``
+    (-inf entries: dead cells) or ``'nan'`` (a NaN entry; values only, no gradients).
+    """
+
+    name: str
+    semiring: str
+    layout: Layout
+    mesh: tuple[int, ...]
+    data: str = "float"
+
+    @property
+    def grads(self) -> bool:
+        # A user's ⊕ differentiated at its zero (logsumexp of all -inf) gives NaN: where a
+        # rank's partial is zero, as where a pairwise plan's intermediate is zero on one
+        # device (documented); gradients with -inf data are compared for the built-ins.
+        return self.data != "nan" and not (self.semiring == "user" and self.data == "neginf")
+
+
+def cases(world: int) -> list[Case]:
+    """Every case of a world of ``world`` processes."""
+    out: list[Case] = []
+    layouts = [(lay, (world,)) for lay in LAYOUTS_1D]
+    if world == 4:
+        layouts += [(lay, (2, 2)) for lay in LAYOUTS_2D]
+    for layout, mesh in layouts:
+        out += [Case(f"{layout.name}-{s}", s, layout, mesh) for s in SEMIRINGS]
+    # Nasty values on two summed-sharded layouts.
+    for layout in (LAYOUTS_1D[1], LAYOUTS_1D[6]):
+        for semiring, data in [
+            ("max", "int"),
+            ("min", "int"),
+            ("viterbi", "int"),
+            ("log", "neginf"),
+            ("max", "neginf"),
+            ("viterbi", "neginf"),
+            ("user", "neginf"),
+            ("log:uniform", "neginf"),
+            ("log:0.5", "neginf"),
+            ("max", "nan"),
+            ("min", "nan"),
+            ("viterbi", "nan"),
+            ("log", "nan"),
+        ]:
+            name = f"{layout.name}-{semiring}-{data}"
+            out.append(Case(name, semiring, layout, (world,), data))
+    out += [Case(f"{lay.name}-kbest2", "kbest2", lay, (world,)) for lay in KBEST_LAYOUTS]
+    return out
+
+
+def operands(case: Case) -> list[Tensor]:
+    """The case's full operands (float64), the same in every process."""
+    seed = sum(map(ord, case.name)) * 7919 % 2**31
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for shape in case.layout.shapes:
+        if case.data == "int":
+            x = torch.randint(-2, 3, shape, generator=g).double()
+        else:
+            x = torch.randn(shape, generator=g, dtype=torch.float64)
+        if case.data == "neginf":
+            x = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.4, -math.inf, x)
+        xs.append(x)
+    if case.semiring == "kbest2":  # each element a sorted list of 2 scores
+        xs = [x.sort(-1, descending=True).values for x in xs]
+    if case.data == "nan":
+        xs[0].view(-1)[1] = math.nan
+    if case.data == "neginf" and xs[0].dim() == 2:  # a whole dead row of the first operand
+        xs[0][0] = -math.inf
+    return xs
+
+
+def cotangent(case: Case, values: Tensor) -> Tensor:
+    """The output gradient: random, but 0 where a max/min/Viterbi cell is all -inf (+inf).
+
+    Such a cell's terms all tie; its gradient goes to one of them, which one following the
+    plan (on one device too), so those cells are not compared.
+    """
+    g = torch.Generator().manual_seed(12345)
+    w = torch.randn(values.shape, generator=g, dtype=torch.float64)
+    if case.semiring in ("max", "min", "viterbi", "kbest2"):
+        w = torch.where(torch.isinf(values), 0.0, w)
+    return w
+
+
+def call(case: Case, xs: list[Any]) -> Any:
+    """The case's function on ``xs`` (plain tensors or DTensors)."""
+    eq = case.layout.equation
+    if case.semiring == "real":
+        return func.einsum(eq, *xs)
+    if case.semiring.startswith("log"):
+        _, _, policy = case.semiring.partition(":")
+        weight: float | str = math.nan if not policy else policy
+        if policy not in ("uniform", ""):
+            weight = float(policy)
+        return func.log_einsum(eq, *xs, grad_of_neg_inf=weight)
+    if case.semiring == "max":
+        return func.max_einsum(eq, *xs)
+    if case.semiring == "min":
+        return func.min_einsum(eq, *xs)
+    if case.semiring == "viterbi":
+        return func.viterbi_einsum(eq, *xs)
+    if case.semiring == "user":
+        return func.semiring_einsum(USER_LOG, eq, *xs)
+    return func.semiring_einsum(KBEST2, eq, *xs)
+
+
+def _placement(spec: str) -> Any:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    if spec == "R":
+        return Replicate()
+    if spec == "P":
+        return Partial()
+    return Shard(int(spec[1:]))
+
+
+def _spec(placement: Any) -> str:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    if isinstance(placement, Replicate):
+        return "R"
+    if isinstance(placement, Partial):
+        return "P"
+    assert isinstance(placement, Shard)
+    return f"S{placement.dim}"
+
+
+def _counts(mode: Any) -> dict[str, int]:
+    return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items() if n}
+
+
+def run_case(case: Case, meshes: dict[tuple[int, ...], Any]) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = meshes[case.mesh]
+    full = operands(case)
+    dts = []
+    for x, specs in zip(full, case.layout.placements):
+        placements = [_placement(s) for s in specs]
+        if "P" in specs:  # a partial sum: every rank holds x / world
+            local = x / mesh.size()
+            dt = DTensor.from_local(local, mesh, placements, run_check=False)
+        else:
+            dt = distribute_tensor(x, mesh, placements, src_data_rank=None)
+        dts.append(dt.requires_grad_(case.grads))
+    leaves = dts
+    with CommDebugMode() as forward:
+        result = call(case, dts)
+    values, argmax = result if case.semiring == "viterbi" else (result, None)
+    out: dict[str, Any] = {
+        "values": values.full_tensor(),
+        "placements": [_spec(p) for p in values.placements],
+        "forward": _counts(forward),
+    }
+    if argmax is not None:
+        out["argmax"] = argmax.full_tensor()
+        out["argmax_placements"] = [_spec(p) for p in argmax.placements]
+    if case.grads:
+        w = cotangent(case, out["values"])
+        w_local = distribute_tensor(w, mesh, values.placements, src_data_rank=None).to_local()
+        with CommDebugMode() as backward:
+            torch.autograd.backward(values.to_local(), w_local)
+        out["backward"] = _counts(backward)
+        grads, grad_placements = [], []
+        for leaf in leaves:
+            assert leaf is not None and leaf.grad is not None
+            grads.append(leaf.grad.full_tensor())
+            grad_placements.append([_spec(p) for p in leaf.grad.placements])
+        out["grads"] = grads
+        out["grad_placements"] = grad_placements
+    return out
+
+
+def _worker(rank: int, world: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = os.path.join(out, "store")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        meshes = {(world,): init_device_mesh("cpu", (world,))}
+        if world == 4:
+            meshes[(2, 2)] = init_device_mesh("cpu", (2, 2))
+        results: dict[str, Any] = {}
+        for case in cases(world):
+            try:
+                results[case.name] = run_case(case, meshes)
+            except Exception:  # reported by the test for this case
+                results[case.name] = {"error": traceback.format_exc()}
+        if rank == 0:
+            torch.save(results, os.path.join(out, "results.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(world: int, out: str) -> None:
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    mp.spawn(_worker, args=(world, out), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main(int(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,260 @@
+"""Contractions over DTensors on 2 and 4 processes (gloo on CPU), against one process.
+
+Each world runs once, in a subprocess that spawns its ranks (``tests/distributed_cases.py``);
+every case is then checked here against the same call on the full tensors in this process
+(itself checked against the brute-force oracle): values and gradients equal (exactly for
+max, min, Viterbi and k-best, argmax included), placements as designed, and the collectives
+counted by ``CommDebugMode``: none forward for an output-sharded index, one all-reduce per
+sharded summed index for real, max and min, two for log and Viterbi, one all-gather for a
+user's semiring.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distributed_cases as C
+import oracle
+from semiring_einsum import func
+
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="torch.distributed with gloo is not available",
+    ),
+]
+
+WORKER = Path(__file__).resolve().parent / "distributed_cases.py"
+EXACT = ("max", "min", "viterbi", "kbest2")
+# Collectives of one combine over one mesh dimension, forward.
+COMBINE = {
+    "real": {"all_reduce": 1},
+    "max": {"all_reduce": 1},
+    "min": {"all_reduce": 1},
+    "log": {"all_reduce": 2},
+    "log:uniform": {"all_reduce": 2},
+    "log:0.5": {"all_reduce": 2},
+    "viterbi": {"all_reduce": 2},
+    "user": {"all_gather_into_tensor": 1},
+    "kbest2": {"all_gather_into_tensor": 1},
+}
+
+_RESULTS: dict[int, dict[str, Any]] = {}
+
+
+def _results(world: int, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if world not in _RESULTS:
+        out = tmp_path_factory.mktemp(f"world{world}")
+        run = subprocess.run(
+            [sys.executable, str(WORKER), str(world), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, f"the {world}-process run failed:\n{run.stderr[-4000:]}"
+        _RESULTS[world] = torch.load(out / "results.pt", weights_only=False)
+    return _RESULTS[world]
+
+
+def _ids(world: int) -> list[str]:
+    return [c.name for c in C.cases(world)]
+
+
+def _single(case: C.Case) -> dict[str, Any]:
+    """The same call on the full tensors in this process."""
+    xs = [x.requires_grad_(case.grads) for x in C.operands(case)]
+    result = C.call(case, xs)
+    values, argmax = result if case.semiring == "viterbi" else (result, None)
+    out: dict[str, Any] = {"values": values.detach(), "argmax": argmax}
+    if case.grads:
+        torch.autograd.backward(values, C.cotangent(case, values.detach()))
+        out["grads"] = [x.grad for x in xs]
+    return out
+
+
+def _close(actual: Tensor, expected: Tensor, exact: bool, what: str) -> None:
+    tol = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-9, "atol": 1e-11}
+    torch.testing.assert_close(
+        actual, expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol
+    )
+
+
+Tensor = torch.Tensor
+
+
+def _check(case: C.Case, got: dict[str, Any]) -> None:
+    assert "error" not in got, got.get("error")
+    want = _single(case)
+    exact = case.semiring in EXACT
+    _close(got["values"], want["values"], exact, "values")
+    if case.semiring == "viterbi":
+        assert torch.equal(got["argmax"], want["argmax"]), (got["argmax"], want["argmax"])
+        assert got["argmax_placements"] == list(case.layout.output)
+    # The single process agrees with the brute-force oracle.
+    if case.semiring in ("real", "log", "max", "min") and case.data != "nan":
+        expected = oracle.brute(case.semiring, case.layout.equation, *C.operands(case))
+        _close(want["values"], expected, False, "single process vs oracle")
+    if case.semiring == "viterbi" and case.data != "nan":
+        values, argmax = oracle.brute_viterbi(case.layout.equation, *C.operands(case))
+        _close(want["values"], values, True, "single process vs oracle")
+        finite = torch.isfinite(values)
+        assert torch.equal(want["argmax"][finite], argmax[finite])
+    assert got["placements"] == list(case.layout.output)
+    layout = case.layout
+    if layout.clean:
+        expected = {op: n * layout.combines for op, n in COMBINE[case.semiring].items()}
+        assert got["forward"] == {k: v for k, v in expected.items() if v}, got["forward"]
+    if not case.grads:
+        return
+    # Gradients of a replicated operand add up partial sums over ranks: equal up to rounding.
+    for k, (g, w) in enumerate(zip(got["grads"], want["grads"])):
+        _close(g, w, False, f"gradient of operand {k}")
+    originals = [["R" if p == "P" else p for p in ps] for ps in layout.placements]
+    assert got["grad_placements"] == originals
+    if layout.clean:
+        gathers = layout.gathered
+        reduces = layout.reduced
+        counted = got["backward"]
+        assert counted.get("all_gather_into_tensor", 0) == gathers, counted
+        if case.semiring in ("max", "min"):
+            # A count of the winners per cell; a second all-reduce where ranks tie.
+            assert counted.get("all_reduce", 0) in (
+                reduces + layout.combines,
+                reduces + 2 * layout.combines,
+            ), counted
+        else:
+            assert counted.get("all_reduce", 0) == reduces, counted
+        assert set(counted) <= {"all_reduce", "all_gather_into_tensor"}, counted
+
+
+@pytest.mark.xdist_group("distributed-2")
+@pytest.mark.parametrize("name", _ids(2))
+def test_two_processes(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    case = {c.name: c for c in C.cases(2)}[name]
+    _check(case, _results(2, tmp_path_factory)[name])
+
+
+@pytest.mark.xdist_group("distributed-4")
+@pytest.mark.parametrize("name", _ids(4))
+def test_four_processes(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    case = {c.name: c for c in C.cases(4)}[name]
+    _check(case, _results(4, tmp_path_factory)[name])
+
+
+# -- in this process: a world of one, for errors and the boundary's bookkeeping ---------------
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():  # pragma: no cover - a process group from elsewhere
+        pytest.skip("a process group is already initialised in this process")
+    store = tmp_path_factory.mktemp("world1") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _dt(mesh: Any, x: Tensor, *placements: Any) -> Any:
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    return distribute_tensor(x, mesh, list(placements) or [Replicate()], src_data_rank=None)
+
+
+def test_a_plain_tensor_among_dtensors_is_refused(mesh: Any) -> None:
+    a = _dt(mesh, torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"operand 1 is a Tensor, not a DTensor.*distribute_tensor"):
+        func.einsum("ij,jk->ik", a, torch.randn(3, 4))
+
+
+def test_operands_on_two_meshes_are_refused(mesh: Any) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    other = init_device_mesh("cpu", (1, 1))
+    a, b = _dt(mesh, torch.randn(2, 3)), _dt(other, torch.randn(3, 4), *[_replicate()] * 2)
+    with pytest.raises(ValueError, match="different meshes"):
+        func.log_einsum("ij,jk->ik", a, b)
+
+
+def _replicate() -> Any:
+    from torch.distributed.tensor import Replicate
+
+    return Replicate()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: func.kbest_einsum("ij,jk->ik", x, x, k=2),
+        lambda x: func.entropy_einsum("ij,jk->ik", x, x),
+        lambda x: func.expectation_einsum("ij,jk->ik", [x, x], [x, x]),
+        lambda x: func.sample_einsum("ij,jk->ik", x, x),
+        lambda x: func.bool_einsum("ij,jk->ik", x > 0, x > 0),
+        lambda x: func.plan("ij,jk->ik", x, x),
+    ],
+    ids=["kbest", "entropy", "expectation", "sample", "bool", "plan"],
+)
+def test_functions_without_a_distributed_route_say_so(mesh: Any, call: Any) -> None:
+    x = _dt(mesh, torch.randn(3, 3))
+    with pytest.raises(TypeError, match="does not take DTensor operands.*full_tensor"):
+        call(x)
+
+
+def test_a_bad_equation_fails_as_on_one_device(mesh: Any) -> None:
+    a, b = _dt(mesh, torch.randn(2, 3)), _dt(mesh, torch.randn(4, 5))
+    with pytest.raises(func.EquationError) as on_mesh:
+        func.max_einsum("ij,jk->ik", a, b)
+    with pytest.raises(func.EquationError) as plain:
+        func.max_einsum("ij,jk->ik", torch.randn(2, 3), torch.randn(4, 5))
+    assert str(on_mesh.value) == str(plain.value)
+
+
+@pytest.mark.parametrize("semiring", ["real", "log", "max", "min", "viterbi", "user"])
+def test_world_of_one_equals_one_device_and_leaves_inputs_alone(mesh: Any, semiring: str) -> None:
+    from torch.distributed.tensor import Shard
+
+    layout = C.LAYOUTS_1D[1]  # ij,jk->ik with j sharded
+    case = C.Case(f"one-{semiring}", semiring, layout, (1,))
+    xs = C.operands(case)
+    dts = [_dt(mesh, x.clone(), Shard(int(p[0][1]))) for x, p in zip(xs, layout.placements)]
+    before = [d.to_local().clone() for d in dts]
+    got = C.call(case, dts)
+    want = C.call(case, xs)
+    if semiring == "viterbi":
+        assert torch.equal(got[1].full_tensor(), want[1])
+        got, want = got[0], want[0]
+    _close(got.full_tensor(), want, semiring in EXACT, "values")
+    for d, b in zip(dts, before):
+        assert torch.equal(d.to_local(), b)  # nothing mutated
+
+
+def test_torch_func_transforms_are_refused_clearly(mesh: Any) -> None:
+    from torch.distributed.tensor import Shard
+
+    a = _dt(mesh, torch.randn(3, 4), Shard(1))
+    b = _dt(mesh, torch.randn(4, 5), Shard(0))
+    with pytest.raises(NotImplementedError, match=r"torch.func transforms .*\.backward\(\)"):
+        torch.func.grad(lambda x: func.log_einsum("ij,jk->ik", x, b).sum().full_tensor())(a)
+
+
+def test_torch_compile_runs_the_distributed_call(mesh: Any) -> None:
+    from torch.distributed.tensor import Shard
+
+    a = _dt(mesh, torch.randn(3, 4), Shard(1))
+    b = _dt(mesh, torch.randn(4, 5), Shard(0))
+    compiled = torch.compile(lambda x, y: func.viterbi_einsum("ij,jk->ik", x, y), fullgraph=False)
+    values, argmax = compiled(a, b)
+    want_values, want_argmax = func.viterbi_einsum("ij,jk->ik", a.full_tensor(), b.full_tensor())
+    assert torch.equal(values.full_tensor(), want_values)
+    assert torch.equal(argmax.full_tensor(), want_argmax)
