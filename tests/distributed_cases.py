@@ -113,6 +113,8 @@ LAYOUTS_2D = [
         ("R", "R"),
         2,
     ),
+    # One index sharded over both mesh dimensions (nested shards).
+    Layout("mesh2d-nested", "ij,jk->ik", M, (("S1", "S1"), ("S0", "S0")), ("R", "R"), 2),
 ]
 KBEST_LAYOUTS = [
     Layout("kbest-sum", "ij,jk->ik", ((6, 8, 2), (8, 5, 2)), (("S1",), ("S0",)), ("R",), 1),
@@ -171,6 +173,10 @@ def cases(world: int) -> list[Case]:
         ]:
             name = f"{layout.name}-{semiring}-{data}"
             out.append(Case(name, semiring, layout, (world,), data))
+    if world == 4:  # ties across both mesh dimensions
+        for layout in LAYOUTS_2D[1:]:
+            for semiring in ("max", "min", "viterbi"):
+                out.append(Case(f"{layout.name}-{semiring}-int", semiring, layout, (2, 2), "int"))
     out += [Case(f"{lay.name}-kbest2", "kbest2", lay, (world,)) for lay in KBEST_LAYOUTS]
     return out
 

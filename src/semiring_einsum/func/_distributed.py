@@ -252,8 +252,15 @@ def contract(
         shift = [offsets.get(c, 0) for c in layout.summed]
         if any(shift):
             argmax = argmax + torch.tensor(shift, dtype=argmax.dtype, device=argmax.device)
-    for d in layout.combine:
-        group = (mesh, d)
+    groups = [(mesh, d) for d in layout.combine]
+    if groups and semiring in (MAX_PLUS, MIN_PLUS) and not viterbi:
+        ties = _ties(equation, shards, layout, mesh, local_argmax)
+        if semiring == MAX_PLUS:
+            values = _MaxAll.apply(values, groups, ties)
+        else:  # -max(-x), as on one device: a NaN wins here too
+            values = -_MaxAll.apply(-values, groups, ties)
+        groups = []
+    for d, group in zip(layout.combine, groups):
         if viterbi:
             assert argmax is not None
             values, argmax = _combine_viterbi(values, argmax, group, layout)
@@ -261,12 +268,6 @@ def contract(
             values = _SumAll.apply(values, group)
         elif semiring == LOG:
             values = _LogAll.apply(values, group, _dead_weight(policy, layout, mesh, d))
-        elif semiring == MAX_PLUS:
-            ties = _ties(equation, shards, layout, mesh, local_argmax)
-            values = _MaxAll.apply(values, group, ties)
-        elif semiring == MIN_PLUS:  # -max(-x), as on one device: a NaN wins here too
-            ties = _ties(equation, shards, layout, mesh, local_argmax)
-            values = -_MaxAll.apply(-values, group, ties)
         else:
             gathered = _GatherAll.apply(values, group, mesh.get_local_rank(d))
             values = semiring.sum(gathered, (0,))
@@ -319,11 +320,12 @@ _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def _key(x: Tensor) -> Tensor:
-    """Integers ordered as the floats are, with every NaN above +inf."""
+    """Integers ordered as the floats are, with every NaN above +inf and -0.0 equal to +0.0."""
     x = x.detach()
     if x.dtype not in _INT_OF:
         x = x.float()  # float16 / bfloat16 widen exactly
     x = torch.where(torch.isnan(x), torch.full_like(x, math.nan).abs(), x)  # one positive NaN
+    x = torch.where(x == 0, 0.0, x)  # -0.0 ties with +0.0
     i = x.view(_INT_OF[x.dtype])
     flip = torch.iinfo(i.dtype).max
     return torch.where(i < 0, i ^ flip, i)
@@ -355,30 +357,37 @@ class _SumAll(torch.autograd.Function):
 
 
 class _MaxAll(torch.autograd.Function):
-    """MAX over a mesh dimension; the gradient goes to the winning rank only.
+    """MAX over the summed-sharded mesh dimensions; the gradient goes to one rank only.
 
-    The forward is one all-reduce on the integer image.  The backward counts the
-    winners of each cell (one SUM all-reduce); where ranks tie, it asks ``ties``
-    for each rank's global row-major rank of its first optimiser and keeps the
-    smallest (one MIN all-reduce), the single-device rule.
+    The forward is one all-reduce per mesh dimension, on the integer image.  The backward
+    counts the ranks holding each cell's maximum (one SUM all-reduce per mesh dimension);
+    where several do, it asks ``ties`` for each rank's global row-major rank of its first
+    maximiser and keeps the smallest (one MIN all-reduce per mesh dimension): the
+    single-device rule.
     """
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, group: Any, ties: Callable[[], Tensor]) -> Tensor:
+    def forward(ctx: Any, values: Tensor, groups: list[Any], ties: Callable[[], Tensor]) -> Tensor:
         key = _key(values)
-        best = _all_reduce(key, "max", group)
+        best = key
+        for group in groups:
+            best = _all_reduce(best, "max", group)
         ctx.save_for_backward(key == best)
-        ctx.group, ctx.ties = group, ties
+        ctx.groups, ctx.ties = groups, ties
         return _unkey(best, values.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (winner,) = ctx.saved_tensors
-        count = _all_reduce(winner.to(torch.int32), "sum", ctx.group)
-        if bool((count > 1).any()):
-            ranks = ctx.ties()
-            mine = torch.where(winner, ranks, torch.iinfo(torch.int64).max)
-            winner = winner & (mine == _all_reduce(mine, "min", ctx.group))
+        count = winner.to(torch.int32)
+        for group in ctx.groups:
+            count = _all_reduce(count, "sum", group)
+        if bool((count > 1).any()):  # the same answer on every rank
+            mine = torch.where(winner, ctx.ties(), torch.iinfo(torch.int64).max)
+            first = mine
+            for group in ctx.groups:
+                first = _all_reduce(first, "min", group)
+            winner = winner & (mine == first)
         return grad * winner, None, None
 
 
