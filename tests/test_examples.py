@@ -31,6 +31,7 @@ def test_the_tutorials_are_all_there() -> None:
         "entropy_crf.py",
         "sample_parses.py",
         "reachability.py",
+        "distributed_cky.py",
     }
 
 
