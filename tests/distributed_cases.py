@@ -60,6 +60,7 @@ class Layout:
     clean: bool = True
     reduced: int = 0
     gathered: int = 0
+    brute: bool = True  # small enough for the brute-force oracle
 
 
 M = ((6, 8), (8, 5))
@@ -116,6 +117,19 @@ LAYOUTS_2D = [
     # One index sharded over both mesh dimensions (nested shards).
     Layout("mesh2d-nested", "ij,jk->ik", M, (("S1", "S1"), ("S0", "S0")), ("R", "R"), 2),
 ]
+# A chain of 23 matrices of 8 states: 8**22 assignments of the summed indices, past int64
+# ranks, so Viterbi's tie-break between ranks runs column by column.
+_CHAIN = "abcdefghijklmnopqrstuvwx"
+LONG_CHAIN = Layout(
+    "long-chain",
+    ",".join(_CHAIN[i : i + 2] for i in range(23)) + "->ax",
+    ((8, 8),) * 23,
+    (("S1",), ("S0",)) + (("R",),) * 21,
+    ("R",),
+    1,
+    reduced=21,
+    brute=False,
+)
 KBEST_LAYOUTS = [
     Layout("kbest-sum", "ij,jk->ik", ((6, 8, 2), (8, 5, 2)), (("S1",), ("S0",)), ("R",), 1),
     Layout(
@@ -143,7 +157,9 @@ class Case:
         # A user's ⊕ differentiated at its zero (logsumexp of all -inf) gives NaN: where a
         # rank's partial is zero, as where a pairwise plan's intermediate is zero on one
         # device (documented); gradients with -inf data are compared for the built-ins.
-        return self.data != "nan" and not (self.semiring == "user" and self.data == "neginf")
+        return self.data not in ("nan", "posinf") and not (
+            self.semiring == "user" and self.data == "neginf"
+        )
 
 
 def cases(world: int) -> list[Case]:
@@ -170,6 +186,9 @@ def cases(world: int) -> list[Case]:
             ("min", "nan"),
             ("viterbi", "nan"),
             ("log", "nan"),
+            ("log", "posinf"),
+            ("max", "posinf"),
+            ("viterbi", "posinf"),
         ]:
             name = f"{layout.name}-{semiring}-{data}"
             out.append(Case(name, semiring, layout, (world,), data))
@@ -178,6 +197,9 @@ def cases(world: int) -> list[Case]:
             for semiring in ("max", "min", "viterbi"):
                 out.append(Case(f"{layout.name}-{semiring}-int", semiring, layout, (2, 2), "int"))
     out += [Case(f"{lay.name}-kbest2", "kbest2", lay, (world,)) for lay in KBEST_LAYOUTS]
+    # Dyadic values: sums exact in any order (the local plan may associate them differently
+    # from one process's), ties unlikely.
+    out += [Case(f"long-chain-{s}", s, LONG_CHAIN, (world,), "dyadic") for s in ("max", "viterbi")]
     return out
 
 
@@ -189,6 +211,8 @@ def operands(case: Case) -> list[Tensor]:
     for shape in case.layout.shapes:
         if case.data == "int":
             x = torch.randint(-2, 3, shape, generator=g).double()
+        elif case.data == "dyadic":
+            x = torch.randint(-(2**20), 2**20, shape, generator=g).double() / 1024
         else:
             x = torch.randn(shape, generator=g, dtype=torch.float64)
         if case.data == "neginf":
@@ -198,6 +222,8 @@ def operands(case: Case) -> list[Tensor]:
         xs = [x.sort(-1, descending=True).values for x in xs]
     if case.data == "nan":
         xs[0].view(-1)[1] = math.nan
+    if case.data == "posinf":  # +inf terms, tied within a cell and across ranks
+        xs[0][1] = math.inf
     if case.data == "neginf" and xs[0].dim() == 2:  # a whole dead row of the first operand
         xs[0][0] = -math.inf
     return xs

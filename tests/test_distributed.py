@@ -98,10 +98,11 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
         assert torch.equal(got["argmax"], want["argmax"]), (got["argmax"], want["argmax"])
         assert got["argmax_placements"] == list(case.layout.output)
     # The single process agrees with the brute-force oracle.
-    if case.semiring in ("real", "log", "max", "min") and case.data != "nan":
+    brute = case.layout.brute and case.data not in ("nan", "posinf")
+    if case.semiring in ("real", "log", "max", "min") and brute:
         expected = oracle.brute(case.semiring, case.layout.equation, *C.operands(case))
         _close(want["values"], expected, False, "single process vs oracle")
-    if case.semiring == "viterbi" and case.data != "nan":
+    if case.semiring == "viterbi" and brute:
         values, argmax = oracle.brute_viterbi(case.layout.equation, *C.operands(case))
         _close(want["values"], values, True, "single process vs oracle")
         finite = torch.isfinite(values)
@@ -110,6 +111,9 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
     layout = case.layout
     if layout.clean:
         expected = {op: n * layout.combines for op, n in COMBINE[case.semiring].items()}
+        if layout is C.LONG_CHAIN and case.semiring == "viterbi":
+            # Ranks past int64: a MAX, a MIN per summed index (22), a SUM of the argmax.
+            expected = {"all_reduce": 1 + 22 + 1}
         assert got["forward"] == {k: v for k, v in expected.items() if v}, got["forward"]
     if not case.grads:
         return
