@@ -227,13 +227,16 @@ def test_a_bad_equation_fails_as_on_one_device(mesh: Any) -> None:
 @pytest.mark.parametrize("semiring", ["real", "log", "max", "min", "viterbi", "user"])
 def test_world_of_one_equals_one_device_and_leaves_inputs_alone(mesh: Any, semiring: str) -> None:
     from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.debug import CommDebugMode
 
     layout = C.LAYOUTS_1D[1]  # ij,jk->ik with j sharded
     case = C.Case(f"one-{semiring}", semiring, layout, (1,))
     xs = C.operands(case)
     dts = [_dt(mesh, x.clone(), Shard(int(p[0][1]))) for x, p in zip(xs, layout.placements)]
     before = [d.to_local().clone() for d in dts]
-    got = C.call(case, dts)
+    with CommDebugMode() as comms:
+        got = C.call(case, dts)
+    assert comms.get_total_counts() == 0  # a mesh dimension of one rank: nothing to combine
     want = C.call(case, xs)
     if semiring == "viterbi":
         assert torch.equal(got[1].full_tensor(), want[1])

@@ -124,6 +124,9 @@ def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layo
     chosen: list[str | None] = []
     for d in range(mesh.ndim):
         covered: dict[str, int] = {}
+        if mesh.size(d) == 1:  # every shard is whole: nothing to split, nothing to combine
+            chosen.append(None)
+            continue
         for x, term in zip(operands, terms):
             p = x.placements[d]
             if isinstance(p, Shard) and p.dim < len(term):
@@ -136,8 +139,12 @@ def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layo
     targets, grads = [], []
     for x, term in zip(operands, terms):
         target, grad = [], []
-        for index in chosen:
-            if index is not None and index in term and x.shape[term.index(index)] == sizes[index]:
+        for d, index in enumerate(chosen):
+            p = x.placements[d]
+            if mesh.size(d) == 1 and isinstance(p, (Shard, Replicate)):  # already whole
+                target.append(p)
+                grad.append(p)
+            elif index is not None and index in term and x.shape[term.index(index)] == sizes[index]:
                 target.append(Shard(term.index(index)))
                 grad.append(Shard(term.index(index)))
             else:
