@@ -11,11 +11,17 @@ every case and every example; ``.ci/run`` runs both.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Hashable, Iterator
 
 import pytest
 
+import distributed_cases
 import matrix
+
+_FOLDER = pytest.StashKey[str]()
 
 # A parametrized function with at most this many cases runs whole.
 SAMPLE_ABOVE = 16
@@ -33,6 +39,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     matrix.FULL = bool(config.getoption("--full"))
+    if not hasattr(config, "workerinput"):  # the session's first process (xdist controller)
+        # One folder for the session's distributed runs, inherited by the xdist workers.
+        folder = tempfile.mkdtemp(prefix="semiring-einsum-distributed-")
+        os.environ[distributed_cases.FOLDER] = folder
+        config.stash[_FOLDER] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_FOLDER, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -61,6 +78,7 @@ def _features(item: pytest.Item) -> list[Hashable]:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m, so that a case picked by hand always runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _start_distributed_runs(items)
     if matrix.FULL:
         return
     groups: dict[object, list[pytest.Item]] = {}
@@ -83,6 +101,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=[i for i in items if id(i) in dropped])
         items[:] = [i for i in items if id(i) not in dropped]
+
+
+def _start_distributed_runs(items: list[pytest.Item]) -> None:
+    """Start the multi-process runs of ``test_distributed`` in the background, right away.
+
+    Each world (2 and 4 processes) runs once per session, whichever xdist worker gets there
+    first, while the other tests run; its tests then read the results.
+    """
+    worlds = {
+        n
+        for item in items
+        for prefix, n in (("test_two_processes", 2), ("test_four_processes", 4))
+        if item.name.startswith(prefix)
+    }
+    for world in sorted(worlds, reverse=True):  # the longer one first
+        distributed_cases.launch(world, distributed_cases.shared_folder())
 
 
 @pytest.fixture

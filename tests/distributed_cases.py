@@ -14,7 +14,9 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,10 +364,71 @@ def _worker(rank: int, world: int, out: str) -> None:
 
 
 def main(world: int, out: str) -> None:
+    """Run every case of ``world`` processes; ``OUT/status`` says ``ok`` or the error, last."""
     import torch.multiprocessing as mp
 
     torch.set_num_threads(1)
-    mp.spawn(_worker, args=(world, out), nprocs=world, join=True)
+    status = "ok"
+    try:
+        mp.spawn(_worker, args=(world, out), nprocs=world, join=True)
+    except BaseException:
+        status = traceback.format_exc()
+        raise
+    finally:
+        Path(out, "status.tmp").write_text(status)
+        Path(out, "status.tmp").rename(Path(out, "status"))  # atomic: readers see it whole
+
+
+# The folder the test session shares between its pytest-xdist workers (set by conftest.py).
+FOLDER = "SEMIRING_EINSUM_DISTRIBUTED_RUNS"
+
+
+# The runs this process started (kept: a Popen collected while running warns).
+_RUNNING: list[subprocess.Popen[bytes]] = []
+
+
+def shared_folder() -> Path:
+    """Where this test session's distributed runs write (one per world size)."""
+    return Path(os.environ[FOLDER])
+
+
+def launch(world: int, root: Path) -> bool:
+    """Start the run of ``world`` processes in the background, once per ``root``.
+
+    Returns whether this call started it (another pytest-xdist worker may have).
+    """
+    out = root / f"world{world}"
+    try:
+        out.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    with open(out / "stderr", "w") as stderr:
+        _RUNNING.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(world), str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        )
+    return True
+
+
+def results(world: int, root: Path, timeout: float = 900.0) -> dict[str, Any]:
+    """The results of the run of ``world`` processes (started here if nobody has)."""
+    launch(world, root)
+    out = root / f"world{world}"
+    deadline = time.monotonic() + timeout
+    while not (out / "status").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {world}-process run did not finish in {timeout} s")
+        time.sleep(0.2)
+    status = (out / "status").read_text()
+    if status != "ok":
+        stderr = (out / "stderr").read_text()
+        raise RuntimeError(f"the {world}-process run failed:\n{status}\n{stderr[-4000:]}")
+    loaded: dict[str, Any] = torch.load(out / "results.pt", weights_only=False)
+    return loaded
 
 
 if __name__ == "__main__":

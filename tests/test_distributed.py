@@ -11,10 +11,7 @@ user's semiring.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +28,6 @@ pytestmark = [
     ),
 ]
 
-WORKER = Path(__file__).resolve().parent / "distributed_cases.py"
 EXACT = ("max", "min", "viterbi", "kbest2")
 # Collectives of one combine over one mesh dimension, forward.
 COMBINE = {
@@ -49,17 +45,9 @@ COMBINE = {
 _RESULTS: dict[int, dict[str, Any]] = {}
 
 
-def _results(world: int, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _results(world: int) -> dict[str, Any]:
     if world not in _RESULTS:
-        out = tmp_path_factory.mktemp(f"world{world}")
-        run = subprocess.run(
-            [sys.executable, str(WORKER), str(world), str(out)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert run.returncode == 0, f"the {world}-process run failed:\n{run.stderr[-4000:]}"
-        _RESULTS[world] = torch.load(out / "results.pt", weights_only=False)
+        _RESULTS[world] = C.results(world, C.shared_folder())
     return _RESULTS[world]
 
 
@@ -138,18 +126,16 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
         assert set(counted) <= {"all_reduce", "all_gather_into_tensor"}, counted
 
 
-@pytest.mark.xdist_group("distributed-2")
 @pytest.mark.parametrize("name", _ids(2))
-def test_two_processes(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_two_processes(name: str) -> None:
     case = {c.name: c for c in C.cases(2)}[name]
-    _check(case, _results(2, tmp_path_factory)[name])
+    _check(case, _results(2)[name])
 
 
-@pytest.mark.xdist_group("distributed-4")
 @pytest.mark.parametrize("name", _ids(4))
-def test_four_processes(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_four_processes(name: str) -> None:
     case = {c.name: c for c in C.cases(4)}[name]
-    _check(case, _results(4, tmp_path_factory)[name])
+    _check(case, _results(4)[name])
 
 
 # -- in this process: a world of one, for errors and the boundary's bookkeeping ---------------
