@@ -194,10 +194,12 @@ def cases(world: int) -> list[Case]:
         ]:
             name = f"{layout.name}-{semiring}-{data}"
             out.append(Case(name, semiring, layout, (world,), data))
-    if world == 4:  # ties across both mesh dimensions
+    if world == 4:  # ties across both mesh dimensions; dead cells' uniform weights
         for layout in LAYOUTS_2D[1:]:
             for semiring in ("max", "min", "viterbi"):
                 out.append(Case(f"{layout.name}-{semiring}-int", semiring, layout, (2, 2), "int"))
+            name = f"{layout.name}-log:uniform-neginf"
+            out.append(Case(name, "log:uniform", layout, (2, 2), "neginf"))
     out += [Case(f"{lay.name}-kbest2", "kbest2", lay, (world,)) for lay in KBEST_LAYOUTS]
     # Dyadic values: sums exact in any order (the local plan may associate them differently
     # from one process's), ties unlikely.

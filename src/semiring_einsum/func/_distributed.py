@@ -90,6 +90,7 @@ class _Layout:
         output: The output's placements.
         combine: The mesh dimensions whose index is summed, in order.
         sizes: Global size of every index.
+        summed: The summed indices, in the order of Viterbi's argmax.
         output_shape: Global shape of the output.
     """
 
@@ -103,15 +104,10 @@ class _Layout:
     output_shape: tuple[int, ...]
 
 
-def _placements() -> Any:
-    from torch.distributed.tensor import Partial, Replicate, Shard
-
-    return Partial, Replicate, Shard
-
-
 def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layout:
     """Choose the sharded index of every mesh dimension; validate the call."""
-    Partial, Replicate, Shard = _placements()
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
     shapes = tuple(tuple(x.shape) for x in operands)
     recipe = analyze(equation, shapes, tuple(x.dtype for x in operands), semiring.shape)
     eq, sizes = recipe.equation, recipe.contraction.size
@@ -136,9 +132,11 @@ def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layo
         # Most bytes sharded; ties go to the index that appears first (same on every rank).
         order = {c: k for k, c in enumerate(dict.fromkeys("".join(terms)))}
         chosen.append(min(covered, key=lambda c: (-covered[c], order[c])) if covered else None)
-    targets, grads = [], []
+    targets: list[tuple[Any, ...]] = []
+    grads: list[tuple[Any, ...]] = []
     for x, term in zip(operands, terms):
-        target, grad = [], []
+        target: list[Any] = []
+        grad: list[Any] = []
         for d, index in enumerate(chosen):
             p = x.placements[d]
             if mesh.size(d) == 1 and isinstance(p, (Shard, Replicate)):  # already whole
@@ -194,18 +192,33 @@ def _check(operands: Sequence[object], equation: object) -> Any:
     return meshes[0]
 
 
-def _offsets(layout: _Layout, mesh: Any) -> dict[str, int]:
-    """This rank's first global coordinate of every sharded index (``torch.chunk`` splits)."""
-    offsets: dict[str, int] = {}
+def _shares(layout: _Layout, mesh: Any) -> list[tuple[int, int, int]]:
+    """Per mesh dimension, ``(start, extent, of)``: this rank's part of its index there.
+
+    Shards split like :func:`torch.chunk`, mesh dimension after mesh dimension, so an index
+    sharded on two mesh dimensions is split again within the first one's part (``of`` is
+    the size being split; ``(0, 1, 1)`` for a mesh dimension that shards nothing).
+    """
+    shares = []
     extents: dict[str, int] = {}
     for d, c in enumerate(layout.chosen):
         if c is None:
+            shares.append((0, 1, 1))
             continue
         size = extents.get(c, layout.sizes[c])
         chunk = -(-size // mesh.size(d))
         start = min(mesh.get_local_rank(d) * chunk, size)
-        offsets[c] = offsets.get(c, 0) + start
         extents[c] = min(chunk, size - start)
+        shares.append((start, extents[c], size))
+    return shares
+
+
+def _offsets(layout: _Layout, mesh: Any) -> dict[str, int]:
+    """This rank's first global coordinate of every sharded index."""
+    offsets: dict[str, int] = {}
+    for c, (start, _, _) in zip(layout.chosen, _shares(layout, mesh)):
+        if c is not None:
+            offsets[c] = offsets.get(c, 0) + start
     return offsets
 
 
@@ -474,12 +487,9 @@ def _dead_weight(policy: float | str, layout: _Layout, mesh: Any, d: int) -> flo
     """The backward weight of a rank's partial in a cell whose terms are all -inf."""
     if policy == "nan":
         return math.nan
-    if policy == "uniform":  # each term 1/N: this rank holds its share of the terms
-        c = layout.chosen[d]
-        assert c is not None
-        chunk = -(-layout.sizes[c] // mesh.size(d))
-        start = min(mesh.get_local_rank(d) * chunk, layout.sizes[c])
-        return min(chunk, layout.sizes[c] - start) / layout.sizes[c]
+    if policy == "uniform":  # each term 1/N: the partial holds this rank's share of the terms
+        _, extent, of = _shares(layout, mesh)[d]
+        return extent / of
     return 1.0  # a constant weight per term: the local pass gave it already
 
 
