@@ -62,7 +62,8 @@ class Layout:
     clean: bool = True
     reduced: int = 0
     gathered: int = 0
-    brute: bool = True  # small enough for the brute-force oracle
+    brute: bool = True  # one output, small enough for the brute-force oracle
+    several: tuple[tuple[str, ...], ...] = ()  # several outputs: each one's placements
 
 
 M = ((6, 8), (8, 5))
@@ -119,6 +120,18 @@ LAYOUTS_2D = [
     # One index sharded over both mesh dimensions (nested shards).
     Layout("mesh2d-nested", "ij,jk->ik", M, (("S1", "S1"), ("S0", "S0")), ("R", "R"), 2),
 ]
+# Several outputs (log Z and the marginals of both factors): one distributed call each.
+SEVERAL = Layout(
+    "several",
+    "ij,jk->,ij,jk",
+    M,
+    (("S1",), ("S0",)),
+    ("R",),
+    1,  # j is summed in the first output only
+    brute=False,
+    several=(("R",), ("S1",), ("S0",)),
+)
+
 # A chain of 23 matrices of 8 states: 8**22 assignments of the summed indices, past int64
 # ranks, so Viterbi's tie-break between ranks runs column by column.
 _CHAIN = "abcdefghijklmnopqrstuvwx"
@@ -201,6 +214,9 @@ def cases(world: int) -> list[Case]:
             name = f"{layout.name}-log:uniform-neginf"
             out.append(Case(name, "log:uniform", layout, (2, 2), "neginf"))
     out += [Case(f"{lay.name}-kbest2", "kbest2", lay, (world,)) for lay in KBEST_LAYOUTS]
+    out += [
+        Case(f"several-{s}", s, SEVERAL, (world,)) for s in ("real", "log", "max", "min", "user")
+    ]
     # Dyadic values: sums exact in any order (the local plan may associate them differently
     # from one process's), ties unlikely.
     out += [Case(f"long-chain-{s}", s, LONG_CHAIN, (world,), "dyadic") for s in ("max", "viterbi")]
@@ -312,19 +328,22 @@ def run_case(case: Case, meshes: dict[tuple[int, ...], Any]) -> dict[str, Any]:
     with CommDebugMode() as forward:
         result = call(case, dts)
     values, argmax = result if case.semiring == "viterbi" else (result, None)
+    outputs = list(values) if isinstance(values, tuple) else [values]  # several outputs
     out: dict[str, Any] = {
-        "values": values.full_tensor(),
-        "placements": [_spec(p) for p in values.placements],
+        "values": [v.full_tensor() for v in outputs],
+        "placements": [[_spec(p) for p in v.placements] for v in outputs],
         "forward": _counts(forward),
     }
     if argmax is not None:
         out["argmax"] = argmax.full_tensor()
         out["argmax_placements"] = [_spec(p) for p in argmax.placements]
     if case.grads:
-        w = cotangent(case, out["values"])
-        w_local = distribute_tensor(w, mesh, values.placements, src_data_rank=None).to_local()
+        ws = [
+            distribute_tensor(cotangent(case, full), mesh, v.placements, src_data_rank=None)
+            for v, full in zip(outputs, out["values"])
+        ]
         with CommDebugMode() as backward:
-            torch.autograd.backward(values.to_local(), w_local)
+            torch.autograd.backward([v.to_local() for v in outputs], [w.to_local() for w in ws])
         out["backward"] = _counts(backward)
         grads, grad_placements = [], []
         for leaf in leaves:

@@ -60,9 +60,11 @@ def _single(case: C.Case) -> dict[str, Any]:
     xs = [x.requires_grad_(case.grads) for x in C.operands(case)]
     result = C.call(case, xs)
     values, argmax = result if case.semiring == "viterbi" else (result, None)
-    out: dict[str, Any] = {"values": values.detach(), "argmax": argmax}
+    outputs = list(values) if isinstance(values, tuple) else [values]
+    out: dict[str, Any] = {"values": [v.detach() for v in outputs], "argmax": argmax}
     if case.grads:
-        torch.autograd.backward(values, C.cotangent(case, values.detach()))
+        ws = [C.cotangent(case, v.detach()) for v in outputs]
+        torch.autograd.backward(outputs, ws)
         out["grads"] = [x.grad for x in xs]
     return out
 
@@ -81,7 +83,9 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
     assert "error" not in got, got.get("error")
     want = _single(case)
     exact = case.semiring in EXACT
-    _close(got["values"], want["values"], exact, "values")
+    assert len(got["values"]) == len(want["values"])
+    for k, (g, w) in enumerate(zip(got["values"], want["values"])):
+        _close(g, w, exact, f"values of output {k}")
     if case.semiring == "viterbi":
         assert torch.equal(got["argmax"], want["argmax"]), (got["argmax"], want["argmax"])
         assert got["argmax_placements"] == list(case.layout.output)
@@ -89,13 +93,14 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
     brute = case.layout.brute and case.data not in ("nan", "posinf")
     if case.semiring in ("real", "log", "max", "min") and brute:
         expected = oracle.brute(case.semiring, case.layout.equation, *C.operands(case))
-        _close(want["values"], expected, False, "single process vs oracle")
+        _close(want["values"][0], expected, False, "single process vs oracle")
     if case.semiring == "viterbi" and brute:
         values, argmax = oracle.brute_viterbi(case.layout.equation, *C.operands(case))
-        _close(want["values"], values, True, "single process vs oracle")
+        _close(want["values"][0], values, True, "single process vs oracle")
         finite = torch.isfinite(values)
         assert torch.equal(want["argmax"][finite], argmax[finite])
-    assert got["placements"] == list(case.layout.output)
+    expected_placements = case.layout.several or (case.layout.output,)
+    assert got["placements"] == [list(p) for p in expected_placements]
     layout = case.layout
     if layout.clean:
         expected = {op: n * layout.combines for op, n in COMBINE[case.semiring].items()}
@@ -230,6 +235,12 @@ def test_world_of_one_equals_one_device_and_leaves_inputs_alone(mesh: Any, semir
     _close(got.full_tensor(), want, semiring in EXACT, "values")
     for d, b in zip(dts, before):
         assert torch.equal(d.to_local(), b)  # nothing mutated
+
+
+def test_viterbi_refuses_several_outputs_as_on_one_device(mesh: Any) -> None:
+    a, b = _dt(mesh, torch.randn(2, 3)), _dt(mesh, torch.randn(3, 4))
+    with pytest.raises(func.EquationError, match="viterbi_einsum returns one output"):
+        func.viterbi_einsum("ij,jk->,ij", a, b)
 
 
 def test_torch_func_transforms_are_refused_clearly(mesh: Any) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ._multi import split_outputs
+from ._multi import reject, split_outputs
 from ._parse import analyze
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
@@ -242,6 +242,8 @@ def contract(
     from torch.distributed.tensor import Partial
 
     mesh = _check(operands, equation)
+    if viterbi:
+        reject(equation, "viterbi_einsum")
     split = split_outputs(equation)
     if split is not None:  # several outputs: one distributed call per output
         lhs, outs = split
