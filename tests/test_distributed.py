@@ -262,3 +262,47 @@ def test_torch_compile_runs_the_distributed_call(mesh: Any) -> None:
     want_values, want_argmax = func.viterbi_einsum("ij,jk->ik", a.full_tensor(), b.full_tensor())
     assert torch.equal(values.full_tensor(), want_values)
     assert torch.equal(argmax.full_tensor(), want_argmax)
+
+
+def test_the_drop_in_layer_passes_dtensors_through(mesh: Any) -> None:
+    from torch.distributed.tensor import Shard
+
+    import semiring_einsum as se
+
+    a_, b_ = torch.randn(3, 4), torch.randn(4, 5)
+    a, b = _dt(mesh, a_, Shard(1)), _dt(mesh, b_, Shard(0))
+    eq = se.compile_equation("ij,jk->ik")
+    for call in (se.einsum, se.real_einsum_forward, se.log_einsum, se.log_einsum_forward):
+        _close(call(eq, a, b).full_tensor(), call(eq, a_, b_), False, call.__name__)
+    values, argmax = se.log_viterbi_einsum_forward(eq, a, b)
+    want_values, want_argmax = se.log_viterbi_einsum_forward(eq, a_, b_)
+    assert torch.equal(values.full_tensor(), want_values)
+    assert torch.equal(argmax.full_tensor(), want_argmax)
+
+
+def test_the_drop_in_helpers_without_a_distributed_route_say_so(mesh: Any) -> None:
+    import semiring_einsum as se
+
+    a, b = _dt(mesh, torch.randn(3, 4)), _dt(mesh, torch.randn(4, 5))
+    g = _dt(mesh, torch.randn(3, 5))
+    eq = se.compile_equation("ij,jk->ik")
+    calls = {
+        "real_einsum_backward": lambda: se.real_einsum_backward(eq, [a, b], [True, True], g),
+        "log_einsum_backward": lambda: se.log_einsum_backward(eq, [a, b], [True, True], g),
+        "log_einsum_forward with return_max": lambda: se.log_einsum_forward(
+            eq, a, b, return_max=True
+        ),
+        "semiring_einsum_forward": lambda: se.semiring_einsum_forward(
+            eq, [a, b], se.AutomaticBlockSize(), lambda compute_sum: None
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name}.* does not take DTensor operands"):
+            call()
+
+
+def test_torch_func_over_wrapped_dtensors_is_refused(mesh: Any) -> None:
+    # Every operand under the transform's wrapper: not a DTensor to isinstance, still one.
+    a, b = _dt(mesh, torch.randn(3, 4)), _dt(mesh, torch.randn(4, 5))
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.vjp(lambda x, y: func.max_einsum("ij,jk->ik", x, y), a, b)

@@ -21,6 +21,7 @@ from .func._api import log_einsum_vjp, log_einsum_with_extras
 from .func._autograd import apply
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, resolve_budget
 from .func._context import Context, call_context
+from .func._distributed import refuse as refuse_dtensors
 from .func._parse import ELLIPSIS, canonicalize, parse_subscripts, resolve
 from .func._plan import joint_step
 from .func._rules import Rule
@@ -194,6 +195,7 @@ def real_einsum_backward(
         ...                                      torch.ones(2))
         [None, tensor([2., 2., 2.])]
     """
+    refuse_dtensors(args, "real_einsum_backward")
     source = _source(equation)
     needs = _needs(needs_grad, args)
     pull = torch.func.vjp(lambda *xs: func.einsum(source, *xs, block_size=block_size), *args)[1]
@@ -277,6 +279,7 @@ def log_einsum_forward(
     source = _source(equation)
     if not (return_max or return_sumexpsub):
         return func.log_einsum(source, *args, block_size=block_size)
+    refuse_dtensors(args, "log_einsum_forward with return_max or return_sumexpsub")
     out, m, s = log_einsum_with_extras(source, *args, block_size=block_size)
     return (out,) + ((m,) if return_max else ()) + ((s,) if return_sumexpsub else ())
 
@@ -312,6 +315,7 @@ def log_einsum_backward(
         ...                                     torch.tensor(1.0))
         [tensor([0.5000, 0.5000])]
     """
+    refuse_dtensors(args, "log_einsum_backward")
     source = _source(equation)
     needs = _needs(needs_grad, args)
     out = None
@@ -394,6 +398,7 @@ def semiring_einsum_forward(
         tensor([[7., 6.],
                 [3., 7.]])
     """
+    refuse_dtensors(args, "semiring_einsum_forward")
     source = _source(equation)
     eq, clean, xs = canonicalize(source, list(args))
     budget = resolve_budget(block_size, xs[0].device, source)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._C._functorch as _functorch
 
 from ._multi import reject, split_outputs
 from ._parse import analyze
@@ -59,12 +60,21 @@ _RANKABLE = 2**62
 
 
 def involved(operands: Sequence[object]) -> bool:
-    """Whether any operand is a DTensor (free when DTensor was never imported)."""
+    """Whether any operand is a DTensor, bare or under a ``torch.func`` transform's wrapper.
+
+    Free when DTensor was never imported.
+    """
     module = sys.modules.get("torch.distributed.tensor")
     if module is None:
         return False
     dtensor = module.DTensor
-    return any(isinstance(x, dtensor) for x in operands)
+    unwrap = not torch.compiler.is_compiling()  # (no transform wrappers in a graph)
+    for x in operands:
+        while unwrap and isinstance(x, Tensor) and _functorch.is_functorch_wrapped_tensor(x):
+            x = _functorch.get_unwrapped(x)
+        if isinstance(x, dtensor):
+            return True
+    return False
 
 
 def refuse(operands: Sequence[object], function: str) -> None:
@@ -175,7 +185,7 @@ def _check(operands: Sequence[object], equation: object) -> Any:
     meshes = []
     for k, x in enumerate(operands):
         if not isinstance(x, DTensor):
-            if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
+            if isinstance(x, Tensor) and _functorch.is_functorch_wrapped_tensor(x):
                 raise NotImplementedError(
                     f"torch.func transforms (grad, vjp, vmap, ...) over DTensor operands are "
                     f"not supported (operand {k}, equation {equation!r}); autograd is: call "
