@@ -223,13 +223,16 @@ def _shares(layout: _Layout, mesh: Any) -> list[tuple[int, int, int]]:
     return shares
 
 
-def _offsets(layout: _Layout, mesh: Any) -> dict[str, int]:
-    """This rank's first global coordinate of every sharded index."""
+def _global_argmax(argmax: Tensor, layout: _Layout, mesh: Any) -> Tensor:
+    """A local argmax (coordinates in this rank's shards) in global coordinates."""
     offsets: dict[str, int] = {}
     for c, (start, _, _) in zip(layout.chosen, _shares(layout, mesh)):
         if c is not None:
             offsets[c] = offsets.get(c, 0) + start
-    return offsets
+    shift = [offsets.get(c, 0) for c in layout.summed]
+    if not any(shift):
+        return argmax
+    return argmax + torch.tensor(shift, dtype=argmax.dtype, device=argmax.device)
 
 
 @torch.compiler.disable  # under torch.compile: a graph break, the call runs eagerly
@@ -279,11 +282,8 @@ def contract(
         shards.append(x.to_local(grad_placements=grad))
     result = local(equation, *shards)
     values, argmax = result if viterbi else (result, None)
-    offsets = _offsets(layout, mesh)
-    if argmax is not None and offsets:
-        shift = [offsets.get(c, 0) for c in layout.summed]
-        if any(shift):
-            argmax = argmax + torch.tensor(shift, dtype=argmax.dtype, device=argmax.device)
+    if argmax is not None:
+        argmax = _global_argmax(argmax, layout, mesh)
     groups = [(mesh, d) for d in layout.combine]
     if groups and semiring in (MAX_PLUS, MIN_PLUS) and not viterbi:
         ties = _ties(equation, shards, layout, mesh, local_argmax)
@@ -435,9 +435,7 @@ def _ties(
     def ranks() -> Tensor:
         assert local_argmax is not None
         argmax = local_argmax(equation, *(x.detach() for x in shards))
-        offsets = _offsets(layout, mesh)
-        shift = [offsets.get(c, 0) for c in layout.summed]
-        return _global_rank(argmax + torch.tensor(shift, dtype=argmax.dtype), layout)
+        return _global_rank(_global_argmax(argmax, layout, mesh), layout)
 
     return ranks
 
