@@ -71,6 +71,8 @@ def _single(case: C.Case) -> dict[str, Any]:
 
 def _close(actual: Tensor, expected: Tensor, exact: bool, what: str) -> None:
     tol = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-9, "atol": 1e-11}
+    if not exact and expected.dtype in (torch.bfloat16, torch.float32):  # another sum order
+        tol = {"rtol": 1.6e-2, "atol": 1e-2} if expected.dtype == torch.bfloat16 else {}
     torch.testing.assert_close(
         actual, expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol
     )
@@ -90,7 +92,7 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
         assert torch.equal(got["argmax"], want["argmax"]), (got["argmax"], want["argmax"])
         assert got["argmax_placements"] == list(case.layout.output)
     # The single process agrees with the brute-force oracle.
-    brute = case.layout.brute and case.data not in ("nan", "posinf")
+    brute = case.layout.brute and case.data not in ("nan", "posinf", "bfloat16", "float32")
     if case.semiring in ("real", "log", "max", "min") and brute:
         expected = oracle.brute(case.semiring, case.layout.equation, *C.operands(case))
         _close(want["values"][0], expected, False, "single process vs oracle")

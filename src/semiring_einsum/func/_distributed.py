@@ -39,6 +39,7 @@ rank's partial by ``exp(partial - out)``; the gathered ⊕ takes its own slice.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -280,6 +281,12 @@ def contract(
         elif any(isinstance(p, Partial) for p in grad):
             x = _GradLike.apply(x)  # a partial-sum gradient goes back as the operand's placements
         shards.append(x.to_local(grad_placements=grad))
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in shards))
+    if dtype in _LOW_PRECISION:
+        # One device accumulates these in float32 and rounds once, at the end; so do the
+        # ranks: their partials and the combine stay in float32 (same values, and the
+        # gradient weights of the combine are not computed from rounded partials).
+        shards = [x.float() if x.dtype in _LOW_PRECISION else x for x in shards]
     result = local(equation, *shards)
     values, argmax = result if viterbi else (result, None)
     if argmax is not None:
@@ -303,7 +310,7 @@ def contract(
         else:
             gathered = _GatherAll.apply(values, group, mesh.get_local_rank(d))
             values = semiring.sum(gathered, (0,))
-    out = _global(values, mesh, layout.output, layout.output_shape)
+    out = _global(values.to(dtype), mesh, layout.output, layout.output_shape)
     if argmax is None:
         return out
     return out, _global(argmax, mesh, layout.output, (*layout.output_shape, argmax.shape[-1]))
@@ -349,6 +356,7 @@ class _GradLike(torch.autograd.Function):
 # -- exact MAX and MIN: an order-preserving integer image of the floats ---------------------
 
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _key(x: Tensor) -> Tensor:
@@ -520,9 +528,10 @@ class _LogAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         values, out = ctx.saved_tensors
-        weight = torch.exp(values - out)
+        compute = values.dtype if values.dtype in _INT_OF else torch.float32
+        weight = torch.exp(values.to(compute) - out.to(compute))
         weight = torch.where(out == -math.inf, ctx.dead, weight)
-        return grad * weight, None, None
+        return (grad.to(compute) * weight).to(grad.dtype), None, None
 
 
 class _GatherAll(torch.autograd.Function):
