@@ -612,7 +612,10 @@ def _distributed(
             shards = tuple(-x for x in shards)
         return cast(Tensor, _run(MAX_PLUS, eq, shards, block_size, optimize, viterbi=True)[1])
 
-    return D.contract(
+    run = D.contract
+    if torch.compiler.is_compiling():  # a graph break: the call runs eagerly
+        run = torch.compiler.disable(D.contract)  # (imports Dynamo: it is running already)
+    return run(
         semiring,
         equation,
         operands,

@@ -236,7 +236,6 @@ def _global_argmax(argmax: Tensor, layout: _Layout, mesh: Any) -> Tensor:
     return argmax + torch.tensor(shift, dtype=argmax.dtype, device=argmax.device)
 
 
-@torch.compiler.disable  # under torch.compile: a graph break, the call runs eagerly
 def contract(
     semiring: Semiring,
     equation: str,
