@@ -37,7 +37,9 @@ from ._parse import (
     apply_recipe,
     check_operands,
     parse_subscripts,
+    rankable,
     resolve,
+    row_major_strides,
 )
 from ._plan import (
     Plan,
@@ -369,32 +371,6 @@ def _contract(
     if len(p.plan.steps) > 1:
         found = _joint_where_not_finite(p, ctx, budget, values, found)
     return values, found
-
-
-RANKABLE = 1 << 62
-"""Assignments of the summed indices beyond which a global row-major rank does not fit an
-int64 (with room for sums of partial ranks and the "no rank" mark)."""
-
-
-def row_major_strides(size: dict[str, int], summed: str) -> dict[str, int]:
-    """Each summed index's weight in the row-major rank of an assignment (the global order)."""
-    stride: dict[str, int] = {}
-    acc = 1
-    for c in reversed(summed):
-        stride[c] = acc
-        acc *= size[c]
-    return stride
-
-
-def rankable(contraction: Contraction, summed: str, limit: int = RANKABLE) -> bool:
-    """Whether every assignment of the summed indices has an int64 rank below ``limit``."""
-    size = contraction.size
-    total = 1
-    for c in summed:
-        total *= size[c]
-        if total >= limit:
-            return False
-    return True
 
 
 def _ranks_needed(steps: Sequence[Step], operands: int) -> list[bool]:

@@ -30,13 +30,14 @@ import torch
 from . import _kernels as K
 from . import _logblas as LB
 from . import _native as N
-from ._api import Optimize, _budget, _Prepared, rankable, row_major_strides
+from ._api import Optimize, _budget, _Prepared
 from ._autograd import apply
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
 from ._context import call_context
 from ._distributed import refuse as refuse_dtensors
 from ._multi import reject
+from ._parse import rankable, row_major_strides
 from ._plan import Step, along_path, window_extents
 from ._rules import LOG_FAMILY, LOG_RULE, MAX_FAMILY, run_jvp
 from ._semiring import LOG, MAX_PLUS
