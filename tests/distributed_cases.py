@@ -224,6 +224,8 @@ def cases(world: int) -> list[Case]:
     # Dyadic values: sums exact in any order (the local plan may associate them differently
     # from one process's), ties unlikely.
     out += [Case(f"long-chain-{s}", s, LONG_CHAIN, (world,), "dyadic") for s in ("max", "viterbi")]
+    # Ties across ranks past int64 ranks: max's backward breaks them column by column.
+    out.append(Case("long-chain-max-int", "max", LONG_CHAIN, (world,), "int"))
     return out
 
 

@@ -50,14 +50,10 @@ import torch
 import torch._C._functorch as _functorch
 
 from ._multi import reject, split_outputs
-from ._parse import analyze
+from ._parse import analyze, rankable, row_major_strides
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
 
 Tensor = torch.Tensor
-
-# An int64 global rank must fit: past this many assignments the tie-break runs
-# column by column instead.
-_RANKABLE = 2**62
 
 
 def involved(operands: Sequence[object]) -> bool:
@@ -102,6 +98,8 @@ class _Layout:
         combine: The mesh dimensions whose index is summed, in order.
         sizes: Global size of every index.
         summed: The summed indices, in the order of Viterbi's argmax.
+        strides: Each summed index's weight in the global row-major rank of an assignment,
+            or ``None`` where those ranks do not fit an int64.
         output_shape: Global shape of the output.
     """
 
@@ -113,6 +111,7 @@ class _Layout:
     sizes: dict[str, int]
     summed: str
     output_shape: tuple[int, ...]
+    strides: dict[str, int] | None
 
 
 def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layout:
@@ -167,6 +166,7 @@ def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layo
     combine = tuple(d for d, c in enumerate(chosen) if c is not None and c not in output)
     summed = eq.summed
     out_shape = tuple(sizes[c] for c in output) + tuple(semiring.shape)
+    ranked = rankable(recipe.contraction, summed)
     return _Layout(
         tuple(chosen),
         tuple(targets),
@@ -176,6 +176,7 @@ def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layo
         sizes,
         summed,
         out_shape,
+        row_major_strides(sizes, summed) if ranked else None,
     )
 
 
@@ -294,9 +295,9 @@ def contract(
     if groups and semiring in (MAX_PLUS, MIN_PLUS) and not viterbi:
         ties = _ties(equation, shards, layout, mesh, local_argmax)
         if semiring == MAX_PLUS:
-            values = _MaxAll.apply(values, groups, ties)
+            values = _MaxAll.apply(values, groups, layout, ties)
         else:  # -max(-x), as on one device: a NaN wins here too
-            values = -_MaxAll.apply(-values, groups, ties)
+            values = -_MaxAll.apply(-values, groups, layout, ties)
         groups = []
     for d, group in zip(layout.combine, groups):
         if viterbi:
@@ -400,34 +401,36 @@ class _MaxAll(torch.autograd.Function):
 
     The forward is one all-reduce per mesh dimension, on the integer image.  The backward
     counts the ranks holding each cell's maximum (one SUM all-reduce per mesh dimension);
-    where several do, it asks ``ties`` for each rank's global row-major rank of its first
-    maximiser and keeps the smallest (one MIN all-reduce per mesh dimension): the
-    single-device rule.
+    where several do, it asks ``ties`` for each rank's first maximiser (in global
+    coordinates) and keeps the rank whose one comes first in row-major order
+    (:func:`_first`): the single-device rule.
     """
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, groups: list[Any], ties: Callable[[], Tensor]) -> Tensor:
+    def forward(
+        ctx: Any,
+        values: Tensor,
+        groups: list[Any],
+        layout: _Layout,
+        ties: Callable[[], Tensor],
+    ) -> Tensor:
         key = _key(values)
         best = key
         for group in groups:
             best = _all_reduce(best, "max", group)
         ctx.save_for_backward(key == best)
-        ctx.groups, ctx.ties = groups, ties
+        ctx.groups, ctx.layout, ctx.ties = groups, layout, ties
         return _unkey(best, values.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (winner,) = ctx.saved_tensors
         count = winner.to(torch.int32)
         for group in ctx.groups:
             count = _all_reduce(count, "sum", group)
         if bool((count > 1).any()):  # the same answer on every rank
-            mine = torch.where(winner, ctx.ties(), torch.iinfo(torch.int64).max)
-            first = mine
-            for group in ctx.groups:
-                first = _all_reduce(first, "min", group)
-            winner = winner & (mine == first)
-        return grad * winner, None, None
+            winner, _ = _first(winner, ctx.ties(), ctx.groups, ctx.layout, gather=False)
+        return grad * winner, None, None, None
 
 
 def _ties(
@@ -437,22 +440,51 @@ def _ties(
     mesh: Any,
     local_argmax: Callable[..., Tensor] | None,
 ) -> Callable[[], Tensor]:
-    """Each cell's global row-major rank of this rank's first optimiser (computed lazily)."""
+    """This rank's first optimiser of each cell, in global coordinates (computed lazily)."""
 
-    def ranks() -> Tensor:
+    def first() -> Tensor:
         assert local_argmax is not None
         argmax = local_argmax(equation, *(x.detach() for x in shards))
-        return _global_rank(_global_argmax(argmax, layout, mesh), layout)
+        return _global_argmax(argmax, layout, mesh)
 
-    return ranks
+    return first
 
 
-def _global_rank(argmax: Tensor, layout: _Layout) -> Tensor:
-    sizes = [layout.sizes[c] for c in layout.summed]
-    rank = torch.zeros(argmax.shape[:-1], dtype=torch.int64, device=argmax.device)
-    for k, n in enumerate(sizes):
-        rank = rank * n + argmax[..., k]
-    return rank
+_NEVER = torch.iinfo(torch.int64).max
+
+
+def _first(
+    winner: Tensor, argmax: Tensor, groups: Sequence[Any], layout: _Layout, *, gather: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Of the ranks where ``winner`` holds, the one whose ``argmax`` is first in row-major order.
+
+    Returns that rank's mask and, with ``gather``, its argmax on every rank.  One MIN
+    all-reduce per group, of the global row-major rank; where ranks do not fit an int64,
+    one per summed index, column by column (and a SUM to gather the argmax).
+    """
+    strides = layout.strides
+    if strides is not None:
+        rank = torch.zeros(argmax.shape[:-1], dtype=torch.int64, device=argmax.device)
+        for k, c in enumerate(layout.summed):
+            rank = rank + argmax[..., k] * strides[c]
+        mine = first = torch.where(winner, rank, _NEVER)
+        for group in groups:
+            first = _all_reduce(first, "min", group)
+        if not gather:
+            return winner & (mine == first), None
+        columns = [first // strides[c] % layout.sizes[c] for c in layout.summed]
+        return winner & (mine == first), torch.stack(columns, dim=-1)
+    for k in range(argmax.shape[-1]):
+        mine = first = torch.where(winner, argmax[..., k], _NEVER)
+        for group in groups:
+            first = _all_reduce(first, "min", group)
+        winner = winner & (mine == first)
+    if not gather:
+        return winner, None
+    found = torch.where(winner.unsqueeze(-1), argmax, 0)
+    for group in groups:
+        found = _all_reduce(found, "sum", group)
+    return winner, found
 
 
 def _combine_viterbi(
@@ -460,30 +492,10 @@ def _combine_viterbi(
 ) -> tuple[Tensor, Tensor]:
     key = _key(values)
     best_key = _all_reduce(key, "max", group)
-    winner = key == best_key
-    total = math.prod(layout.sizes[c] for c in layout.summed)
-    if total < _RANKABLE:
-        mine = torch.where(winner, _global_rank(argmax, layout), torch.iinfo(torch.int64).max)
-        first = _all_reduce(mine, "min", group)
-        winner = winner & (mine == first)
-        argmax = _decode(first, layout)
-    else:  # ranks past int64: the first maximiser column by column
-        for k in range(argmax.shape[-1]):
-            mine = torch.where(winner, argmax[..., k], torch.iinfo(torch.int64).max)
-            first = _all_reduce(mine, "min", group)
-            winner = winner & (mine == first)
-        argmax = _all_reduce(torch.where(winner.unsqueeze(-1), argmax, 0), "sum", group)
+    winner, found = _first(key == best_key, argmax, [group], layout, gather=True)
+    assert found is not None
     best = _Route.apply(values, _unkey(best_key, values.dtype), winner)
-    return best, argmax
-
-
-def _decode(rank: Tensor, layout: _Layout) -> Tensor:
-    columns = []
-    for c in reversed(layout.summed):
-        n = layout.sizes[c]
-        columns.append(rank % n)
-        rank = rank // n
-    return torch.stack(columns[::-1], dim=-1)
+    return best, found
 
 
 class _Route(torch.autograd.Function):
