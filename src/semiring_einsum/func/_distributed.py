@@ -127,6 +127,7 @@ def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layo
     mesh = operands[0].device_mesh
     # Indices an operand holds at full size exactly once (no diagonal, no broadcast).
     repeated = {c for term in terms for c in term if term.count(c) > 1}
+    order = {c: k for k, c in enumerate(dict.fromkeys("".join(terms)))}  # first appearance
     chosen: list[str | None] = []
     for d in range(mesh.ndim):
         covered: dict[str, int] = {}
@@ -140,7 +141,6 @@ def _layout(equation: str, operands: Sequence[Any], semiring: Semiring) -> _Layo
                 if c not in repeated and x.shape[p.dim] == sizes[c] and sizes[c] > 1:
                     covered[c] = covered.get(c, 0) + x.numel() * x.element_size()
         # Most bytes sharded; ties go to the index that appears first (same on every rank).
-        order = {c: k for k, c in enumerate(dict.fromkeys("".join(terms)))}
         chosen.append(min(covered, key=lambda c: (-covered[c], order[c])) if covered else None)
     targets: list[tuple[Any, ...]] = []
     grads: list[tuple[Any, ...]] = []
@@ -355,6 +355,8 @@ class _GradLike(torch.autograd.Function):
 
 # -- exact MAX and MIN: an order-preserving integer image of the floats ---------------------
 
+# Values reach the combines in float32 or float64 (float16 and bfloat16 partials are kept in
+# float32, see contract).
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -362,8 +364,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _key(x: Tensor) -> Tensor:
     """Integers ordered as the floats are, with every NaN above +inf and -0.0 equal to +0.0."""
     x = x.detach()
-    if x.dtype not in _INT_OF:
-        x = x.float()  # float16 / bfloat16 widen exactly
     x = torch.where(torch.isnan(x), torch.full_like(x, math.nan).abs(), x)  # one positive NaN
     x = torch.where(x == 0, 0.0, x)  # -0.0 ties with +0.0
     i = x.view(_INT_OF[x.dtype])
@@ -371,11 +371,11 @@ def _key(x: Tensor) -> Tensor:
     return torch.where(i < 0, i ^ flip, i)
 
 
-def _unkey(k: Tensor, dtype: torch.dtype) -> Tensor:
+def _unkey(k: Tensor) -> Tensor:
+    """The floats of :func:`_key`'s integers."""
     flip = torch.iinfo(k.dtype).max
     i = torch.where(k < 0, k ^ flip, k)
-    x = i.view(torch.float32 if k.dtype == torch.int32 else torch.float64)
-    return x.to(dtype)
+    return i.view(torch.float32 if k.dtype == torch.int32 else torch.float64)
 
 
 def _all_reduce(x: Tensor, op: str, group: Any) -> Tensor:
@@ -420,7 +420,7 @@ class _MaxAll(torch.autograd.Function):
             best = _all_reduce(best, "max", group)
         ctx.save_for_backward(key == best)
         ctx.groups, ctx.layout, ctx.ties = groups, layout, ties
-        return _unkey(best, values.dtype)
+        return _unkey(best)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
@@ -494,7 +494,7 @@ def _combine_viterbi(
     best_key = _all_reduce(key, "max", group)
     winner, found = _first(key == best_key, argmax, [group], layout, gather=True)
     assert found is not None
-    best = _Route.apply(values, _unkey(best_key, values.dtype), winner)
+    best = _Route.apply(values, _unkey(best_key), winner)
     return best, found
 
 
@@ -527,11 +527,10 @@ class _LogAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, values: Tensor, group: Any, dead: float) -> Tensor:
-        compute = values.dtype if values.dtype in _INT_OF else torch.float32
-        top = _unkey(_all_reduce(_key(values), "max", group), compute)
+        top = _unkey(_all_reduce(_key(values), "max", group))
         shift = torch.where(torch.isfinite(top), top, 0.0)
-        total = _all_reduce(torch.exp(values.to(compute) - shift), "sum", group)
-        out = (shift + torch.log(total)).to(values.dtype)
+        total = _all_reduce(torch.exp(values - shift), "sum", group)
+        out = shift + torch.log(total)
         ctx.save_for_backward(values, out)
         ctx.dead = dead
         return out
@@ -539,10 +538,9 @@ class _LogAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         values, out = ctx.saved_tensors
-        compute = values.dtype if values.dtype in _INT_OF else torch.float32
-        weight = torch.exp(values.to(compute) - out.to(compute))
+        weight = torch.exp(values - out)
         weight = torch.where(out == -math.inf, ctx.dead, weight)
-        return (grad.to(compute) * weight).to(grad.dtype), None, None
+        return grad * weight, None, None
 
 
 class _GatherAll(torch.autograd.Function):
