@@ -207,7 +207,9 @@ def log_vjp(
     (NaN: NaN; a float ``c``: ``c``; ``'uniform'``: ``1/N`` for ``N`` terms).
     The input gradients follow by the chain rule through the joint-space
     broadcast, so an input entry in ``m`` terms of such a cell gets
-    ``m · weight · cotangent``.  Returned in float64.
+    ``m · weight · cotangent`` -- except that a weight of 0 does not use the
+    cotangent at all (0, even where the cotangent is NaN or inf), as in
+    torch-semiring-einsum.  Returned in float64.
     """
     xs = [x.detach().to(torch.float64).requires_grad_() for x in operands]
     terms, _ = _terms("log", equation, tuple(xs))
@@ -222,5 +224,7 @@ def log_vjp(
     elif not math.isnan(float(grad_of_neg_inf)):
         weights = torch.where(dead, float(grad_of_neg_inf), weights)
     g = cotangent.to(torch.float64).unsqueeze(-1)
+    if not isinstance(grad_of_neg_inf, str) and float(grad_of_neg_inf) == 0.0:
+        g = torch.where(torch.isneginf(out), 0.0, g)
     grads = torch.autograd.grad(terms, xs, weights * g, allow_unused=True)
     return [torch.zeros_like(x) if gr is None else gr for x, gr in zip(xs, grads)]

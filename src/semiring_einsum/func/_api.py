@@ -144,8 +144,9 @@ def _setup(
             # if that final cell is finite, the intermediate's terms have weight 0
             # there (exactly as in the joint sum); if it is all -inf too, the final
             # step's policy already reaches the intermediate through the chain rule.
-            # So intermediate steps use weight 0, which also passes a NaN cotangent on.
-            neg_inf = policy if step is last and policy != PARTIAL else 0.0
+            # So intermediate steps use weight 0, multiplying the cotangent so that a NaN
+            # the final step's policy sends back passes on (K.THROUGH).
+            neg_inf = policy if step is last and policy != PARTIAL else K.THROUGH
             specs[id(step)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
         elif family.spec is MaxSpec:
             specs[id(step)] = MaxSpec(*common, argmax=True)

@@ -809,7 +809,35 @@ def argmax_tangent(
     return total
 
 
-NegInf = float | str  # a grad_of_neg_inf policy: a float, 'nan' or 'uniform'
+# A grad_of_neg_inf policy: a float, 'nan', 'uniform', or THROUGH (below).
+NegInf = float | str
+
+# The policy of a pairwise plan's intermediate steps and of a rank's partial sum: the terms
+# of an all -inf cell weigh 0, and the cotangent is still multiplied by that weight, so a NaN
+# that the final cell's policy sends back reaches the operands as the joint sum would send it.
+# A user's weight 0 is different: there the cotangent is not used at all (0, whatever it holds).
+THROUGH = "through"
+
+
+def dead_weight(neg_inf: NegInf, terms: int) -> float:
+    """The weight of each term of an all -inf cell under a policy other than NaN."""
+    if neg_inf == "uniform":
+        return 1.0 / terms if terms else 0.0
+    if neg_inf == THROUGH:
+        return 0.0
+    return float(neg_inf)
+
+
+def used_cotangent(neg_inf: NegInf, out: Tensor, g: Tensor) -> Tensor:
+    """``g`` with the all -inf cells of a user's weight-0 policy zeroed.
+
+    With ``grad_of_neg_inf=0`` such a cell does not use its cotangent, whatever
+    it holds: a NaN or inf sent back by a later operation stays there, rather
+    than turning the operands' gradients into ``0 * NaN``.
+    """
+    if isinstance(neg_inf, str) or neg_inf != 0.0:
+        return g
+    return torch.where(torch.isneginf(out), 0.0, g)
 
 
 def log_weights(
@@ -826,10 +854,7 @@ def log_weights(
     if neg_inf == "nan":
         return lambda views, rng: torch.exp(sum(views[1:], views[0]) - out)
     dead = torch.isneginf(out)
-    if neg_inf == "uniform":
-        weight = 1.0 / step.terms if step.terms else 0.0
-    else:
-        weight = float(neg_inf)
+    weight = dead_weight(neg_inf, step.terms)
     finite_out = torch.where(dead, 0.0, out)
 
     def weights(views: list[Tensor], rng: Range) -> Tensor:

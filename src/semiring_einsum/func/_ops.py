@@ -186,34 +186,41 @@ def _residual_shape(
     return laid if save else [1 if d in dims else n for d, n in enumerate(laid)]
 
 
+# How a log BLAS forward went (its last residual): not certified (residuals are
+# placeholders); certified; certified with cells whose terms are all -inf.
+NOT_CERTIFIED, CERTIFIED, CERTIFIED_DEAD = 0, 1, 2
+
+
 def _log_blas(step: Step, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
     """Log step on BLAS: ``(out, res_a, res_b, sumexp, certified)``.
 
-    When every cell passed the certificate, the residuals are what a first-order
-    backward needs (see :func:`._logblas.forward`) and ``certified`` is true.
-    Otherwise the cells at risk were recomputed (or, when most were, the whole step
-    ran on the exact row or window kernel), the residuals are placeholders and
-    ``certified`` is false.
+    When every cell passed the certificate (or is all -inf), the residuals are
+    what a first-order backward needs (see :func:`._logblas.forward`) and
+    ``certified`` is ``CERTIFIED`` (or ``CERTIFIED_DEAD``).  Otherwise the
+    cells at risk were recomputed (or, when most were, the whole step ran on
+    the exact row or window kernel), the residuals are placeholders and
+    ``certified`` is ``NOT_CERTIFIED``.
     """
     *outs, certified = _log_blas_eager(step, a, b)
     return (*outs, torch.tensor(certified, device=outs[0].device))
 
 
 def _log_blas_eager(step: Step, a: Tensor, b: Tensor) -> tuple[Any, ...]:
-    """:func:`_log_blas` with ``certified`` a Python bool (a plain eager call that
+    """:func:`_log_blas` with ``certified`` a Python int (a plain eager call that
     keeps no residuals does not pay for a tensor it drops)."""
     prog = LB.program(step)
     assert prog is not None, f"not a BLAS log step: {step}"
     fast = LB.forward(prog, a, b)
-    if fast is not None and len(fast) == 4:
-        return (*fast, True)
+    if fast is not None and len(fast) == 5:
+        *outs, dead = fast
+        return (*outs, CERTIFIED_DEAD if dead else CERTIFIED)
     if fast is not None:
         out = fast[0]
     else:  # most cells at risk (adversarial inputs): an exact kernel for the whole step
         rows = K.log_rows(step, [a, b])
         out = rows if rows is not None else K.log_forward(step, [a, b], inplace=True)[0]
     shape_a, shape_b = _residual_shapes(step, a, b)
-    return out, a.new_empty(shape_a), b.new_empty(shape_b), _out(step, a), False
+    return out, a.new_empty(shape_a), b.new_empty(shape_b), _out(step, a), NOT_CERTIFIED
 
 
 def _log_blas_fake(key: str, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
@@ -224,7 +231,7 @@ def _log_blas_fake(key: str, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
         a.new_empty(shape_a),
         b.new_empty(shape_b),
         _out(step, a),
-        a.new_empty((), dtype=torch.bool),
+        a.new_empty((), dtype=torch.int64),
     )
 
 
@@ -263,10 +270,11 @@ def _log_blas_vjp(
     """
     needs = (need_a, need_b)
     grads: Sequence[Tensor | None]
-    if bool(certified):
-        prog = LB.program(step)
-        assert prog is not None
-        grads = LB.vjp_from_residuals(prog, a, b, res_a, res_b, sumexp, g, needs)
+    state = int(certified)
+    if state != NOT_CERTIFIED:
+        policy = _policy(neg_inf)
+        dead = state == CERTIFIED_DEAD
+        grads = LB.vjp_certified(step, policy, a, b, out, res_a, res_b, sumexp, g, needs, dead)
     else:
         grads = LB.vjp_exact(step, _policy(neg_inf), (a, b), out, g, needs, plain=True)
     ga, gb = (gk if gk is not None else x.new_empty((0,)) for gk, x in zip(grads, (a, b)))
@@ -299,7 +307,7 @@ def policy_key(neg_inf: K.NegInf) -> str:
 
 
 def _policy(text: str) -> K.NegInf:
-    return text if text in ("nan", "uniform") else float(text)
+    return text if text in ("nan", "uniform", K.THROUGH) else float(text)
 
 
 # --------------------------------------------------------------- log kernels

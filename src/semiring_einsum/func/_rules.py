@@ -75,7 +75,8 @@ class LogSpec(Spec):
 
     Attributes:
         neg_inf: Softmax weight of each term of an all -inf cell in the derivatives:
-            ``'nan'``, ``'uniform'`` or a float.
+            ``'nan'``, ``'uniform'``, a float (0: the cell's cotangent is not used), or
+            :data:`._kernels.THROUGH` (an intermediate step's: weight 0 times the cotangent).
         extras: Also return the per-cell max and scaled sum.
         residuals: A BLAS step returns its residuals for a first-order backward.
     """
@@ -235,7 +236,7 @@ def _log_forward(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]
         outs = OPS.LOG_BLAS(ctx, spec, xs[0], xs[1])
         if not spec.residuals or not (ctx.traced or ctx.transformed):
             return outs[:1]  # (untransformed eager: the caller keeps the output alone)
-        if isinstance(outs[4], bool):  # a plain eager call: the residual must be a tensor
+        if isinstance(outs[4], int):  # a plain eager call: the residual must be a tensor
             return (*outs[:4], torch.tensor(outs[4], device=outs[0].device))
         return outs
     if kernel == "rows":
