@@ -1,15 +1,31 @@
 """Einsum over semirings for PyTorch.
 
 ``import semiring_einsum as torch_semiring_einsum`` runs code written for
-torch-semiring-einsum 1.2.0 unchanged.  The functional core, with more
-semirings and options, is :mod:`semiring_einsum.func`.
+torch-semiring-einsum 1.2.0 unchanged, including its submodules
+(``semiring_einsum.utils``, ``semiring_einsum.log_forward``, ...); or call
+:func:`install_as_torch_semiring_einsum` first and leave the imports as they
+are.  The functional core, with more semirings and options, is
+:mod:`semiring_einsum.func`.
 """
 
-from . import func
+# func, and the reference's module tree at the same paths (its __init__ imports them too).
+from . import (  # noqa: F401
+    equation,
+    extend,
+    func,
+    function,
+    log_backward,
+    log_differentiable,
+    log_forward,
+    log_viterbi_forward,
+    real_backward,
+    real_differentiable,
+    real_forward,
+    utils,
+)
+from ._install import install_as_torch_semiring_einsum
 from ._interop import (
-    Equation,
     combine,
-    compile_equation,
     einsum,
     log_einsum,
     log_einsum_backward,
@@ -19,6 +35,7 @@ from ._interop import (
     real_einsum_forward,
     semiring_einsum_forward,
 )
+from .equation import Equation, compile_equation
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 
 __version__ = "0.1.0"
@@ -38,4 +55,5 @@ __all__ = [
     "semiring_einsum_forward",
     "combine",
     "func",
+    "install_as_torch_semiring_einsum",
 ]

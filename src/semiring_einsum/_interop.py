@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from . import func
+from .equation import Equation
 from .func import _kernels as K
 from .func._api import log_einsum_vjp, log_einsum_with_extras
 from .func._autograd import apply
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, resolve_budget
 from .func._context import Context, call_context
 from .func._distributed import refuse as refuse_dtensors
-from .func._parse import ELLIPSIS, canonicalize, parse_subscripts, resolve
+from .func._parse import canonicalize
 from .func._plan import joint_step
 from .func._rules import Rule
 
@@ -30,96 +31,28 @@ Tensor = torch.Tensor
 BlockSize = int | AutomaticBlockSize
 
 
-@dataclass(frozen=True)
-class Equation:
-    """A pre-compiled einsum equation (see :func:`compile_equation`).
+def _subscripts(equation: Equation | str, args: Sequence[Tensor], *prepare: str) -> str:
+    """The einsum string to hand to the core, after the reference's ``prepare_for_*`` calls.
 
-    The attribute names are those of torch-semiring-einsum.  Indices are
-    numbered in order of first appearance.  For an equation with ``...``, the
-    lists hold the named indices only and a position after ``...`` is counted
-    from the end of the operand (a negative dim), since the number of
-    dimensions ``...`` covers is only known once tensors are given.
-
-    Attributes:
-        source: The equation string.
-        variable_locations: For each index, the ``(operand, dim)`` pairs where
-            it appears.
-        input_variables: For each operand, the index numbers of its dims.
-        output_variables: The index numbers of the output's dims.
-        num_variables: How many distinct indices there are.
-
-    Example:
-        >>> import torch, semiring_einsum
-        >>> eq = semiring_einsum.Equation("i,i->", [[(0, 0), (1, 0)]], [[0], [0]], [], 1)
-        >>> semiring_einsum.einsum(eq, torch.ones(3), torch.ones(3))
-        tensor(3.)
+    A string goes as is.  An :class:`Equation` is checked against ``args`` and
+    its string is computed from its fields; ``prepare`` names the
+    ``prepare_for_*`` methods that the reference's function calls, since code
+    that extends it reads their results.
     """
-
-    source: str
-    variable_locations: Sequence[Sequence[tuple[int, int]]] = field(repr=False)
-    input_variables: Sequence[Sequence[int]] = field(repr=False)
-    output_variables: Sequence[int] = field(repr=False)
-    num_variables: int = field(repr=False)
-
-
-def compile_equation(equation: str) -> Equation:
-    """Parse and validate an einsum equation once, for reuse.
-
-    Any :func:`torch.einsum` equation is accepted, including implicit outputs
-    and ``...``.  Passing the string itself to the einsum functions works
-    equally well (parsing is cached).
-
-    Args:
-        equation: An equation in :func:`torch.einsum` syntax.
-
-    Example:
-        >>> import semiring_einsum
-        >>> eq = semiring_einsum.compile_equation("ij,jk->ik")
-        >>> eq.input_variables, eq.output_variables, eq.num_variables
-        (((0, 1), (1, 2)), (0, 2), 3)
-    """
-    sub = parse_subscripts(equation)
-    numbers: dict[str, int] = {}
-    locations: list[list[tuple[int, int]]] = []
-    inputs: list[tuple[int, ...]] = []
-    for k, term in enumerate(sub.inputs):
-        ids = []
-        after = ELLIPSIS in term
-        for d, t in enumerate(term):
-            if t == ELLIPSIS:
-                continue
-            if t not in numbers:
-                numbers[t] = len(numbers)
-                locations.append([])
-            dim = d - len(term) if after and d > term.index(ELLIPSIS) else d
-            locations[numbers[t]].append((k, dim))
-            ids.append(numbers[t])
-        inputs.append(tuple(ids))
-    if sub.output is None:
-        output = [c for c in resolve_implicit(sub) if c in numbers]
-    else:
-        output = [t for t in sub.output if t != ELLIPSIS]
-    return Equation(
-        equation,
-        tuple(tuple(loc) for loc in locations),
-        tuple(inputs),
-        tuple(numbers[c] for c in output),
-        len(numbers),
-    )
-
-
-def resolve_implicit(sub: Any) -> str:
-    """The implicit output letters of an equation (ranks do not matter here)."""
-    ranks = tuple(len([t for t in term if t != ELLIPSIS]) for term in sub.inputs)
-    return resolve(sub, ranks).output
-
-
-def _source(equation: Equation | str) -> str:
-    if isinstance(equation, Equation):
-        return equation.source
     if isinstance(equation, str):
         return equation
-    raise TypeError(f"equation must be an Equation or a str, got {type(equation).__name__}")
+    if not isinstance(equation, Equation):
+        raise TypeError(f"equation must be an Equation or a str, got {type(equation).__name__}")
+    subscripts = equation._subscripts()
+    equation._check_arguments(args)
+    for method in prepare:
+        getattr(equation, method)()
+    return subscripts
+
+
+_FORWARD = "prepare_for_forward"
+_BACKWARD = "prepare_for_backward"
+_LOG_BACKWARD = "prepare_for_log_backward"
 
 
 def einsum(
@@ -131,7 +64,7 @@ def einsum(
     ``torch.func``.
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         *args: The tensors.
         block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
 
@@ -141,7 +74,8 @@ def einsum(
         tensor([[3., 3.],
                 [3., 3.]])
     """
-    return func.einsum(_source(equation), *args, block_size=block_size)
+    source = _subscripts(equation, args, _FORWARD, _BACKWARD)
+    return func.einsum(source, *args, block_size=block_size)
 
 
 def real_einsum_forward(
@@ -150,7 +84,7 @@ def real_einsum_forward(
     """Real einsum (the forward of :func:`einsum`; also differentiable here).
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         *args: The tensors.
         block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
 
@@ -159,7 +93,7 @@ def real_einsum_forward(
         >>> semiring_einsum.real_einsum_forward("i,i->", torch.ones(3), torch.ones(3))
         tensor(3.)
     """
-    return func.einsum(_source(equation), *args, block_size=block_size)
+    return func.einsum(_subscripts(equation, args, _FORWARD), *args, block_size=block_size)
 
 
 def _needs(needs_grad: Sequence[bool], args: Sequence[Tensor]) -> list[bool]:
@@ -179,7 +113,7 @@ def real_einsum_backward(
     """Gradients of :func:`real_einsum_forward` w.r.t. each arg.
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         args: The forward's tensors.
         needs_grad: One flag per arg.
         grad: The cotangent of the output.
@@ -196,7 +130,7 @@ def real_einsum_backward(
         [None, tensor([2., 2., 2.])]
     """
     refuse_dtensors(args, "real_einsum_backward")
-    source = _source(equation)
+    source = _subscripts(equation, args, _BACKWARD)
     needs = _needs(needs_grad, args)
     pull = torch.func.vjp(lambda *xs: func.einsum(source, *xs, block_size=block_size), *args)[1]
     grads = pull(grad)
@@ -225,7 +159,7 @@ def log_einsum(
     :func:`semiring_einsum.func.log_einsum`).
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         *args: Log-space tensors.
         block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
         save_max: Accepted for compatibility (no effect).
@@ -239,9 +173,8 @@ def log_einsum(
     """
     _check_flag("save_max", save_max)
     _check_flag("save_sumexpsub", save_sumexpsub)
-    return func.log_einsum(
-        _source(equation), *args, block_size=block_size, grad_of_neg_inf=grad_of_neg_inf
-    )
+    source = _subscripts(equation, args, _FORWARD, _LOG_BACKWARD)
+    return func.log_einsum(source, *args, block_size=block_size, grad_of_neg_inf=grad_of_neg_inf)
 
 
 def log_einsum_forward(
@@ -254,7 +187,7 @@ def log_einsum_forward(
     """Log-space einsum, optionally with each cell's max term and scaled sum.
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         *args: Log-space tensors.
         block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
         return_max: Also return each cell's largest term.
@@ -276,7 +209,7 @@ def log_einsum_forward(
     """
     _check_flag("return_max", return_max)
     _check_flag("return_sumexpsub", return_sumexpsub)
-    source = _source(equation)
+    source = _subscripts(equation, args, _FORWARD)
     if not (return_max or return_sumexpsub):
         return func.log_einsum(source, *args, block_size=block_size)
     refuse_dtensors(args, "log_einsum_forward with return_max or return_sumexpsub")
@@ -300,7 +233,7 @@ def log_einsum_backward(
     :func:`log_einsum_forward`), the forward is not recomputed.
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         args: The forward's tensors.
         needs_grad: One flag per arg.
         grad: The cotangent of the output.
@@ -316,7 +249,7 @@ def log_einsum_backward(
         [tensor([0.5000, 0.5000])]
     """
     refuse_dtensors(args, "log_einsum_backward")
-    source = _source(equation)
+    source = _subscripts(equation, args, _FORWARD, _LOG_BACKWARD)
     needs = _needs(needs_grad, args)
     out = None
     if saved_max is not None and saved_sumexpsub is not None:
@@ -333,7 +266,7 @@ def log_viterbi_einsum_forward(
     """Max-plus einsum with the argmax of the summed indices.
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         *args: Score (log-space) tensors.
         block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
 
@@ -347,7 +280,8 @@ def log_viterbi_einsum_forward(
         >>> semiring_einsum.log_viterbi_einsum_forward("i->", torch.tensor([0., 2., 1.]))
         (tensor(2.), tensor([1]))
     """
-    return func.viterbi_einsum(_source(equation), *args, block_size=block_size)
+    source = _subscripts(equation, args, _FORWARD)
+    return func.viterbi_einsum(source, *args, block_size=block_size)
 
 
 Window = tuple[slice, ...]
@@ -375,10 +309,13 @@ def semiring_einsum_forward(
     which is returned.  When a summed index has size 0, ``sum_block`` is
     called once on the empty window, so it defines the empty sum.
     ``output_dtypes`` is accepted for compatibility; the budget here bounds
-    the window tensor itself, so it is not needed.
+    the window tensor itself, so it is not needed.  With an
+    :class:`Equation`, ``equation.prepare_for_forward()`` runs first, as in
+    the reference, so ``func`` may read ``equation.reduce_input_to_output``
+    (as :func:`semiring_einsum.log_forward.resize_max_values` does).
 
     Args:
-        equation: An :class:`Equation` or an equation string.
+        equation: An :class:`Equation` (computed from its fields) or an equation string.
         args: The tensors.
         block_size: A window extent (int) or an :class:`AutomaticBlockSize`.
         func: Called once as ``func(compute_sum)``; its result is returned.
@@ -399,7 +336,7 @@ def semiring_einsum_forward(
                 [3., 7.]])
     """
     refuse_dtensors(args, "semiring_einsum_forward")
-    source = _source(equation)
+    source = _subscripts(equation, args, _FORWARD)
     eq, clean, xs = canonicalize(source, list(args))
     budget = resolve_budget(block_size, xs[0].device, source)
     step = joint_step(clean, budget, xs[0].element_size(), xs[0].device.type, eq.summed)

@@ -1,0 +1,23 @@
+"""Real einsum, backward (mirrors ``torch_semiring_einsum.real_backward``).
+
+:func:`real_einsum_backward` is the drop-in function; the other names are
+what the reference's module imports, kept at the same path.
+"""
+
+from __future__ import annotations
+
+from ._interop import real_einsum_backward
+from .equation import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, Equation
+from .extend import semiring_einsum_forward_impl
+from .utils import add_in_place, multiply_in_place, sum_block
+
+__all__ = [
+    "AUTOMATIC_BLOCK_SIZE",
+    "AutomaticBlockSize",
+    "Equation",
+    "add_in_place",
+    "multiply_in_place",
+    "real_einsum_backward",
+    "semiring_einsum_forward_impl",
+    "sum_block",
+]
