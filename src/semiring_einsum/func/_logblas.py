@@ -34,6 +34,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -251,7 +252,7 @@ def _laid_out(x: Tensor, perm: tuple[int, ...] | None) -> tuple[Tensor, bool]:
     return x.permute(perm).contiguous(), True
 
 
-def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Tensor, ...] | None:
+def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None:
     """The step's output: BLAS, with an exact log-sum-exp at the cells that need it.
 
     Returns ``(out, exp(A - mA) or mA, exp(B - mB) or mB, S)`` when every
@@ -266,43 +267,53 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Tensor, ...] | N
     """
     a, own_a = (a_in, False) if prog.perm_a is None else _laid_out(a_in, prog.perm_a)
     b, own_b = (b_in, False) if prog.perm_b is None else _laid_out(b_in, prog.perm_b)
-    raw_a = a.amax(prog.dims_a, keepdim=True)
-    raw_b = b.amax(prog.dims_b, keepdim=True)
-    # A row all -inf shifts by 0 (its factors are then as small as they go, and
-    # its cells are told apart below); a maximum of +inf or NaN turns its row
-    # into NaN, which BLAS keeps to the cells of that row: they fail the
-    # certificate and are recomputed from the operands.
-    ma = _finite_shift(raw_a)
-    mb = _finite_shift(raw_b)
-    ea = _exp_floored(a.sub_(ma) if own_a else a - ma)
-    eb = _exp_floored(b.sub_(mb) if own_b else b - mb)
+    ma = a.amax(prog.dims_a, keepdim=True)
+    mb = b.amax(prog.dims_b, keepdim=True)
+    # A non-finite maximum (a row of -inf, an inf, a NaN) turns its row into NaN
+    # (but see _shift: a big operand's row of -inf gives zeros); BLAS keeps that
+    # NaN to the cells of that row, which fail the certificate below and are
+    # recomputed from the operands -- except the cells whose terms are all -inf,
+    # which are exact as they are.
+    sa, clean_a = _shift(a, ma)
+    sb, clean_b = _shift(b, mb)
+    ea = _exp_floored(a.sub_(sa) if own_a else a - sa)
+    eb = _exp_floored(b.sub_(sb) if own_b else b - sb)
     product = prog.product(ea, eb)
     log_sum = torch.log(product)
     mask = risky(log_sum)
     dead = None
     if mask is not None:
-        # Cells whose terms are all -inf (masked states, a triangle of -inf) are
-        # exact as they are: -inf.  Only the others need recomputing.
         # A row all -inf makes every term of its cells -inf, provided the other
         # operand's row holds no +inf or NaN: exactly where the sum of the two
-        # row maxima is -inf (-inf + inf and NaN are NaN).
-        dead = torch.isneginf(_lined(raw_a, prog.view_a) + _lined(raw_b, prog.view_b))
+        # row maxima is -inf (-inf + inf and NaN are NaN).  Masked states or a
+        # triangle of -inf (the stack RNN's gamma) are such rows.
+        dead = torch.isneginf(_lined(ma, prog.view_a) + _lined(mb, prog.view_b))
         if bool(dead.any()):
-            mask = mask & ~dead
-            if not bool(mask.any()):
-                mask = None
+            mask = mask > dead  # at risk and not dead
         else:
             dead = None
-    if mask is not None and int(mask.sum()) > mask.numel() // 4:
-        return None
-    # log_sum is fresh (torch.log of a product), so it is ours to modify.  The
-    # unshifted maxima make the cells of a row of -inf exactly -inf.
-    result = log_sum.add_(_lined(raw_a, prog.view_a)).add_(_lined(raw_b, prog.view_b))
+        count = int(mask.sum())
+        if count > mask.numel() // 4:
+            return None
+        if not count:
+            mask = None
+    # log_sum is fresh (torch.log of a product), so it is ours to modify.
+    result = log_sum.add_(_lined(sa, prog.view_a)).add_(_lined(sb, prog.view_b))
+    nan_rows = dead is not None and not (clean_a and clean_b)
+    if nan_rows:  # a small operand's row of -inf shifted to NaN
+        assert dead is not None
+        result.masked_fill_(dead, -math.inf)
     if mask is None:
         # (An empty output certifies nothing: its operands may hold NaN rows.)
         if not product.numel():
             return (result,)
-        ra, rb = ea if prog.save_a else ma, eb if prog.save_b else mb
+        if nan_rows:
+            # As residuals, such rows are zeros shifted by 0, and their cells' sum 0.
+            assert dead is not None
+            ea, sa = _cleared(ea, sa)
+            eb, sb = _cleared(eb, sb)
+            product.masked_fill_(dead, 0.0)
+        ra, rb = ea if prog.save_a else sa, eb if prog.save_b else sb
         return result, ra, rb, product, dead is not None
     # The copies were shifted in place: the fix-up reads the operands anew.
     a = _laid_out(a_in, prog.perm_a)[0] if own_a else a
@@ -322,6 +333,7 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Tensor, ...] | N
 # factors fails the certificate and is recomputed exactly.
 _EXP_FLOOR = {torch.float64: -708.0}
 _DEFAULT_EXP_FLOOR = -87.0  # float32: exp(-87) = 1.6e-38, just above the smallest normal
+_FLOOR_MIN_ELEMENTS = 1 << 13
 
 
 def _exp_floored(shifted: Tensor, inplace: bool = True) -> Tensor:
@@ -329,18 +341,36 @@ def _exp_floored(shifted: Tensor, inplace: bool = True) -> Tensor:
 
     In place on ``shifted`` (fresh, ours) unless ``inplace`` is false (then
     differentiable: the floored entries' derivative is 0, as exp's is there).
+    Small tensors skip the floor: two more calls would cost more than a slow exp.
     """
+    if shifted.numel() < _FLOOR_MIN_ELEMENTS:
+        return shifted.exp_() if inplace else torch.exp(shifted)
     floor = _EXP_FLOOR.get(shifted.dtype, _DEFAULT_EXP_FLOOR)
     if inplace:
         e = shifted.clamp_(min=floor).exp_()
-        return torch.nn.functional.threshold_(e, math.exp(floor), 0.0)
+        return torch.threshold_(e, math.exp(floor), 0.0)
     e = torch.exp(torch.clamp(shifted, min=floor))
     return torch.nn.functional.threshold(e, math.exp(floor), 0.0)
 
 
-def _finite_shift(m: Tensor) -> Tensor:
-    """A row maximum as a shift: -inf (a row of -inf) becomes 0; +inf and NaN stay."""
-    return torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0)
+def _shift(x: Tensor, m: Tensor) -> tuple[Tensor, bool]:
+    """The shift of ``x``'s rows, and whether its rows of -inf shift by 0.
+
+    A big operand's rows of -inf shift by 0, giving zeros rather than passing
+    NaN through exp() (slow); a small one's shift by their -inf maximum (one
+    call less), giving NaN rows, cleared by :func:`_cleared` if need be.
+    """
+    if x.numel() < _FLOOR_MIN_ELEMENTS:
+        return m, False
+    return torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0), True
+
+
+def _cleared(e: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Residuals with the rows of -inf that shifted to NaN as zeros shifted by 0."""
+    none = torch.isneginf(shift)
+    if not bool(none.any()):
+        return e, shift
+    return e.masked_fill_(none, 0.0), shift.masked_fill(none, 0.0)
 
 
 def _lined(m: Tensor, view: tuple[tuple[int, ...], tuple[int, ...]] | None) -> Tensor:
@@ -363,19 +393,19 @@ def vjp_certified(
 ) -> list[Tensor | None]:
     """First-order gradients of a certified forward (see :func:`forward`).
 
-    With ``dead``, some cells are all -inf: they take no part in the BLAS
-    products (their weight there is 0, whatever their tiny floored sum of
-    exponentials) and send their policy's gradient in closed form
-    (:func:`_dead_cells`).
+    With ``dead``, some cells are all -inf (their sum of exponentials is 0):
+    they take no part in the BLAS products and send their policy's gradient
+    in closed form (:func:`_dead_cells`).
     """
     prog = program(step)
     assert prog is not None
     if not dead:
         return vjp_from_residuals(prog, a, b, res_a, res_b, product, g, needs)
-    g = K.used_cotangent(neg_inf, out, g)
     cells = torch.isneginf(out)
-    w = torch.where(cells, 0.0, g / torch.where(cells, 1.0, product))
-    grads = vjp_from_residuals(prog, a, b, res_a, res_b, torch.ones_like(product), w, needs)
+    # Their sum is 0: each cell's weight g / S is 0 there, whatever g holds.
+    w = torch.where(cells, 0.0, g / product)
+    grads = vjp_from_residuals(prog, a, b, res_a, res_b, None, w, needs)
+    g = K.used_cotangent(neg_inf, out, g)
     return _plus(grads, _dead_cells(step, neg_inf, (a, b), cells, g, needs))
 
 
@@ -385,11 +415,13 @@ def vjp_from_residuals(
     b: Tensor,
     res_a: Tensor,
     res_b: Tensor,
-    product: Tensor,
+    product: Tensor | None,
     g: Tensor,
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
     """First-order gradients from the forward's certified residuals.
+
+    With ``product`` ``None``, ``g`` is already the per-cell weight ``g / S``.
 
     ``res_a`` is ``exp(A - mA)``, or ``mA`` where the program did not keep
     the exponential (it is then recomputed, without the maxima or the
@@ -402,7 +434,7 @@ def vjp_from_residuals(
     """
     ea = res_a if prog.save_a else _exp_floored(_laid_out(a, prog.perm_a)[0] - res_a)
     eb = res_b if prog.save_b else _exp_floored(_laid_out(b, prog.perm_b)[0] - res_b)
-    w = g / product
+    w = g if product is None else g / product
     grad_a = _restored(ea * prog.back_a(w, eb), prog.perm_a) if needs[0] else None
     grad_b = _restored(eb * prog.back_b(ea, w), prog.perm_b) if needs[1] else None
     return [grad_a, grad_b]
@@ -527,9 +559,7 @@ def vjp_exact(
     return [gk if need else None for gk, need in zip(grads, needs, strict=True)]
 
 
-def _plus(
-    grads: Sequence[Tensor | None], more: Sequence[Tensor | None]
-) -> list[Tensor | None]:
+def _plus(grads: Sequence[Tensor | None], more: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [f if e is None or f is None else f + e for f, e in zip(grads, more, strict=True)]
 
 
@@ -615,15 +645,16 @@ def _cells_exactly(
         for k in (0, 1):
             if needs[k]:
                 piece = torch.zeros_like(flats[k]).index_add(0, lines[k][lo:hi], w)
-                acc[k] = piece if acc[k] is None else acc[k] + piece
+                prev = acc[k]
+                acc[k] = piece if prev is None else prev + piece
     grads: list[Tensor | None] = []
     for k, (term, x) in enumerate(zip((ta, tb), xs)):
-        piece = acc[k]
-        if piece is None:
+        total = acc[k]
+        if total is None:
             grads.append(None)
             continue
         order = "".join(c for c in term if c not in summed) + summed
-        back = piece.reshape([size[c] for c in order]).permute([order.index(c) for c in term])
+        back = total.reshape([size[c] for c in order]).permute([order.index(c) for c in term])
         ones = tuple(d for d, n in enumerate(x.shape) if n == 1 and back.shape[d] != 1)
         grads.append(back.sum(ones, keepdim=True) if ones else back)
     return grads
