@@ -8,6 +8,7 @@ unimplemented, we are right instead (see each docstring).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from .func._autograd import apply
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, resolve_budget
 from .func._context import Context, call_context
 from .func._distributed import refuse as refuse_dtensors
-from .func._parse import canonicalize
+from .func._parse import analyze, canonicalize, check_operands
 from .func._plan import joint_step
 from .func._rules import Rule
 
@@ -48,6 +49,24 @@ def _subscripts(equation: Equation | str, args: Sequence[Tensor], *prepare: str)
     for method in prepare:
         getattr(equation, method)()
     return subscripts
+
+
+def _as_reference_sums(equation: str, args: Sequence[Tensor]) -> Sequence[Tensor]:
+    """Bool and integer operands of a contraction that sums, in int64.
+
+    The reference sums each window with :func:`torch.sum`, which gives int64
+    for bool and integer tensors: so does this layer (bool counts the true
+    terms).  The core keeps integer dtypes as :func:`torch.einsum` does.
+    """
+    if not args or not all(isinstance(x, Tensor) for x in args):
+        return args  # (the core names what is wrong)
+    common = functools.reduce(torch.promote_types, [x.dtype for x in args])
+    if common.is_floating_point or common.is_complex or common == torch.int64:
+        return args
+    shapes, dtypes = check_operands(equation, args)
+    if not analyze(equation, shapes, dtypes).contraction.summed:
+        return args
+    return [x.to(torch.int64) for x in args]
 
 
 _FORWARD = "prepare_for_forward"
@@ -75,7 +94,7 @@ def einsum(
                 [3., 3.]])
     """
     source = _subscripts(equation, args, _FORWARD, _BACKWARD)
-    return func.einsum(source, *args, block_size=block_size)
+    return func.einsum(source, *_as_reference_sums(source, args), block_size=block_size)
 
 
 def real_einsum_forward(
@@ -93,7 +112,8 @@ def real_einsum_forward(
         >>> semiring_einsum.real_einsum_forward("i,i->", torch.ones(3), torch.ones(3))
         tensor(3.)
     """
-    return func.einsum(_subscripts(equation, args, _FORWARD), *args, block_size=block_size)
+    source = _subscripts(equation, args, _FORWARD)
+    return func.einsum(source, *_as_reference_sums(source, args), block_size=block_size)
 
 
 def _needs(needs_grad: Sequence[bool], args: Sequence[Tensor]) -> list[bool]:

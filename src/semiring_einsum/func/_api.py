@@ -86,6 +86,7 @@ class _Setup:
     specs: dict[int, Spec]  # id(step) -> the step's Spec
     values_only: dict[int, Spec]  # max-plus: id(step) -> its Spec without an argmax
     single: bool  # one step over every operand, in order
+    out_dtype: torch.dtype  # the result's dtype
 
 
 # The grad_of_neg_inf policy of a contraction whose result is a partial sum (one rank's
@@ -119,6 +120,10 @@ def _setup(
             f"{dtype} (equation {equation!r})"
         )
     compute = torch.float32 if dtype in _LOW_PRECISION else dtype  # accumulate in float32
+    out_dtype = dtype
+    if dtype == torch.bool and recipe.contraction.summed:
+        # As torch.sum of booleans: a sum counts the true terms, in int64.
+        compute = out_dtype = torch.int64
     itemsize = compute.itemsize
     plan = make_plan(
         equation,
@@ -156,7 +161,7 @@ def _setup(
         else:
             specs[id(step)] = family.spec(*common)
     single = len(plan.steps) == 1 and plan.steps[0].operands == tuple(range(len(shapes)))
-    return _Setup(recipe, plan, compute, specs, values_only, single)
+    return _Setup(recipe, plan, compute, specs, values_only, single, out_dtype)
 
 
 # Setups of recent calls by their raw arguments (see _Prepared), with whether
@@ -255,7 +260,7 @@ class _Prepared:
         self.equation: Equation = setup.recipe.equation
         self.contraction: Contraction = setup.recipe.contraction
         self.plan: Plan = setup.plan
-        self.out_dtype = setup.recipe.dtype
+        self.out_dtype = setup.out_dtype
         self.compute_dtype = setup.compute
         ops = list(operands) if as_is else apply_recipe(setup.recipe, operands, setup.compute)
         self.operands = ops
@@ -653,10 +658,18 @@ def einsum(
         The contraction, a new tensor; for an equation with several
         comma-separated outputs (``"bij,bjk->,bij,bjk"``), a tuple of them,
         computed together in one inside-outside pass (see :doc:`/structured`).
+        Its dtype is the operands' common dtype, as :func:`torch.einsum`'s
+        (integers stay integers); ``torch.bool`` operands give int64 counts of
+        the true terms when an index is summed (as :func:`torch.sum` of
+        booleans, and torch-semiring-einsum), and ``bool`` (their AND) when
+        none is.
 
     Example:
         >>> import torch
         >>> from semiring_einsum import func
+        >>> func.einsum("ij,j->i", torch.tensor([[True, True], [False, True]]),
+        ...             torch.tensor([True, True]))
+        tensor([2, 1])
         >>> a, b = torch.ones(2, 3), torch.ones(3, 4)
         >>> func.einsum("ij,jk->ik", a, b)
         tensor([[3., 3., 3., 3.],
@@ -686,9 +699,12 @@ def log_einsum(
         grad_of_neg_inf: The gradient weight of each term of an output cell
             whose terms are all -inf: NaN (default, as :func:`torch.logsumexp`),
             a float ``c`` (every term gets weight ``c``), or ``'uniform'``
-            (weight ``1/N`` for ``N`` terms).  Any value other than NaN sums
-            every index jointly, since the weights are defined on the terms of
-            the whole contraction.
+            (weight ``1/N`` for ``N`` terms).  With ``0`` such a cell does not
+            use its cotangent at all, so a NaN that a later operation sends
+            back there stays out of the operands' gradients (as in
+            torch-semiring-einsum).  Any value other than NaN sums every index
+            jointly, since the weights are defined on the terms of the whole
+            contraction.
 
     Returns:
         The contraction, a new tensor; for an equation with several
