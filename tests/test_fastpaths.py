@@ -3,6 +3,7 @@ slice loop, values-only max-plus, and pairwise Viterbi with backpointers."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -192,7 +193,9 @@ def test_max_row_kernel_matches_the_oracle(
     case: str, dtype: torch.dtype, block_size: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 40 terms per cell (>= 16): the row kernel; block_size=2 cuts the output
-    # into many chunks of whole rows.
+    # into many chunks of whole rows.  (This step is small enough for the one-window
+    # kernel, max_small, which test_max_small_kernel_matches_the_oracle checks: off here.)
+    monkeypatch.setattr(_kernels, "small_step", functools.cache(lambda step: False))
     taken = _spy(monkeypatch, "max_rows")
     a, b = _rows_inputs(case, dtype)
     values, argmax = func.viterbi_einsum("bij,bjk->bik", a, b, block_size=block_size)
@@ -201,6 +204,28 @@ def test_max_row_kernel_matches_the_oracle(
     assert values.dtype == dtype
     torch.testing.assert_close(values.double(), want_values, equal_nan=True)
     assert torch.equal(argmax, want_argmax)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["random", "ties", "neg_inf", "pos_inf", "nan"])
+@pytest.mark.usefixtures("pure_torch")
+def test_max_small_kernel_matches_the_oracle(
+    case: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One window of every term (3 x 12 x 9 cells x 40 terms <= SMALL_TERMS): one torch.max
+    # per cell, whose first maximiser and first NaN are the rule's.
+    taken = _spy(monkeypatch, "max_small")
+    a, b = _rows_inputs(case, dtype)
+    values, argmax = func.viterbi_einsum("bij,bjk->bik", a, b)
+    want_values, want_argmax = brute_viterbi("bij,bjk->bik", a.double(), b.double())
+    assert taken == [True]
+    assert values.dtype == dtype
+    torch.testing.assert_close(values.double(), want_values, equal_nan=True)
+    assert torch.equal(argmax, want_argmax)
+    # The max-plus gradient rides on the same argmax: one-hot at the first maximiser.
+    xs = [t.clone().requires_grad_() for t in (a, b)]
+    func.max_einsum("bij,bjk->bik", *xs).sum().backward()
+    assert xs[0].grad is not None and xs[0].grad.sum() == values.numel()
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])

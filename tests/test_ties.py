@@ -35,6 +35,7 @@ import torch
 
 from oracle import brute, brute_viterbi, joint, parse
 from semiring_einsum import func
+from semiring_einsum.func import _kernels
 
 Tensor = torch.Tensor
 F32, F64 = torch.float32, torch.float64
@@ -210,11 +211,37 @@ def test_viterbi_ties(eq: str, opt: str) -> None:
 
 
 def test_viterbi_default_is_pairwise() -> None:
-    """The default (``optimize='auto'``) is a pairwise plan and follows the rule as well."""
+    """The default (``optimize='auto'``) is a pairwise plan and follows the rule as well,
+    past the size below which a contraction with an argmax runs as one joint step."""
     eq = "ab,bc,cd,de->ae"
-    xs = _ties(eq, F32)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randint(0, 3, (9, 9), generator=g).to(F32) for _ in range(4)]
+    assert 9**5 > _kernels.SMALL_TERMS
     assert len(func.plan(eq, *xs, semiring=func.MAX_PLUS).steps) == 3
     values, argmax = func.viterbi_einsum(eq, *xs)
+    want_values, want_argmax = brute_viterbi(eq, *xs)
+    _assert_values(values, want_values)
+    assert torch.equal(argmax, want_argmax)
+
+
+@pytest.mark.parametrize("kind", ["ties", "-inf", "nan"])
+def test_small_default_runs_one_joint_step(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``SMALL_TERMS`` joint terms, the default strategy with an argmax runs one joint
+    step (one torch.max over the rows), with the same answers as the oracle."""
+    eq = "bsxk,bsyk,xyz->bsz"
+    xs = _ties(eq, F64)
+    if kind != "ties":
+        xs[2] = xs[2].masked_fill(xs[2] == 0, -math.inf if kind == "-inf" else math.nan)
+    seen: list[int] = []
+    small = _kernels.max_small
+
+    def spy(step, ops, argmax=True):  # type: ignore[no-untyped-def]
+        seen.append(len(step.inputs))
+        return small(step, ops, argmax)
+
+    monkeypatch.setattr(_kernels, "max_small", spy)
+    values, argmax = func.viterbi_einsum(eq, *xs)
+    assert seen == [3], "one joint step over the three operands"
     want_values, want_argmax = brute_viterbi(eq, *xs)
     _assert_values(values, want_values)
     assert torch.equal(argmax, want_argmax)

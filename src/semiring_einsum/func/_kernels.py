@@ -363,6 +363,87 @@ def max_windows(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple
     return _sized(best, shape), where
 
 
+# A step whose terms all fit one window of at most this many (output cells x terms)
+# runs as one torch.max over its rows: the per-call cost of the general kernels'
+# layouts and chunks is what small steps pay for (a joint CKY step of 10k terms:
+# about 3x faster).
+SMALL_TERMS = 1 << 15
+
+
+@functools.lru_cache(maxsize=4096)
+def small_step(step: Step) -> bool:
+    """Whether :func:`max_small` applies: one window over every term, and few terms."""
+    size = step.size
+    if not step.windows or any(w < size[c] for c, w in step.windows):
+        return False
+    return 0 < math.prod(out_shape(step)) * step.terms <= SMALL_TERMS
+
+
+# Per operand: the permutation putting its dims in the target order (None: as they are),
+# and the slot of each permuted dim in the target rank (the others are new size-1 dims).
+_Layout = tuple[tuple[int, ...] | None, tuple[int, ...]]
+
+
+@functools.lru_cache(maxsize=4096)
+def _small_layout(step: Step) -> tuple[tuple[_Layout, ...], list[int], list[int], int]:
+    """What :func:`max_small` needs of a step, worked out once: per operand how to put
+    it in output-then-summed order (see :data:`_Layout`); the output shape; that shape
+    with the summed sizes; the number of terms per cell."""
+    order = step.output + step.summed
+    layouts = []
+    for term in step.inputs:
+        perm = tuple(term.index(c) for c in order if c in term)
+        slots = tuple(d for d, c in enumerate(order) if c in term)
+        layouts.append((None if perm == tuple(range(len(term))) else perm, slots))
+    size = step.size
+    shape = out_shape(step)
+    return tuple(layouts), shape, shape + [size[c] for c in step.summed], step.terms
+
+
+# Steps with at most this many terms per cell unravel an argmax by a table lookup.
+_TABLE_TERMS = 1 << 12
+
+
+@functools.lru_cache(maxsize=4096)
+def _small_terms(step: Step) -> bool:
+    return 0 < step.terms <= _TABLE_TERMS
+
+
+_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+@functools.lru_cache(maxsize=256)  # at most 256 * 4096 * 8 bytes per summed index
+def _coordinates(step: Step, device: torch.device) -> Tensor:
+    """Every linear index of a small step's terms as coordinates: ``(terms, summed)``."""
+    size = step.size
+    flat = torch.arange(step.terms, device=device)
+    return torch.stack(torch.unravel_index(flat, [size[c] for c in step.summed]), dim=-1)
+
+
+def max_small(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[Tensor, Tensor]:
+    """A small step (see :func:`small_step`) as one ``torch.max`` over its rows.
+
+    The terms are laid out output cells first, then the summed indices in the
+    step's order, so the first maximiser that ``torch.max`` reports is the
+    first in row-major order, as the tie rule wants; it reports the first NaN
+    too, and index 0 for a row of -inf.  No value branches.
+    """
+    layouts, shape, full, terms = _small_layout(step)
+    laid = []
+    for (perm, slots), x in zip(layouts, ops):
+        view = [1] * len(full)
+        sizes = x.shape
+        for slot, d in zip(slots, perm or range(len(slots))):
+            view[slot] = sizes[d]
+        laid.append((x if perm is None else x.permute(perm)).reshape(view))
+    rows = functools.reduce(torch.add, laid).expand(full).reshape(shape + [terms])
+    if not argmax:
+        return rows.amax(-1), no_argmax(step, ops[0].device)
+    values, index = torch.max(rows, -1)  # fresh tensors, not views
+    return values, index
+
+
 def no_argmax(step: Step, device: torch.device) -> Tensor:
     """The argmax of a step without terms or without an argmax: zeros, no memory."""
     return torch.zeros((), dtype=torch.int64, device=device).expand(out_shape(step))
@@ -635,6 +716,9 @@ def _inner(rng: Range) -> list[int]:
 
 def unravel(step: Step, linear: Tensor) -> Tensor:
     """Linear argmax indices to one coordinate per summed index (last dim)."""
+    if _small_terms(step) and not (_compiling() or _dispatch_modes()):  # one lookup
+        # (not while tracing: the cached table would be a traced tensor)
+        return _coordinates(step, linear.device)[linear]
     size = step.size
     if not step.windows or any(size[c] == 0 for c, _ in step.windows):
         # No summed index, or an empty sum: the argmax is all zeros.
@@ -962,3 +1046,12 @@ def encode_rank(step: Step, linear: Tensor, strides: Sequence[int]) -> Tensor:
     coords = unravel(step, linear.reshape(linear.shape or (1,)))
     rank = (coords * torch.tensor(list(strides), device=linear.device)).sum(-1)
     return rank.reshape(linear.shape)
+
+
+def cache_clear() -> None:
+    """Empty this module's caches (see :func:`semiring_einsum.func.clear_caches`)."""
+    einsum_product.cache_clear()
+    small_step.cache_clear()
+    _small_layout.cache_clear()
+    _small_terms.cache_clear()
+    _coordinates.cache_clear()

@@ -341,11 +341,15 @@ def _indexed(found: tuple[Tensor, Tensor | None], argmax: bool) -> tuple[Tensor,
 
 
 def _max_windows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    if K.small_step(step):
+        return _indexed(K.max_small(step, xs, argmax), argmax)
     return _indexed(K.max_windows(step, xs, argmax), argmax)
 
 
 def _max_rows(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
     """The row kernel; where it does not apply (a NaN value), the NaN-aware kernels."""
+    if K.small_step(step):
+        return _indexed(K.max_small(step, xs, argmax), argmax)
     found = K.max_rows(step, xs, argmax)
     if found is None:
         if argmax and math.prod(K.out_shape(step)) >= K.SLICES_MIN_OUTPUT:
