@@ -19,13 +19,13 @@ import torch
 from . import func
 from .equation import Equation
 from .func import _kernels as K
-from .func._api import log_einsum_vjp, log_einsum_with_extras
+from .func._api import log_einsum_vjp, log_einsum_with_extras, register_cache
 from .func._autograd import apply
-from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, resolve_budget
+from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, Budget, resolve_budget
 from .func._context import Context, call_context
 from .func._distributed import refuse as refuse_dtensors
-from .func._parse import analyze, canonicalize, check_operands
-from .func._plan import joint_step
+from .func._parse import Recipe, analyze, apply_recipe, check_operands
+from .func._plan import Step, joint_step
 from .func._rules import Rule
 
 Tensor = torch.Tensor
@@ -357,9 +357,22 @@ def semiring_einsum_forward(
     """
     refuse_dtensors(args, "semiring_einsum_forward")
     source = _subscripts(equation, args, _FORWARD)
-    eq, clean, xs = canonicalize(source, list(args))
-    budget = resolve_budget(block_size, xs[0].device, source)
-    step = joint_step(clean, budget, xs[0].element_size(), xs[0].device.type, eq.summed)
+    device = args[0].device if args and isinstance(args[0], Tensor) else torch.device("cpu")
+    budget = resolve_budget(block_size, device, source)
+    try:  # a call like one seen before: no checks again
+        key = (source, budget, *[(x.shape, x.dtype, x.device) for x in args])
+        found = _PROTOCOLS.get(key)
+    except (AttributeError, TypeError):
+        key, found = None, None
+    if found is None:
+        shapes, dtypes = check_operands(source, args)
+        found = _protocol(source, shapes, dtypes, device.type, budget)
+        if key is not None:
+            if len(_PROTOCOLS) >= _PROTOCOLS_MAX:
+                _PROTOCOLS.pop(next(iter(_PROTOCOLS)))  # the oldest
+            _PROTOCOLS[key] = found
+    recipe, step, ranges, whole = found
+    xs = apply_recipe(recipe, args)
     size = step.size
     nout = len(step.output)
 
@@ -373,15 +386,15 @@ def semiring_einsum_forward(
         for dtype in output_dtypes:
             if dtype is not None and not isinstance(dtype, torch.dtype):
                 raise TypeError(f"output_dtypes must hold torch dtypes or None, got {dtype!r}")
-        aligned = K.align(step, xs)  # window dims first
+        # The protocol's term layout: output dims first, then the window's summed dims.
+        laid = K.output_first(step, xs)
         nsum = len(step.windows)
-        # The protocol's term layout is output dims first, then window dims.
-        to_protocol = list(range(nsum, nsum + nout)) + list(range(nsum))
         dims = tuple(range(nout, nout + nsum))
+        out_sizes = [size[c] for c in step.output]
         acc: Any = None
-        for rng, views in K.windows(step, aligned, empty=True):
-            shape = [size[c] for c in step.output] + [hi - lo for lo, hi in rng]
-            views = [v.permute(to_protocol) for v in views]
+        for rng in ranges:
+            views = laid if whole else _narrowed(laid, nout, rng)
+            shape = out_sizes + [hi - lo for lo, hi in rng]
             term = views[0].expand(shape).clone()
             for factor in views[1:]:
                 multiply_in_place(term, factor)
@@ -396,6 +409,48 @@ def semiring_einsum_forward(
         return acc
 
     return func(compute_sum)
+
+
+# The protocol plans of recent calls by their raw arguments (bounded: oldest out first).
+_PROTOCOLS: dict[tuple[object, ...], tuple[Any, ...]] = {}
+_PROTOCOLS_MAX = 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def _protocol(
+    source: str,
+    shapes: tuple[tuple[int, ...], ...],
+    dtypes: tuple[torch.dtype, ...],
+    device_type: str,
+    budget: Budget,
+) -> tuple[Recipe, Step, list[tuple[tuple[int, int], ...]], bool]:
+    """The callback protocol's plan of a call (cached): the recipe that cleans the
+    operands, the joint step, its windows (one empty window for an empty sum), and
+    whether its one window is the whole of every summed index."""
+    recipe = analyze(source, shapes, dtypes)
+    clean = recipe.contraction
+    step = joint_step(clean, budget, recipe.dtype.itemsize, device_type, recipe.equation.summed)
+    size = step.size
+    ranges = list(step.ranges()) or [tuple((0, 0) for _ in step.windows)]
+    whole = len(ranges) == 1 and all(
+        hi == size[c] for (c, _), (_, hi) in zip(step.windows, ranges[0])
+    )
+    return recipe, step, ranges, whole
+
+
+register_cache(_PROTOCOLS.clear)
+register_cache(_protocol.cache_clear)
+
+
+def _narrowed(laid: Sequence[Tensor], nout: int, rng: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Output-first operands narrowed to one window of the summed dims (not where broadcast)."""
+    views = []
+    for x in laid:
+        for d, (lo, hi) in enumerate(rng, start=nout):
+            if x.shape[d] != 1:
+                x = x.narrow(d, lo, hi - lo)
+        views.append(x)
+    return views
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .func._api import register_cache
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 from .func._parse import ELLIPSIS, parse_subscripts, resolve
 
@@ -356,6 +357,7 @@ def _implicit_output(sub: Any) -> str:
 
 
 _compile_cached = functools.lru_cache(maxsize=1024)(compile_equation)
+register_cache(_compile_cached.cache_clear)
 
 
 def _as_equation(equation: Equation | str) -> Equation:

@@ -1021,11 +1021,21 @@ def _shape(x: object) -> tuple[int, ...] | None:
     return tuple(x)
 
 
+# Caches of the layers above the core (the drop-in layer's), emptied by clear_caches too.
+_OTHER_CACHES: list[Callable[[], object]] = []
+
+
+def register_cache(clear: Callable[[], object]) -> None:
+    """Have :func:`clear_caches` call ``clear`` (a cache of a layer above the core)."""
+    _OTHER_CACHES.append(clear)
+
+
 def clear_caches() -> None:
     """Empty every cache of the package.
 
     Parsed equations, plans and their kernels, call setups, window sizes, the
-    products chosen for BLAS steps, small steps' layouts and argmax tables,
+    products chosen for BLAS steps, small steps' layouts and argmax tables, the
+    drop-in layer's compiled equations and callback plans,
     the log steps' BLAS programs, budgets,
     call contexts, the native kernel's step layouts and loaded library, and the
     autograd Functions made for steps of more operands than the ones built at
@@ -1045,6 +1055,8 @@ def clear_caches() -> None:
     budget_of_cache_clear()
     context_cache_clear()
     K.cache_clear()
+    for clear in _OTHER_CACHES:
+        clear()
     LB.program.cache_clear()
     N.cache_clear()
     clear_functions()

@@ -380,22 +380,25 @@ def small_step(step: Step) -> bool:
 
 
 # Per operand: the permutation putting its dims in the target order (None: as they are),
-# and the slot of each permuted dim in the target rank (the others are new size-1 dims).
-_Layout = tuple[tuple[int, ...] | None, tuple[int, ...]]
+# the slot of each permuted dim in the target rank (the others are new size-1 dims), and
+# the operand's shape at the step's sizes with the target view of that shape.
+_Layout = tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...], list[int]]
 
 
 @functools.lru_cache(maxsize=4096)
 def _small_layout(step: Step) -> tuple[tuple[_Layout, ...], list[int], list[int], int]:
-    """What :func:`max_small` needs of a step, worked out once: per operand how to put
+    """What :func:`output_first` needs of a step, worked out once: per operand how to put
     it in output-then-summed order (see :data:`_Layout`); the output shape; that shape
     with the summed sizes; the number of terms per cell."""
     order = step.output + step.summed
+    size = step.size
     layouts = []
     for term in step.inputs:
         perm = tuple(term.index(c) for c in order if c in term)
         slots = tuple(d for d, c in enumerate(order) if c in term)
-        layouts.append((None if perm == tuple(range(len(term))) else perm, slots))
-    size = step.size
+        sizes = tuple(size[c] for c in term)
+        view = [size[c] if c in term else 1 for c in order]
+        layouts.append((None if perm == tuple(range(len(term))) else perm, slots, sizes, view))
     shape = out_shape(step)
     return tuple(layouts), shape, shape + [size[c] for c in step.summed], step.terms
 
@@ -421,6 +424,21 @@ def _coordinates(step: Step, device: torch.device) -> Tensor:
     return torch.stack(torch.unravel_index(flat, [size[c] for c in step.summed]), dim=-1)
 
 
+def output_first(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
+    """The operands as views in the step's output-then-summed order, with size-1 dims
+    for the indices each lacks (they broadcast against each other)."""
+    layouts, _, full, _ = _small_layout(step)
+    laid = []
+    for (perm, slots, shape, view), x in zip(layouts, ops):
+        sizes = x.shape
+        if sizes != shape:  # broadcast (size-1) dims
+            view = [1] * len(full)
+            for slot, d in zip(slots, perm or range(len(slots))):
+                view[slot] = sizes[d]
+        laid.append((x if perm is None else x.permute(perm)).reshape(view))
+    return laid
+
+
 def max_small(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[Tensor, Tensor]:
     """A small step (see :func:`small_step`) as one ``torch.max`` over its rows.
 
@@ -429,15 +447,10 @@ def max_small(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[T
     first in row-major order, as the tie rule wants; it reports the first NaN
     too, and index 0 for a row of -inf.  No value branches.
     """
-    layouts, shape, full, terms = _small_layout(step)
-    laid = []
-    for (perm, slots), x in zip(layouts, ops):
-        view = [1] * len(full)
-        sizes = x.shape
-        for slot, d in zip(slots, perm or range(len(slots))):
-            view[slot] = sizes[d]
-        laid.append((x if perm is None else x.permute(perm)).reshape(view))
-    rows = functools.reduce(torch.add, laid).expand(full).reshape(shape + [terms])
+    _, shape, full, terms = _small_layout(step)
+    rows = (
+        functools.reduce(torch.add, output_first(step, ops)).expand(full).reshape(shape + [terms])
+    )
     if not argmax:
         return rows.amax(-1), no_argmax(step, ops[0].device)
     values, index = torch.max(rows, -1)  # fresh tensors, not views
