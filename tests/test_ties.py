@@ -215,8 +215,8 @@ def test_viterbi_default_is_pairwise() -> None:
     past the size below which a contraction with an argmax runs as one joint step."""
     eq = "ab,bc,cd,de->ae"
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randint(0, 3, (9, 9), generator=g).to(F32) for _ in range(4)]
-    assert 9**5 > _kernels.SMALL_TERMS
+    xs = [torch.randint(0, 3, (10, 10), generator=g).to(F32) for _ in range(4)]
+    assert 10**5 > _kernels.SMALL_TERMS
     assert len(func.plan(eq, *xs, semiring=func.MAX_PLUS).steps) == 3
     values, argmax = func.viterbi_einsum(eq, *xs)
     want_values, want_argmax = brute_viterbi(eq, *xs)
