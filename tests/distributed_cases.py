@@ -158,7 +158,8 @@ class Case:
     """One distributed call: a semiring on a layout, on a mesh, with some data.
 
     ``data`` is ``'float'``, ``'int'`` (small integers: ties across ranks), ``'neginf'``
-    (-inf entries: dead cells) or ``'nan'`` (a NaN entry; values only, no gradients).
+    (-inf entries: dead cells), ``'neginf-nancot'`` (the same, with a NaN cotangent at the
+    dead cells) or ``'nan'`` (a NaN entry; values only, no gradients).
     """
 
     name: str
@@ -197,6 +198,7 @@ def cases(world: int) -> list[Case]:
             ("user", "neginf"),
             ("log:uniform", "neginf"),
             ("log:0.5", "neginf"),
+            ("log:0.0", "neginf-nancot"),
             ("max", "nan"),
             ("min", "nan"),
             ("viterbi", "nan"),
@@ -241,7 +243,7 @@ def operands(case: Case) -> list[Tensor]:
             x = torch.randint(-(2**20), 2**20, shape, generator=g).double() / 1024
         else:
             x = torch.randn(shape, generator=g, dtype=torch.float64)
-        if case.data == "neginf":
+        if case.data.startswith("neginf"):
             x = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.4, -math.inf, x)
         xs.append(x)
     if case.semiring == "kbest2":  # each element a sorted list of 2 scores
@@ -250,7 +252,7 @@ def operands(case: Case) -> list[Tensor]:
         xs[0].view(-1)[1] = math.nan
     if case.data == "posinf":  # +inf terms, tied within a cell and across ranks
         xs[0][1] = math.inf
-    if case.data == "neginf" and xs[0].dim() == 2:  # a whole dead row of the first operand
+    if case.data.startswith("neginf") and xs[0].dim() == 2:  # a dead row of the first operand
         xs[0][0] = -math.inf
     if case.data in ("bfloat16", "float32"):  # low precision: the combine widens exactly
         xs = [x.to(getattr(torch, case.data)) for x in xs]
@@ -267,6 +269,8 @@ def cotangent(case: Case, values: Tensor) -> Tensor:
     w = torch.randn(values.shape, generator=g, dtype=torch.float64).to(values.dtype)
     if case.semiring in ("max", "min", "viterbi", "kbest2"):
         w = torch.where(torch.isinf(values), 0.0, w)
+    if case.data == "neginf-nancot":  # as a later logsumexp over dead cells sends back
+        w = torch.where(torch.isneginf(values), math.nan, w)
     return w
 
 

@@ -11,6 +11,7 @@ user's semiring.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ COMBINE = {
     "log": {"all_reduce": 2},
     "log:uniform": {"all_reduce": 2},
     "log:0.5": {"all_reduce": 2},
+    "log:0.0": {"all_reduce": 2},
     "viterbi": {"all_reduce": 2},
     "user": {"all_gather_into_tensor": 1},
     "kbest2": {"all_gather_into_tensor": 1},
@@ -122,6 +124,19 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
         for k, (g, w) in enumerate(zip(got["grads"], want["grads"])):
             _close(g.sum(), total, False, f"sum of the gradient of operand {k}")
             _close(w.sum(), total, False, f"sum of one device's gradient of operand {k}")
+    if case.semiring.startswith("log") and brute:  # one process's gradients: the oracle's
+        policy = case.semiring.partition(":")[2] or math.nan
+        weight = policy if policy == "uniform" or isinstance(policy, float) else float(policy)
+        xs = C.operands(case)
+        expected = oracle.log_vjp(
+            case.layout.equation, xs, C.cotangent(case, want["values"][0]), weight
+        )
+        for k, (w, e) in enumerate(zip(want["grads"], expected)):
+            _close(w, e, False, f"single process vs oracle, gradient of operand {k}")
+        if case.data == "neginf-nancot":
+            assert torch.isneginf(want["values"][0]).any(), "no dead cell to send NaN into"
+        if weight == 0.0:  # a NaN cotangent at a dead cell is not used
+            assert all(torch.isfinite(g).all() for g in got["grads"])
     # Gradients of a replicated operand add up partial sums over ranks: equal up to rounding.
     for k, (g, w) in enumerate(zip(got["grads"], want["grads"])):
         if not long_ties:
