@@ -270,14 +270,12 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
     ma = a.amax(prog.dims_a, keepdim=True)
     mb = b.amax(prog.dims_b, keepdim=True)
     # A non-finite maximum (a row of -inf, an inf, a NaN) turns its row into NaN
-    # (but see _shift: a big operand's row of -inf gives zeros); BLAS keeps that
+    # (but see _shifted_exp: a big operand's row of -inf gives zeros); BLAS keeps that
     # NaN to the cells of that row, which fail the certificate below and are
     # recomputed from the operands -- except the cells whose terms are all -inf,
     # which are exact as they are.
-    sa, clean_a = _shift(a, ma)
-    sb, clean_b = _shift(b, mb)
-    ea = _exp_floored(a.sub_(sa) if own_a else a - sa)
-    eb = _exp_floored(b.sub_(sb) if own_b else b - sb)
+    ea, sa, clean_a = _shifted_exp(a, ma, own_a)
+    eb, sb, clean_b = _shifted_exp(b, mb, own_b)
     product = prog.product(ea, eb)
     log_sum = torch.log(product)
     mask = risky(log_sum)
@@ -333,7 +331,7 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
 # factors fails the certificate and is recomputed exactly.
 _EXP_FLOOR = {torch.float64: -708.0}
 _DEFAULT_EXP_FLOOR = -87.0  # float32: exp(-87) = 1.6e-38, just above the smallest normal
-_FLOOR_MIN_ELEMENTS = 1 << 13
+_FLOOR_MIN_ELEMENTS = 1 << 16
 
 
 def _exp_floored(shifted: Tensor, inplace: bool = True) -> Tensor:
@@ -343,9 +341,10 @@ def _exp_floored(shifted: Tensor, inplace: bool = True) -> Tensor:
     differentiable: the floored entries' derivative is 0, as exp's is there).
     Small tensors skip the floor: two more calls would cost more than a slow exp.
     """
-    if shifted.numel() < _FLOOR_MIN_ELEMENTS:
-        return shifted.exp_() if inplace else torch.exp(shifted)
     floor = _EXP_FLOOR.get(shifted.dtype, _DEFAULT_EXP_FLOOR)
+    # Finite data seldom reaches the floor: one read of the minimum spares it two passes.
+    if shifted.numel() < _FLOOR_MIN_ELEMENTS or float(shifted.detach().amin()) >= floor:
+        return shifted.exp_() if inplace else torch.exp(shifted)
     if inplace:
         e = shifted.clamp_(min=floor).exp_()
         return torch.threshold_(e, math.exp(floor), 0.0)
@@ -353,16 +352,26 @@ def _exp_floored(shifted: Tensor, inplace: bool = True) -> Tensor:
     return torch.nn.functional.threshold(e, math.exp(floor), 0.0)
 
 
-def _shift(x: Tensor, m: Tensor) -> tuple[Tensor, bool]:
-    """The shift of ``x``'s rows, and whether its rows of -inf shift by 0.
+def _shifted_exp(x: Tensor, m: Tensor, own: bool) -> tuple[Tensor, Tensor, bool]:
+    """``exp(x - shift)``, the shift, and whether rows of -inf shifted by 0.
 
-    A big operand's rows of -inf shift by 0, giving zeros rather than passing
-    NaN through exp() (slow); a small one's shift by their -inf maximum (one
-    call less), giving NaN rows, cleared by :func:`_cleared` if need be.
+    The shift is the row maximum ``m``.  Where some shifted entry of a big
+    operand is below the exp floor (-inf entries, rows of -inf, data spread
+    wider than the floor), rows of -inf shift by 0 instead and the
+    exponentials are floored (:func:`_exp_floored`): zeros, without passing
+    -inf or NaN through exp() (slow).  Elsewhere (finite data of moderate
+    spread, small operands) a plain exp: one read of the minimum is all the
+    check costs.  A row of -inf that shifted by -inf is NaN, cleared by
+    :func:`_cleared` if need be.
     """
-    if x.numel() < _FLOOR_MIN_ELEMENTS:
-        return m, False
-    return torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0), True
+    if x.numel() >= _FLOOR_MIN_ELEMENTS:
+        floor = _EXP_FLOOR.get(x.dtype, _DEFAULT_EXP_FLOOR)
+        # The smallest entry against the largest maximum bounds every shifted entry.
+        if not float(x.amin() - m.amax()) >= floor:  # (NaN too)
+            shift = torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0)
+            e = (x.sub_(shift) if own else x - shift).clamp_(min=floor).exp_()
+            return torch.threshold_(e, math.exp(floor), 0.0), shift, True
+    return (x.sub_(m) if own else x - m).exp_(), m, False
 
 
 def _cleared(e: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
