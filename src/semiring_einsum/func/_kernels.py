@@ -417,6 +417,7 @@ def _small_terms(step: Step) -> bool:
 
 _compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+_interpreters = torch._C._functorch.get_interpreter_stack
 
 
 @functools.lru_cache(maxsize=256)  # at most 256 * 4096 * 8 bytes per summed index
@@ -732,8 +733,9 @@ def _inner(rng: Range) -> list[int]:
 
 def unravel(step: Step, linear: Tensor) -> Tensor:
     """Linear argmax indices to one coordinate per summed index (last dim)."""
-    if _small_terms(step) and not (_compiling() or _dispatch_modes()):  # one lookup
-        # (not while tracing: the cached table would be a traced tensor)
+    if _small_terms(step) and not (_compiling() or _dispatch_modes() or _interpreters()):
+        # One lookup -- not while tracing (the cached table would be a traced tensor)
+        # nor under torch.func (a vmapped index reads values).
         return _coordinates(step, linear.device)[linear]
     size = step.size
     if not step.windows or any(size[c] == 0 for c, _ in step.windows):
