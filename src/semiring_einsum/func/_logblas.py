@@ -274,8 +274,15 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
     # NaN to the cells of that row, which fail the certificate below and are
     # recomputed from the operands -- except the cells whose terms are all -inf,
     # which are exact as they are.
-    ea, sa, clean_a = _shifted_exp(a, ma, own_a)
-    eb, sb, clean_b = _shifted_exp(b, mb, own_b)
+    # (Small operands inline: on small steps the calls, not the arithmetic, cost.)
+    if a.numel() < _EXP2_MIN_ELEMENTS:
+        ea, sa, clean_a = (a.sub_(ma) if own_a else a - ma).exp_(), ma, False
+    else:
+        ea, sa, clean_a = _shifted_exp(a, ma, own_a)
+    if b.numel() < _EXP2_MIN_ELEMENTS:
+        eb, sb, clean_b = (b.sub_(mb) if own_b else b - mb).exp_(), mb, False
+    else:
+        eb, sb, clean_b = _shifted_exp(b, mb, own_b)
     product = prog.product(ea, eb)
     log_sum = torch.log(product)
     mask = risky(log_sum)
@@ -329,9 +336,16 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
 _LOG2E = 1.4426950408889634
 
 
+# Tensors under this many elements take exp() itself: one call instead of two costs
+# more than exp2 saves there.
+_EXP2_MIN_ELEMENTS = 1 << 15
+
+
 def _exp(shifted: Tensor, inplace: bool = True) -> Tensor:
-    """``exp(shifted)`` through exp2; in place on ``shifted`` (fresh, ours) unless
-    ``inplace`` is false (then differentiable)."""
+    """``exp(shifted)`` (through exp2 where big); in place on ``shifted`` (fresh, ours)
+    unless ``inplace`` is false (then differentiable)."""
+    if shifted.numel() < _EXP2_MIN_ELEMENTS:
+        return shifted.exp_() if inplace else torch.exp(shifted)
     if inplace:
         return shifted.mul_(_LOG2E).exp2_()
     return torch.exp2(shifted * _LOG2E)
