@@ -412,7 +412,8 @@ _TABLE_TERMS = 1 << 12
 
 @functools.lru_cache(maxsize=4096)
 def _small_terms(step: Step) -> bool:
-    return 0 < step.terms <= _TABLE_TERMS
+    # (One summed index needs no table: its linear index is its coordinate.)
+    return len(step.windows) > 1 and 0 < step.terms <= _TABLE_TERMS
 
 
 _compiling = torch.compiler.is_compiling
