@@ -123,6 +123,12 @@ _grad_enabled = torch.is_grad_enabled
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def untraced() -> bool:
+    """Whether ops run on real values here: nothing compiles, no dispatch mode (a fake
+    or tracing one) and no torch.func transform is active.  Cheap."""
+    return not (_compiling() or _dispatch_modes() or _interpreters())
+
+
 def _plain_eager(xs: Sequence[object]) -> Context | None:
     """The context when nothing traces or transforms and every operand is a plain tensor.
 

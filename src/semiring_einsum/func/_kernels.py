@@ -29,6 +29,7 @@ from itertools import product
 
 import torch
 
+from ._context import untraced
 from ._plan import Step
 from ._semiring import Identity, Semiring
 
@@ -130,12 +131,21 @@ def align(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
 def laid_out(x: Tensor, term: str, target: str) -> Tensor:
     """``x`` (one dim per index of ``term``, all in ``target``) permuted into ``target``'s
     order, with size-1 dims for the indices it lacks (it broadcasts against ``target``)."""
-    x = x.permute([term.index(c) for c in target if c in term])
-    shape = []
-    it = iter(x.shape)
-    for c in target:
-        shape.append(next(it) if c in term else 1)
-    return x.reshape(shape)
+    perm, slots = _layout(term, target)
+    view = [1] * len(target)
+    sizes = x.shape
+    for slot, d in zip(slots, perm or range(len(slots))):
+        view[slot] = sizes[d]
+    return (x if perm is None else x.permute(perm)).reshape(view)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(term: str, target: str) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """For :func:`laid_out`: the permutation of ``term``'s dims into ``target``'s order
+    (``None``: as they are) and the slot of each in ``target``."""
+    perm = tuple(term.index(c) for c in target if c in term)
+    slots = tuple(d for d, c in enumerate(target) if c in term)
+    return (None if perm == tuple(range(len(term))) else perm), slots
 
 
 def narrow(step: Step, aligned: Sequence[Tensor], rng: Range) -> list[Tensor]:
@@ -382,28 +392,26 @@ def small_step(step: Step) -> bool:
     return 0 < math.prod(out_shape(step)) * step.terms <= SMALL_TERMS
 
 
-# Per operand: the permutation putting its dims in the target order (None: as they are),
-# the slot of each permuted dim in the target rank (the others are new size-1 dims), and
-# the operand's shape at the step's sizes with the target view of that shape.
-_Layout = tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...], list[int]]
+# Per operand of a step: its permutation into output-then-summed order (see _layout), its
+# shape at the step's sizes and its view at that shape (size 1 for the indices it lacks).
+_Laid = tuple[tuple[int, ...] | None, tuple[int, ...], list[int]]
 
 
 @functools.lru_cache(maxsize=4096)
-def _small_layout(step: Step) -> tuple[tuple[_Layout, ...], list[int], list[int], int]:
-    """What :func:`output_first` needs of a step, worked out once: per operand how to put
-    it in output-then-summed order (see :data:`_Layout`); the output shape; that shape
-    with the summed sizes; the number of terms per cell."""
+def _small_layout(step: Step) -> tuple[tuple[_Laid, ...], list[int], list[int], int]:
+    """What :func:`output_first` and :func:`max_small` need of a step, worked out once:
+    per operand its :data:`_Laid`; the output shape; that shape with the summed sizes;
+    the number of terms per cell."""
     order = step.output + step.summed
     size = step.size
-    layouts = []
+    laid = []
     for term in step.inputs:
-        perm = tuple(term.index(c) for c in order if c in term)
-        slots = tuple(d for d, c in enumerate(order) if c in term)
-        sizes = tuple(size[c] for c in term)
-        view = [size[c] if c in term else 1 for c in order]
-        layouts.append((None if perm == tuple(range(len(term))) else perm, slots, sizes, view))
+        perm = _layout(term, order)[0]
+        laid.append(
+            (perm, tuple(size[c] for c in term), [size[c] if c in term else 1 for c in order])
+        )
     shape = out_shape(step)
-    return tuple(layouts), shape, shape + [size[c] for c in step.summed], step.terms
+    return tuple(laid), shape, shape + [size[c] for c in step.summed], step.terms
 
 
 # Steps with at most this many terms per cell unravel an argmax by a table lookup.
@@ -414,11 +422,6 @@ _TABLE_TERMS = 1 << 12
 def _small_terms(step: Step) -> bool:
     # (One summed index needs no table: its linear index is its coordinate.)
     return len(step.windows) > 1 and 0 < step.terms <= _TABLE_TERMS
-
-
-_compiling = torch.compiler.is_compiling
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_interpreters = torch._C._functorch.get_interpreter_stack
 
 
 @functools.lru_cache(maxsize=256)  # at most 256 * 4096 * 8 bytes per summed index
@@ -432,15 +435,13 @@ def _coordinates(step: Step, device: torch.device) -> Tensor:
 def output_first(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
     """The operands as views in the step's output-then-summed order, with size-1 dims
     for the indices each lacks (they broadcast against each other)."""
-    layouts, _, full, _ = _small_layout(step)
+    layouts = _small_layout(step)[0]
     laid = []
-    for (perm, slots, shape, view), x in zip(layouts, ops):
-        sizes = x.shape
-        if sizes != shape:  # broadcast (size-1) dims
-            view = [1] * len(full)
-            for slot, d in zip(slots, perm or range(len(slots))):
-                view[slot] = sizes[d]
-        laid.append((x if perm is None else x.permute(perm)).reshape(view))
+    for (perm, sizes, view), term, x in zip(layouts, step.inputs, ops):
+        if x.shape != sizes:  # broadcast (size-1) dims: the general way
+            laid.append(laid_out(x, term, step.output + step.summed))
+        else:  # (the common case, with the view worked out once)
+            laid.append((x if perm is None else x.permute(perm)).reshape(view))
     return laid
 
 
@@ -453,9 +454,8 @@ def max_small(step: Step, ops: Sequence[Tensor], argmax: bool = True) -> tuple[T
     too, and index 0 for a row of -inf.  No value branches.
     """
     _, shape, full, terms = _small_layout(step)
-    rows = (
-        functools.reduce(torch.add, output_first(step, ops)).expand(full).reshape(shape + [terms])
-    )
+    rows = functools.reduce(torch.add, output_first(step, ops)).expand(full)
+    rows = rows.reshape(shape + [terms])
     if not argmax:
         return rows.amax(-1), no_argmax(step, ops[0].device)
     values, index = torch.max(rows, -1)  # fresh tensors, not views
@@ -734,7 +734,7 @@ def _inner(rng: Range) -> list[int]:
 
 def unravel(step: Step, linear: Tensor) -> Tensor:
     """Linear argmax indices to one coordinate per summed index (last dim)."""
-    if _small_terms(step) and not (_compiling() or _dispatch_modes() or _interpreters()):
+    if _small_terms(step) and untraced():
         # One lookup -- not while tracing (the cached table would be a traced tensor)
         # nor under torch.func (a vmapped index reads values).
         return _coordinates(step, linear.device)[linear]
@@ -931,6 +931,12 @@ def dead_weight(neg_inf: NegInf, terms: int) -> float:
     return float(neg_inf)
 
 
+def ignores_cotangent(neg_inf: NegInf) -> bool:
+    """Whether the policy is a user's weight 0, whose all -inf cells do not use their
+    cotangent, whatever it holds (not :data:`THROUGH`)."""
+    return not isinstance(neg_inf, str) and neg_inf == 0.0
+
+
 def used_cotangent(neg_inf: NegInf, out: Tensor, g: Tensor) -> Tensor:
     """``g`` with the all -inf cells of a user's weight-0 policy zeroed.
 
@@ -938,7 +944,7 @@ def used_cotangent(neg_inf: NegInf, out: Tensor, g: Tensor) -> Tensor:
     it holds: a NaN or inf sent back by a later operation stays there, rather
     than turning the operands' gradients into ``0 * NaN``.
     """
-    if isinstance(neg_inf, str) or neg_inf != 0.0:
+    if not ignores_cotangent(neg_inf):
         return g
     return torch.where(torch.isneginf(out), 0.0, g)
 
@@ -1070,6 +1076,7 @@ def encode_rank(step: Step, linear: Tensor, strides: Sequence[int]) -> Tensor:
 def cache_clear() -> None:
     """Empty this module's caches (see :func:`semiring_einsum.func.clear_caches`)."""
     einsum_product.cache_clear()
+    _layout.cache_clear()
     small_step.cache_clear()
     _small_layout.cache_clear()
     _small_terms.cache_clear()

@@ -274,15 +274,8 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
     # NaN to the cells of that row, which fail the certificate below and are
     # recomputed from the operands -- except the cells whose terms are all -inf,
     # which are exact as they are.
-    # (Small operands inline: on small steps the calls, not the arithmetic, cost.)
-    if a.numel() < _EXP2_MIN_ELEMENTS:
-        ea, sa, clean_a = (a.sub_(ma) if own_a else a - ma).exp_(), ma, False
-    else:
-        ea, sa, clean_a = _shifted_exp(a, ma, own_a)
-    if b.numel() < _EXP2_MIN_ELEMENTS:
-        eb, sb, clean_b = (b.sub_(mb) if own_b else b - mb).exp_(), mb, False
-    else:
-        eb, sb, clean_b = _shifted_exp(b, mb, own_b)
+    ea, sa, clean_a = _shifted_exp(a, ma, own_a)
+    eb, sb, clean_b = _shifted_exp(b, mb, own_b)
     product = prog.product(ea, eb)
     log_sum = torch.log(product)
     mask = risky(log_sum)
@@ -337,7 +330,7 @@ _LOG2E = 1.4426950408889634
 
 
 # Tensors under this many elements take exp() itself: one call instead of two costs
-# more than exp2 saves there.
+# more than exp2 saves there (and a small operand's rows of -inf keep their -inf shift).
 _EXP2_MIN_ELEMENTS = 1 << 15
 
 
@@ -352,21 +345,18 @@ def _exp(shifted: Tensor, inplace: bool = True) -> Tensor:
 
 
 def _shifted_exp(x: Tensor, m: Tensor, own: bool) -> tuple[Tensor, Tensor, bool]:
-    """``exp(x - shift)``, the shift, and whether rows of -inf shifted by 0.
+    """``exp(x - shift)`` (see :func:`_exp`), the shift, and whether rows of -inf
+    shifted by 0.
 
     The shift is the row maximum ``m``, except that a big operand's rows of -inf
     shift by 0 (zeros, not NaN, where the cells of such rows are all -inf); a
     small one's shift by -inf (one call less) and are NaN, cleared by
     :func:`_cleared` if need be.
     """
-    if x.numel() >= _CLEAN_SHIFT_ELEMENTS:
-        shift = torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0)
-        return _exp(x.sub_(shift) if own else x - shift), shift, True
-    return _exp(x.sub_(m) if own else x - m), m, False
-
-
-# Operands from this many elements shift their rows of -inf by 0 (see _shifted_exp).
-_CLEAN_SHIFT_ELEMENTS = 1 << 16
+    if x.numel() < _EXP2_MIN_ELEMENTS:
+        return (x.sub_(m) if own else x - m).exp_(), m, False
+    shift = torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0)
+    return _exp(x.sub_(shift) if own else x - shift), shift, True
 
 
 def _cleared(e: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
@@ -585,11 +575,11 @@ def _dead_cells(
     those entries are NaN.  A user's weight 0 sends nothing (the cotangent was
     zeroed there by :func:`._kernels.used_cotangent`).
     """
-    if neg_inf != "nan" and not isinstance(neg_inf, str) and neg_inf == 0.0:
+    if K.ignores_cotangent(neg_inf):
         return [None, None]
     if not bool(dead.any()):
         return [None, None]
-    out = step.output
+    out, size = step.output, step.size
     grads: list[Tensor | None] = []
     for term, x, need in zip(step.inputs, xs, needs):
         if not need:
@@ -604,12 +594,8 @@ def _dead_cells(
             part = part.sum(lacks) if lacks else part
             part = part * K.dead_weight(neg_inf, step.terms)
         kept = "".join(c for c in out if c in term)
-        part = K.laid_out(part, kept, term)
-        # An operand broadcast along one of its output indices takes the sum there.
-        ones = tuple(d for d, n in enumerate(x.shape) if n == 1 and part.shape[d] != 1)
-        if ones:
-            part = part.sum(ones, keepdim=True)
-        grads.append(part.expand(x.shape))
+        part = K.laid_out(part, kept, term).expand([size[c] for c in term])
+        grads.append(part.sum_to_size(x.shape))  # (a broadcast operand sums its terms)
     return grads
 
 
@@ -659,8 +645,7 @@ def _cells_exactly(
             continue
         order = "".join(c for c in term if c not in summed) + summed
         back = total.reshape([size[c] for c in order]).permute([order.index(c) for c in term])
-        ones = tuple(d for d, n in enumerate(x.shape) if n == 1 and back.shape[d] != 1)
-        grads.append(back.sum(ones, keepdim=True) if ones else back)
+        grads.append(back.sum_to_size(x.shape))  # (a broadcast operand sums its terms)
     return grads
 
 
