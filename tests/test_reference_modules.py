@@ -29,6 +29,7 @@ import torch
 R = pytest.importorskip("torch_semiring_einsum")
 
 import semiring_einsum as S  # noqa: E402
+from test_interop import close  # noqa: E402  (the drop-in layer's comparison)
 
 Tensor = torch.Tensor
 
@@ -49,7 +50,6 @@ EQUATIONS = [
 ]
 EQ_IDS = [e for e, _ in EQUATIONS]
 BLOCKS = [1, 2, 1000, "auto"]
-RTOL, ATOL = 1e-9, 1e-10
 
 
 def mod(package: Any, name: str) -> types.ModuleType:
@@ -83,20 +83,6 @@ def bs(package: Any, block: int | str) -> Any:
 def small_auto(package: Any) -> Any:
     """A budget small enough that the reference's estimate splits windows."""
     return package.AutomaticBlockSize(max_cpu_bytes=1200)
-
-
-def close(got: Any, want: Any, rtol: float = RTOL, atol: float = ATOL) -> None:
-    if want is None:
-        assert got is None
-        return
-    if isinstance(want, (list, tuple)):
-        assert isinstance(got, (list, tuple)) and len(got) == len(want), (got, want)
-        for g, w in zip(got, want):
-            close(g, w, rtol, atol)
-        return
-    assert isinstance(got, Tensor), type(got)
-    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.shape)
-    torch.testing.assert_close(got.detach(), want.detach(), rtol=rtol, atol=atol, equal_nan=True)
 
 
 def fields_of(inputs: list[list[int]], output: list[int]) -> tuple[list, list, list, int]:
