@@ -47,6 +47,9 @@ EQUATIONS = [
     ("ij->", dict(i=3, j=4)),
     ("i,j->ij", dict(i=3, j=4)),  # nothing summed
     ("ba,cb->ac", dict(a=3, b=4, c=2)),  # output not in first-appearance order
+    # Scalars with nothing summed: fggs builds these for a factor with no attached node.
+    ("->", {}),
+    (",->", {}),
 ]
 EQ_IDS = [e for e, _ in EQUATIONS]
 BLOCKS = [1, 2, 1000, "auto"]
@@ -898,6 +901,7 @@ def test_install_makes_unchanged_imports_resolve_to_ours():
     assert out.split() == ["[3.0,", "12.0]"]
 
 
+@pytest.mark.full
 def test_install_refuses_after_the_real_reference_was_imported():
     out = _run(
         """

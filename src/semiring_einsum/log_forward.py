@@ -92,7 +92,7 @@ def resize_max_values(max_values: Tensor, equation: Equation | str) -> Tensor:
     eq.prepare_for_forward()
     assert eq.reduce_input_to_output is not None
     summed = len(eq.reduce_input_to_output.reduced_variables)
-    return max_values.reshape(*max_values.shape, *([1] * summed))
+    return max_values.reshape((*max_values.shape, *([1] * summed)))  # () for a scalar: fine
 
 
 def compute_sumexpsub(
