@@ -5,8 +5,11 @@ over three or more axes (equation x semiring x block size x dtype x plan kind, .
 that still covers every *pair* of parameter values at least once (all-pairs testing): each
 equation meets each semiring, each block size, each dtype; each semiring each block size; and
 so on.  Matrices of one or two axes run whole, since all pairs are all cases.  The Hypothesis
-tests draw a quarter of their examples (see :mod:`matrix`).  ``python -m pytest --full`` runs
-every case and every example; ``.ci/run`` runs both.
+tests draw an eighth of their examples, expensive one-axis matrices keep a few values
+(:func:`matrix.pick`), tests marked ``@pytest.mark.full`` wait for the full run, and the
+4-process distributed world runs only its 2 x 2 meshes (see :mod:`matrix` and
+:mod:`distributed_cases`).  ``python -m pytest --full`` runs every case and every example;
+``.ci/run`` runs both.
 """
 
 from __future__ import annotations
@@ -40,10 +43,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     matrix.FULL = bool(config.getoption("--full"))
-    if not hasattr(config, "workerinput"):  # the session's first process (xdist controller)
+    config.addinivalue_line(
+        "markers", "full: runs only under --full (a subprocess, a docs build: seconds each)"
+    )
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        # One thread each: two workers and the background distributed worlds already fill
+        # two cores, and an OpenMP region whose threads are descheduled waits for them
+        # (measured: an example took 13 s instead of 0.3 s).  Tests of threading set theirs.
+        torch.set_num_threads(1)
+    else:  # the session's first process (xdist controller, or the only one under -n 0)
         # One folder for the session's distributed runs, inherited by the xdist workers.
         folder = tempfile.mkdtemp(prefix="semiring-einsum-distributed-")
         os.environ[distributed_cases.FOLDER] = folder
+        os.environ[distributed_cases.FULL] = "1" if matrix.FULL else "0"
         config.stash[_FOLDER] = folder
 
 
@@ -79,6 +91,8 @@ def _features(item: pytest.Item) -> list[Hashable]:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m, so that a case picked by hand always runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not matrix.FULL:
+        _deselect(config, items, [item for item in items if item.get_closest_marker("full")])
     _start_distributed_runs(items)
     if matrix.FULL:
         return
@@ -99,9 +113,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 covered |= new
             else:
                 dropped.add(id(item))
-    if dropped:
-        config.hook.pytest_deselected(items=[i for i in items if id(i) in dropped])
-        items[:] = [i for i in items if id(i) not in dropped]
+    _deselect(config, items, [i for i in items if id(i) in dropped])
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], drop: list[pytest.Item]) -> None:
+    if drop:
+        gone = {id(i) for i in drop}
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [i for i in items if id(i) not in gone]
 
 
 def _start_distributed_runs(items: list[pytest.Item]) -> None:

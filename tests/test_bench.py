@@ -215,6 +215,7 @@ def test_package_source_says_nothing_of_goals() -> None:
         assert "goal" not in path.read_text().lower(), f"{path} speaks of goals"
 
 
+@pytest.mark.full
 def test_main_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report.json"
     assert main(["--quick", "--json", str(out)]) == 0
@@ -227,6 +228,7 @@ def test_main_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "goal" not in text.lower()
 
 
+@pytest.mark.full
 def test_run_script_help() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "run.py"), "--help"],
@@ -288,6 +290,7 @@ def test_cuda_unavailable_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_memory_subprocess_measures_growth() -> None:
     sizes = {"b": 4, "i": 64, "j": 64, "k": 64}  # naive: a 4 MiB joint tensor
     peak, note = measure.measure_peak("log-bmm", W.NAIVE, sizes)
@@ -295,6 +298,7 @@ def test_memory_subprocess_measures_growth() -> None:
     assert peak is not None and peak > 0
 
 
+@pytest.mark.full
 def test_memory_subprocess_failure_is_reported() -> None:
     peak, note = measure.measure_peak(
         "log-bmm", "no-such-contender", {"b": 1, "i": 1, "j": 1, "k": 1}
@@ -323,6 +327,7 @@ def test_without_matplotlib(
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_plot_written(report: bench.Report, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "plot.png"

@@ -32,6 +32,7 @@ from torch._dynamo.utils import counters
 from torch.func import grad, jacfwd, jvp, vmap
 
 import semiring_einsum
+from matrix import pick
 from oracle import brute, brute_viterbi, joint
 from semiring_einsum import func
 from semiring_einsum.func import _api
@@ -213,7 +214,9 @@ def close(got: Any, want: Any, tol: dict[str, float] = TOL) -> None:
 
 
 # ------------------------------------------------------------------- forward
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    "name", pick(ALL, "log", "log_policy", "real_joint", "viterbi", "user_max")
+)
 def test_forward_is_one_node(name: str) -> None:
     op, oracle, entry = VARIANTS[name]
     a, b = operands()
@@ -228,7 +231,7 @@ def test_forward_is_one_node(name: str) -> None:
     close(got, op(a, b))
 
 
-@pytest.mark.parametrize("name", ["log", "viterbi", "user_max"])
+@pytest.mark.parametrize("name", pick(["log", "viterbi", "user_max"], "viterbi"))
 def test_forward_inductor(name: str) -> None:
     op, oracle, _ = VARIANTS[name]
     a, b = operands()
@@ -263,12 +266,12 @@ def _training_step(name: str, backend: str) -> None:
         close([x.grad for x in xs], [x.grad.float() for x in o], ORACLE_TOL)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", pick(ALL, "log", "max", "user_log", "top_real"))
 def test_training_step(name: str) -> None:
     _training_step(name, "aot_eager")
 
 
-@pytest.mark.parametrize("name", ["log", "user_log", "real_joint"])
+@pytest.mark.parametrize("name", pick(["log", "user_log", "real_joint"], "log"))
 def test_training_step_inductor(name: str) -> None:
     _training_step(name, "inductor")
 
@@ -301,7 +304,7 @@ def test_compiled_module_with_optimizer_matches_eager() -> None:
 
 
 # ------------------------------------------------------------------- vmap
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", pick(ALL, "log", "viterbi", "user_max"))
 def test_compile_of_vmap(name: str) -> None:
     """The explicit vmap rule is ignored under compile: the forward is vmapped."""
     op, oracle, _ = VARIANTS[name]
@@ -335,7 +338,7 @@ def _eager_grads(f: Fn, a: Tensor, b: Tensor) -> Any:
     return grad(lambda x, y: (f(x, y) * w).sum(), argnums=(0, 1))(a, b)
 
 
-@pytest.mark.parametrize("name", GRAD_CASES)
+@pytest.mark.parametrize("name", pick(GRAD_CASES, "log", "viterbi", "user_max"))
 def test_grad_of_compiled(name: str) -> None:
     """``func.grad(torch.compile(f))`` (no fullgraph: see the module docstring)."""
     f = values(name)
@@ -346,7 +349,7 @@ def test_grad_of_compiled(name: str) -> None:
     close(got, _eager_grads(f, a, b))
 
 
-@pytest.mark.parametrize("name", GRAD_CASES)
+@pytest.mark.parametrize("name", pick(GRAD_CASES, "max", "user_log", "real_joint"))
 def test_compile_of_grad_values(name: str) -> None:
     """PyTorch 2.13 limitation: ``torch.compile(torch.func.grad(f))`` traces and
     differentiates our forward instead of calling our backward (#193279).  The
@@ -365,7 +368,9 @@ SHAPES = [(3, 5, 4), (4, 6, 2), (2, 3, 3), (5, 7, 6)]
 
 
 @pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
-@pytest.mark.parametrize("name", ["log", "viterbi", "user_log", "user_max"])
+@pytest.mark.parametrize(
+    "name", pick(["log", "viterbi", "user_log", "user_max"], "log", "user_max")
+)
 def test_changing_shapes(name: str, dynamic: bool | None) -> None:
     op, oracle, _ = VARIANTS[name]
     compiled = torch.compile(op, fullgraph=True, backend="aot_eager", dynamic=dynamic)
@@ -377,7 +382,7 @@ def test_changing_shapes(name: str, dynamic: bool | None) -> None:
     no_graph_breaks()
 
 
-@pytest.mark.parametrize("name", ["log", "max", "user_log"])
+@pytest.mark.parametrize("name", pick(["log", "max", "user_log"], "max"))
 def test_changing_block_size(name: str) -> None:
     """One compiled function called with different block sizes (an int argument)."""
     fns: dict[str, Callable[..., Tensor]] = {
@@ -422,7 +427,8 @@ def _eager_snapshot(a: Tensor, b: Tensor) -> list[Any]:
 def test_eager_results_unchanged_after_compiling() -> None:
     a, b = operands()
     before = _eager_snapshot(a, b)
-    for name in ["log", "viterbi", "user_log", "real_joint"]:  # forward and a training step
+    # forward and a training step
+    for name in pick(["log", "viterbi", "user_log", "real_joint"], "log", "viterbi"):
         torch._dynamo.reset()
         f = values(name)
         torch.compile(VARIANTS[name][0], fullgraph=True, backend="aot_eager")(a, b)

@@ -111,6 +111,7 @@ def test_relative_links_resolve(source: str) -> None:
         assert (path.parent / target).exists(), f"{source} links to missing {target}"
 
 
+@pytest.mark.full
 @pytest.mark.skipif(
     not (importlib.util.find_spec("sphinx") and importlib.util.find_spec("myst_parser")),
     reason="the docs extra is not installed (pip install -e '.[docs]')",

@@ -36,7 +36,7 @@ with warnings.catch_warnings():
 
 USER_LOG = dataclasses.replace(func.LOG)  # equal to LOG, not LOG: the generic path
 
-# Examples per test in the full run (python -m pytest --full); the default run draws a quarter.
+# Examples per test in the full run (python -m pytest --full); the default run draws an eighth.
 FORWARD_EXAMPLES = examples(4000)
 GRADIENT_EXAMPLES = examples(1000)
 NEG_INF_GRADIENT_EXAMPLES = examples(1000)
