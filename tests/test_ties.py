@@ -216,7 +216,7 @@ def test_viterbi_default_is_pairwise() -> None:
     eq = "ab,bc,cd,de->ae"
     g = torch.Generator().manual_seed(0)
     xs = [torch.randint(0, 3, (10, 10), generator=g).to(F32) for _ in range(4)]
-    assert 10**5 > _kernels.SMALL_TERMS
+    assert 10**5 > _kernels.JOINT_TERMS
     assert len(func.plan(eq, *xs, semiring=func.MAX_PLUS).steps) == 3
     values, argmax = func.viterbi_einsum(eq, *xs)
     want_values, want_argmax = brute_viterbi(eq, *xs)
@@ -226,7 +226,7 @@ def test_viterbi_default_is_pairwise() -> None:
 
 @pytest.mark.parametrize("kind", ["ties", "-inf", "nan"])
 def test_small_default_runs_one_joint_step(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below ``SMALL_TERMS`` joint terms, the default strategy with an argmax runs one joint
+    """Below ``JOINT_TERMS`` joint terms, the default strategy with an argmax runs one joint
     step (one torch.max over the rows), with the same answers as the oracle."""
     eq = "bsxk,bsyk,xyz->bsz"
     xs = _ties(eq, F64)

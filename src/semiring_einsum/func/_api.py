@@ -144,7 +144,7 @@ def _setup(
         )
 
     plan = planned(joint)
-    if small and not (len(plan.steps) == 1 and K.small_step(plan.steps[0])):
+    if small and not (len(plan.steps) == 1 and K.small_joint(plan.steps[0])):
         # A max-plus call with an argmax runs one joint step where that step is small
         # enough to be one window of one torch.max: a pairwise plan's ranks,
         # backtracking and joint fix-up cost far more than such terms (the CKY step of
@@ -400,9 +400,11 @@ def _contract(
     return values, found
 
 
-def _ranks_needed(steps: Sequence[Step], operands: int) -> list[bool]:
+@functools.lru_cache(maxsize=1024)
+def _ranks_needed(steps: tuple[Step, ...], operands: int) -> list[bool]:
     """For each step, whether a later step that sums an index reads its result's rank
-    (directly, or through steps that sum nothing)."""
+    (directly, or through steps that sum nothing).  (Cached: a plan's steps are values;
+    the caller only reads the list.)"""
     readers: dict[int, list[int]] = {}
 
     def record(k: int, step: Step, made: list[int | None]) -> int:
@@ -435,7 +437,9 @@ def _joint_where_not_finite(
         return argmax
     if ctx.traced or ctx.batched or ctx.foreign:  # no value branches
         return torch.where((values == -math.inf).unsqueeze(-1), 0, argmax)
-    if bool(torch.isfinite(values).all()):  # the common case: one pass
+    # The common case, all finite, in one reduction: a sum is finite only if its terms
+    # are (a finite sum that overflows only sends it down the careful path below).
+    if math.isfinite(values.detach().sum()):
         return argmax
     neg = values == -math.inf
     argmax = torch.where(neg.unsqueeze(-1), 0, argmax)
@@ -492,7 +496,7 @@ def _max_ranked(
     size = p.contraction.size
     summed = p.equation.summed
     stride = row_major_strides(size, summed)
-    needed = _ranks_needed(p.plan.steps, len(operands))
+    needed = _ranks_needed(tuple(p.plan.steps), len(operands))
 
     def ranked_step(
         k: int, step: Step, pairs: list[tuple[Tensor, Tensor | None]]
@@ -541,26 +545,38 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     out = p.contraction.output
     shape = [size[c] for c in out]
     summed = p.equation.summed
-    if len(backpointers) == 1:  # one step (a matrix product, a joint sum): no lookups
-        step, linear = backpointers[0]
-        if step.output == out and "".join(c for c, _ in step.windows) == summed and summed:
-            flat = linear.reshape(linear.shape or (1,))
-            return K.unravel(step, flat).reshape(shape + [len(summed)])
+    summing = [(step, linear) for step, linear in backpointers if step.windows]
+    if len(summing) == 1:  # one step sums (the others only multiply): no lookups
+        step, linear = summing[0]
+        if step.output == out and "".join(c for c, _ in step.windows) == summed:
+            # (At least 1-d for unravel; no reshape where the shape is already right:
+            # each costs microseconds, and these calls are often that small.)
+            found = K.unravel(step, linear if linear.dim() else linear.reshape(1))
+            target = [*shape, len(summed)]
+            return found if list(found.shape) == target else found.reshape(target)
     device = p.operands[0].device if p.operands else torch.device("cpu")
-    known: dict[str, Tensor] = {}
-    for d, c in enumerate(out):
-        view = [1] * len(out)
-        view[d] = size[c]
-        known[c] = torch.arange(size[c], device=device).reshape(view)
+    known: dict[str, Tensor] = {}  # each index's coordinate, per output cell (broadcasting)
+
+    def coordinate(c: str) -> Tensor:
+        if c not in known:  # an output index, made when first needed
+            view = [1] * len(out)
+            view[out.index(c)] = size[c]
+            known[c] = torch.arange(size[c], device=device).view(view)
+        return known[c]
+
     for step, linear in reversed(backpointers):
         if not step.windows:
             continue
         if not step.output or step.output == out:  # indexed as the result is: as it is
             at = linear
         else:
-            at = linear[tuple(known[c] for c in step.output)]
+            at = linear[tuple(coordinate(c) for c in step.output)]
         # At least 1-d: indexing with 0-d index tensors would call .item().
-        coords = K.unravel(step, at.reshape(at.shape or (1,)))
+        at = at if at.dim() else at.reshape(1)
+        if len(step.windows) == 1:  # its linear index is the coordinate
+            known[step.windows[0][0]] = at
+            continue
+        coords = K.unravel(step, at)
         for i, (c, _) in enumerate(step.windows):
             known[c] = coords[..., i]
     if not summed:
@@ -1043,7 +1059,8 @@ def clear_caches() -> None:
     products chosen for BLAS steps, small steps' layouts and argmax tables, the
     drop-in layer's compiled equations and callback plans,
     the log steps' BLAS programs, budgets,
-    call contexts, the native kernel's step layouts and loaded library, and the
+    call contexts, the ranks a Viterbi plan needs, the native kernel's step layouts
+    and loaded library, and the
     autograd Functions made for steps of more operands than the ones built at
     import.  Every cache is bounded; clearing them is only useful to free their
     memory or to measure cold-start costs.
@@ -1054,6 +1071,7 @@ def clear_caches() -> None:
     """
     _setup.cache_clear()
     _SEEN.clear()
+    _ranks_needed.cache_clear()
     analyze.cache_clear()
     resolve.cache_clear()
     parse_subscripts.cache_clear()

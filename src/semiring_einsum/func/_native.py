@@ -625,6 +625,7 @@ def cache_clear() -> None:
     """Forget the step layouts and the loaded library (the next call loads it anew)."""
     layout.cache_clear()
     library.cache_clear()
+    _rank_share_of.cache_clear()
     _STATUS.clear()
 
 
@@ -866,9 +867,16 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def _rank_share(step: Step, lay: Layout, strides: Sequence[int]) -> Tensor:
     """Each linear position of the summed group's share of the global rank (``w[s]``)."""
+    return _rank_share_of(step, lay.a.groups[2], tuple(strides))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rank_share_of(step: Step, summed: str, strides: tuple[int, ...]) -> Tensor:
+    # Cached: the kernels only read it, and it is a plain CPU tensor (the native
+    # kernel never runs under a tracer).
     size = step.size
     share = torch.zeros(1, dtype=torch.int64)
-    for c, stride in zip(lay.a.groups[2], strides):  # the summed group, in the step's order
+    for c, stride in zip(summed, strides):  # the summed group, in the step's order
         share = (share[:, None] + torch.arange(size[c]) * stride).reshape(-1)
     return share
 
