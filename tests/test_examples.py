@@ -65,6 +65,7 @@ def test_a_failed_check_exits_non_zero(name: str) -> None:
     assert "MISMATCH" in str(stop.value.code)
 
 
+@pytest.mark.full
 def test_examples_run_as_scripts() -> None:
     """One real command line, for the exit status."""
     done = subprocess.run(
