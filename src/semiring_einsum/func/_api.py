@@ -40,6 +40,7 @@ from ._parse import (
     rankable,
     resolve,
     row_major_strides,
+    summed_of,
 )
 from ._plan import (
     Plan,
@@ -384,7 +385,12 @@ def _contract(
             return max_values(cast(MaxSpec, p.spec(s, False)), ctx, args)
 
     def run(operands: list[Tensor]) -> Tensor:
-        if argmax and len(p.plan.steps) > 1 and rankable(p.contraction, p.equation.summed):
+        if (
+            argmax
+            and len(p.plan.steps) > 1
+            and _ties_need_ranks(p)
+            and rankable(p.contraction, p.equation.summed)
+        ):
             # Where ties decide: the global rule.
             return p.finish(_max_ranked(p, family, ctx, operands, backpointers))
         return p.run(max_step, operands)
@@ -398,6 +404,15 @@ def _contract(
     if len(p.plan.steps) > 1:
         found = _joint_where_not_finite(p, ctx, budget, values, found)
     return values, found
+
+
+def _ties_need_ranks(p: _Prepared) -> bool:
+    """Whether a plan's argmax needs partial ranks to follow the joint tie rule: not where
+    one step sums every summed index in their global order (the others only multiply)."""
+    summing = [s for s in p.plan.steps if s.windows]
+    if len(summing) != 1:
+        return len(summing) > 1
+    return "".join(c for c, _ in summing[0].windows) != p.equation.summed
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1075,6 +1090,7 @@ def clear_caches() -> None:
     analyze.cache_clear()
     resolve.cache_clear()
     parse_subscripts.cache_clear()
+    summed_of.cache_clear()
     clear_plan_caches()
     budget_of_cache_clear()
     context_cache_clear()

@@ -745,6 +745,8 @@ def _inner(rng: Range) -> list[int]:
 
 def unravel(step: Step, linear: Tensor) -> Tensor:
     """Linear argmax indices to one coordinate per summed index (last dim)."""
+    if len(step.windows) == 1 and step.terms:  # (the common case) it is the coordinate
+        return linear.unsqueeze(-1)
     if _small_terms(step) and untraced():
         # One lookup -- not while tracing (the cached table would be a traced tensor)
         # nor under torch.func (a vmapped index reads values).

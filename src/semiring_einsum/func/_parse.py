@@ -42,6 +42,16 @@ class Subscripts:
     output: tuple[str, ...] | None
 
 
+@functools.lru_cache(maxsize=4096)  # (read on every call of a Viterbi plan)
+def summed_of(inputs: tuple[str, ...], output: str) -> str:
+    seen: dict[str, None] = {}
+    for term in inputs:
+        for c in term:
+            if c not in output:
+                seen.setdefault(c)
+    return "".join(seen)
+
+
 @dataclass(frozen=True, slots=True)
 class Equation:
     """An equation with ``...`` resolved: one symbol per operand dimension.
@@ -57,12 +67,7 @@ class Equation:
     @property
     def summed(self) -> str:
         """Indices that are summed out, in order of first appearance."""
-        seen: dict[str, None] = {}
-        for term in self.inputs:
-            for c in term:
-                if c not in self.output:
-                    seen.setdefault(c)
-        return "".join(seen)
+        return summed_of(self.inputs, self.output)
 
 
 def _tokens(source: str, term: str, where: str) -> tuple[str, ...]:
