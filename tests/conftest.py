@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Hashable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     folder = config.stash.get(_FOLDER, None)
     if folder is not None:
+        distributed_cases.stop_all(Path(folder))
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -93,7 +95,8 @@ def _features(item: pytest.Item) -> list[Hashable]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not matrix.FULL:
         _deselect(config, items, [item for item in items if item.get_closest_marker("full")])
-    _start_distributed_runs(items)
+    if not config.option.collectonly:  # (collecting only runs nothing)
+        _start_distributed_runs(items)
     if matrix.FULL:
         return
     groups: dict[object, list[pytest.Item]] = {}

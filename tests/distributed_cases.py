@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -457,15 +458,33 @@ def launch(world: int, root: Path) -> bool:
     except FileExistsError:
         return False
     with open(out / "stderr", "w") as stderr:
-        _RUNNING.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(world), str(out)],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
+        run = subprocess.Popen(
+            [sys.executable, __file__, str(world), str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
         )
+    _RUNNING.append(run)
+    (out / "pid").write_text(str(run.pid))  # for stop_all, in whichever process ends last
     return True
+
+
+def stop_all(root: Path) -> None:
+    """End every run started under ``root`` that is still going, with its spawned ranks.
+
+    Called when the test session ends (by its first process, after every xdist worker):
+    a run whose tests were not selected, or that hung, would otherwise outlive it.
+    """
+    if not hasattr(os, "killpg"):  # (not on Windows)
+        return
+    for pid_file in root.glob("world*/pid"):
+        if (pid_file.parent / "status").exists():
+            continue  # it finished (and its process group may be gone, its id reused)
+        pid = int(pid_file.read_text())
+        try:
+            os.killpg(pid, signal.SIGKILL)  # its own session: the run and its ranks
+        except (ProcessLookupError, PermissionError):
+            pass  # finished already
 
 
 def results(world: int, root: Path, timeout: float = 900.0) -> dict[str, Any]:
