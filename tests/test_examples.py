@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import matrix
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = sorted(p.name for p in EXAMPLES.glob("*.py"))
 
@@ -37,13 +35,14 @@ def test_the_tutorials_are_all_there() -> None:
     }
 
 
-@pytest.mark.parametrize("name", NAMES)
+# distributed_cky.py spawns two processes (about 24 s): in the full run only.
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.full) if n == "distributed_cky.py" else n for n in NAMES],
+)
 def test_example_passes_its_own_checks(
     name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if name == "distributed_cky.py" and not matrix.FULL:
-        # Two spawned processes, about 24 s: in the full run (--full, which CI runs too).
-        pytest.skip("spawns a process group: runs under --full")
     path = EXAMPLES / name
     monkeypatch.setattr(sys, "argv", [str(path), "--small"])
     with torch.random.fork_rng():

@@ -406,13 +406,20 @@ def _contract(
     return values, found
 
 
+def _sole_summing_step(steps: Sequence[Step], summed: str) -> int | None:
+    """The position of the one step of ``steps`` that sums, where it sums every index of
+    ``summed`` in that (global) order: its own first maximiser is then the joint rule's,
+    and its argmax the whole plan's (the other steps only multiply).  ``None`` otherwise."""
+    summing = [k for k, s in enumerate(steps) if s.windows]
+    if len(summing) == 1 and "".join(c for c, _ in steps[summing[0]].windows) == summed:
+        return summing[0]
+    return None
+
+
 def _ties_need_ranks(p: _Prepared) -> bool:
-    """Whether a plan's argmax needs partial ranks to follow the joint tie rule: not where
-    one step sums every summed index in their global order (the others only multiply)."""
-    summing = [s for s in p.plan.steps if s.windows]
-    if len(summing) != 1:
-        return len(summing) > 1
-    return "".join(c for c, _ in summing[0].windows) != p.equation.summed
+    """Whether a plan's argmax needs partial ranks to follow the joint tie rule."""
+    steps = p.plan.steps
+    return any(s.windows for s in steps) and _sole_summing_step(steps, p.equation.summed) is None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -511,7 +518,7 @@ def _max_ranked(
     size = p.contraction.size
     summed = p.equation.summed
     stride = row_major_strides(size, summed)
-    needed = _ranks_needed(tuple(p.plan.steps), len(operands))
+    needed = _ranks_needed(p.plan.steps, len(operands))
 
     def ranked_step(
         k: int, step: Step, pairs: list[tuple[Tensor, Tensor | None]]
@@ -560,15 +567,14 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     out = p.contraction.output
     shape = [size[c] for c in out]
     summed = p.equation.summed
-    summing = [(step, linear) for step, linear in backpointers if step.windows]
-    if len(summing) == 1:  # one step sums (the others only multiply): no lookups
-        step, linear = summing[0]
-        if step.output == out and "".join(c for c, _ in step.windows) == summed:
-            # (At least 1-d for unravel; no reshape where the shape is already right:
-            # each costs microseconds, and these calls are often that small.)
-            found = K.unravel(step, linear if linear.dim() else linear.reshape(1))
-            target = [*shape, len(summed)]
-            return found if list(found.shape) == target else found.reshape(target)
+    sole = _sole_summing_step([step for step, _ in backpointers], summed)
+    if sole is not None and backpointers[sole][0].output == out:  # no lookups
+        step, linear = backpointers[sole]
+        # (At least 1-d for unravel; no reshape where the shape is already right:
+        # each costs microseconds, and these calls are often that small.)
+        found = K.unravel(step, linear if linear.dim() else linear.reshape(1))
+        target = [*shape, len(summed)]
+        return found if list(found.shape) == target else found.reshape(target)
     device = p.operands[0].device if p.operands else torch.device("cpu")
     known: dict[str, Tensor] = {}  # each index's coordinate, per output cell (broadcasting)
 

@@ -762,7 +762,7 @@ def unravel(step: Step, linear: Tensor) -> Tensor:
     for i, ((c, _), s) in enumerate(zip(step.windows, _strides(step))):
         coord = linear if s == 1 else linear // s
         coords.append(coord if i == 0 else coord % size[c])  # linear < the product of sizes
-    return coords[0].unsqueeze(-1) if len(coords) == 1 else torch.stack(coords, dim=-1)
+    return torch.stack(coords, dim=-1)  # (one summed index returned early)
 
 
 class GradAccumulator:
