@@ -222,6 +222,80 @@ def test_non_contiguous_inputs(dtype: torch.dtype, taken: list[bool]) -> None:
     assert all(taken)
 
 
+def _sliced_permuted(g: torch.Generator) -> Tensor:
+    """The stack RNN's POP operand: a corner of a 7-d tensor whose groups interleave."""
+    return torch.randn((3, 6, 6, 2, 3, 2, 3), generator=g)[:, :-1, :-1]
+
+
+def _base(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> Tensor:
+    """Random values; floats also hold a NaN with a payload, -0.0 and -inf (moved as bits)."""
+    x = (torch.randn(shape, generator=g) * 1000).to(dtype)
+    if dtype.is_floating_point and x.numel() >= 3:
+        bits = {F32: (torch.int32, 0x7FC01234), F64: (torch.int64, 0x7FF8000000001234)}
+        kind, nan = bits[dtype]
+        flat = x.view(-1)
+        flat.view(kind)[0] = nan
+        flat[1], flat[2] = -0.0, -math.inf
+    return x
+
+
+# Views the native copy loop must copy exactly: dims merged, a table of inner offsets,
+# one long strided dim, broadcast (stride 0), size-1 dims.  (An empty tensor is contiguous:
+# never copied.)
+COPY_VIEWS: dict[str, Callable[[torch.dtype, torch.Generator], Tensor]] = {
+    "pop_operand": lambda t, g: _base((3, 6, 6, 2, 3, 2, 3), t, g)[:, :-1, :-1].permute(
+        0, 6, 2, 5, 1, 3, 4
+    ),
+    "transposed": lambda t, g: _base((70, 90), t, g).t(),
+    "long_strided": lambda t, g: _base((30000,), t, g)[::3],
+    "column_slices": lambda t, g: _base((300, 300), t, g)[:, 1::2],
+    "broadcast": lambda t, g: _base((40, 1, 50), t, g).expand(40, 30, 50).permute(2, 1, 0),
+    "size_one": lambda t, g: _base((20, 1, 300), t, g).permute(2, 1, 0),
+    "five_dims": lambda t, g: _base((4, 5, 6, 7, 8), t, g).permute(4, 2, 0, 3, 1),
+}
+
+
+@native
+@pytest.mark.parametrize(
+    "dtype", [F32, F64, torch.int32, torch.int64], ids=["f32", "f64", "i32", "i64"]
+)
+@pytest.mark.parametrize("view", list(COPY_VIEWS))
+def test_native_copy_equals_contiguous_bitwise(view: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = COPY_VIEWS[view](dtype, g)
+    assert not x.is_contiguous()
+    bits = {4: torch.int32, 8: torch.int64}[x.element_size()]
+    memory = x._base.clone() if x._base is not None else None
+    threads = torch.get_num_threads()
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            got = N.dense(x)
+        finally:
+            torch.set_num_threads(threads)
+        want = x.contiguous()
+        assert got.is_contiguous() and got.shape == x.shape and got.dtype == dtype
+        assert torch.equal(got.view(bits), want.view(bits))
+    if memory is not None:  # the input untouched
+        assert torch.equal(x._base.view(bits), memory.view(bits))
+    contiguous = torch.arange(10000).to(dtype)
+    assert N.dense(contiguous) is contiguous
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_regrouped_operand_matches_the_oracle(dtype: torch.dtype, taken: list[bool]) -> None:
+    """The POP step on its sliced operand: every group of the regrouping copy is several
+    indices, with the output permuted back (the native copy loop on both)."""
+    g = torch.Generator().manual_seed(13)
+    gamma = (_sliced_permuted(g) * 2**10).round().to(dtype) / 2**10
+    gamma[:, :, :, 0] = -math.inf  # a dead half, as the stack's triangle has
+    popped = _exact((3, 5, 2, 3, 2), dtype, g)
+    assert _kernels("bikqxty,bktyr->biqxry", gamma, popped) == ["tropical"]
+    _check_against_oracle("bikqxty,bktyr->biqxry", [gamma, popped])
+    assert all(taken)
+
+
 # --------------------------------------------------------------------- ties
 TIE_CASES = {
     "one_summed": ("bij,bjk->bik", [(3, 5, 20), (3, 20, 70)]),
