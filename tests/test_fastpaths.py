@@ -365,12 +365,19 @@ def test_log_blocked_kernel_floor_keeps_dead_cells_and_late_maxima(
 
 # A stack-RNN-like log step: a 7-index operand (65,536 elements) whose two summed
 # indices sit in the middle.  The plan copies it into a layout with them last.
-RELAYOUT = ("abcdefg,ceh->abdfgh", [(4, 4, 4, 4, 4, 4, 16), (4, 4, 2)])
+RELAYOUT = {
+    # a narrow product (2 columns): the big operand becomes its right one, laid out as
+    # (batch, summed, own) -- here summed c, e first
+    "narrow": ("abcdefg,ceh->abdfgh", [(4, 4, 4, 4, 4, 4, 16), (4, 4, 2)], (2, 4, 0, 1, 3, 5, 6)),
+    # a wide one: the summed indices c, e moved last
+    "wide": ("abcdefg,ceh->abdfgh", [(4, 4, 4, 4, 4, 4, 16), (4, 4, 32)], (0, 1, 3, 5, 6, 2, 4)),
+}
 
 
+@pytest.mark.parametrize("layout", list(RELAYOUT))
 @pytest.mark.parametrize("case", ["random", "spread", "neg_inf"])
-def test_log_blas_relayout_matches_the_oracle(case: str) -> None:
-    equation, shapes = RELAYOUT
+def test_log_blas_relayout_matches_the_oracle(case: str, layout: str) -> None:
+    equation, shapes, perm = RELAYOUT[layout]
     g = torch.Generator().manual_seed(11)
     a, b = (torch.randn(s, generator=g, dtype=F64) for s in shapes)
     if case == "spread":  # most cells fail the certificate: the exact kernels
@@ -380,7 +387,7 @@ def test_log_blas_relayout_matches_the_oracle(case: str) -> None:
     (step,) = func.plan(equation, a, b, semiring=func.LOG).steps
     program = _logblas.program(step)
     assert step.kernel == "log_blas" and program is not None
-    assert program.perm_a == (0, 1, 3, 5, 6, 2, 4)  # summed indices c, e moved last
+    assert program.perm_a == perm
     a.requires_grad_(True)
     b.requires_grad_(True)
     out = func.log_einsum(equation, a, b)
@@ -390,3 +397,46 @@ def test_log_blas_relayout_matches_the_oracle(case: str) -> None:
     want = log_vjp(equation, [a.detach(), b.detach()], cotangent, math.nan)
     for gk, wk in zip(got, want, strict=True):  # the dead row's entries: NaN in both
         torch.testing.assert_close(gk, wk, equal_nan=True, **TOL[F64])
+
+
+# Narrow log products (the second operand's own indices hold fewer than 16 elements) run
+# as one bmm with the operands swapped.  The stack RNN's POP step, small, on every kind
+# of row the certificate must handle; and operands broadcast along a batch index (which
+# take torch.einsum instead).
+POP = "bikqxty,bktyr->biqxry"
+POP_SHAPES = [(2, 5, 5, 2, 3, 2, 3), (2, 5, 2, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "rows", ["finite", "neg_inf_big", "neg_inf_small", "pos_inf", "nan", "broadcast"]
+)
+def test_narrow_log_product_matches_the_oracle(rows: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(21)
+    a, b = (torch.randn(s, generator=g, dtype=F64) for s in POP_SHAPES)
+    if rows == "neg_inf_big":  # the stack's triangle: gamma dead where k >= i
+        dead = torch.ones(5, 5, dtype=torch.bool).tril()
+        a = a.masked_fill(dead[None, :, :, None, None, None, None], -math.inf)
+    elif rows == "neg_inf_small":  # a whole summed row of the small operand
+        b[1, :, :, 2, 0] = -math.inf
+    elif rows == "pos_inf":
+        a[0, 3, 1, 0, 2, 1, 1] = math.inf
+    elif rows == "nan":
+        b[0, 2, 1, 1, 1] = math.nan
+    elif rows == "broadcast":  # one batch entry shared
+        a = a[:1]
+    a, b = a.to(dtype), b.to(dtype)
+    (step,) = func.plan(POP, a, b, semiring=func.LOG).steps
+    program = _logblas.program(step)
+    assert step.kernel == "log_blas" and program is not None
+    assert type(program.product).__name__ == "_Swapped"
+    want = brute("log", POP, a.double(), b.double())
+    for policy in (0.0, math.nan):
+        ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+        out = func.log_einsum(POP, ag, bg, grad_of_neg_inf=policy)
+        torch.testing.assert_close(out.double(), want, equal_nan=True, **TOL[dtype])
+        cotangent = torch.randn(out.shape, generator=g, dtype=F64)
+        got = torch.autograd.grad(out, (ag, bg), cotangent.to(dtype))
+        expect = log_vjp(POP, [a.double(), b.double()], cotangent, policy)
+        for gk, wk in zip(got, expect, strict=True):
+            torch.testing.assert_close(gk.double(), wk, equal_nan=True, **TOL[dtype])

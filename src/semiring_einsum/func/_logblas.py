@@ -25,7 +25,10 @@ later.  The forward and the first-order backward run inside opaque operators
 differentiable derivatives (:func:`vjp_exact`, :func:`jvp_exact`) read values
 only for plain operands, and otherwise take the blocked path, exact too.
 An operand whose summed indices are scattered among its dims is first copied
-into a layout with them last (:attr:`Program.perm_a`).
+into a layout with them last (:attr:`Program.perm_a`).  A product whose second
+operand is narrow (few free elements: the stack RNN's POP step has 2) runs as
+one matmul with its operands swapped, its first operand laid out as that
+matmul's right one (see :func:`_narrow`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 
 from . import _kernels as K
 from ._kernels import einsum_letters, einsum_product
+from ._native import dense
 from ._plan import Step
 
 Tensor = torch.Tensor
@@ -106,18 +110,45 @@ class Program:
 # Measured on a 7-index operand of 2.2M elements with two summed indices in the
 # middle: 6.2 ms -> about 2 ms, most of it strided amax before.  One run of
 # adjacent summed dims (a matmul's operands) reduces fast where it is.
+# The right operand of a narrow product (see _narrow) is laid out as torch.einsum
+# reads a right operand instead: batch, summed, its own indices.  The maximum then
+# reduces over outer dims with a long contiguous row inside, faster still (the
+# stack RNN's POP operand at t=30: 0.28 -> 0.09 ms).
 _RELAYOUT_MIN_ELEMENTS = 1 << 16
 
+# A product whose right operand has fewer free elements than this (and whose left has
+# more) runs with its operands swapped: BLAS is slow on a thin right matrix (the POP
+# step at t=30, (30, 174, 58) @ (30, 58, 2): 0.55 ms; swapped, 0.10 ms).
+_NARROW = 16
 
-def _layout(term: str, summed: str, numel: int) -> tuple[int, ...] | None:
-    """The permutation putting ``term``'s summed indices last, where it pays."""
+
+def _layout(
+    term: str, summed: str, numel: int, right: tuple[str, str] | None = None
+) -> tuple[int, ...] | None:
+    """The permutation putting ``term``'s summed indices last, where it pays; or, given
+    ``right = (batch, own)`` (``term``'s output indices in both operands, and in it
+    alone), the one into ``batch + summed + own``: a product's right operand."""
+    if numel < _RELAYOUT_MIN_ELEMENTS:
+        return None
     positions = [term.index(c) for c in summed]
+    if right is not None:
+        perm = tuple(term.index(c) for c in right[0] + summed + right[1])
+        return None if perm == tuple(range(len(term))) else perm
     block = sorted(positions)
-    adjacent = block == list(range(block[0], block[0] + len(block)))
-    if adjacent or numel < _RELAYOUT_MIN_ELEMENTS:
+    if block == list(range(block[0], block[0] + len(block))):  # adjacent
         return None
     keep = [d for d, c in enumerate(term) if c not in summed]
     return tuple(keep + positions)
+
+
+def _narrow(step: Step) -> bool:
+    """Whether the product runs swapped: the second operand's own output indices hold
+    fewer than :data:`_NARROW` elements, and the first operand's more."""
+    ta, tb = step.inputs
+    size = step.size
+    own_a = math.prod(size[c] for c in step.output if c in ta and c not in tb)
+    own_b = math.prod(size[c] for c in step.output if c in tb and c not in ta)
+    return own_b < _NARROW and own_a > own_b
 
 
 @functools.lru_cache(maxsize=4096)
@@ -126,11 +157,18 @@ def program(step: Step) -> Program | None:
     if not applicable(step):
         return None
     ta, tb = step.inputs
-    summed = step.summed
-    perm_a = _layout(ta, summed, _numel(step, ta))
-    perm_b = _layout(tb, summed, _numel(step, tb))
+    summed, out = step.summed, step.output
+    swap = _narrow(step)
+    if swap:  # the first operand is the product's right one
+        batch = "".join(c for c in out if c in ta and c in tb)
+        own = "".join(c for c in out if c in ta and c not in tb)
+        perm_a = _layout(ta, summed, _numel(step, ta), right=(batch, own))
+        perm_b = None
+    else:
+        perm_a = _layout(ta, summed, _numel(step, ta))
+        perm_b = _layout(tb, summed, _numel(step, tb))
     if perm_a is None and perm_b is None:
-        return _program(step)
+        return _program(step, swap)
     relaid = Step(
         step.operands,
         (
@@ -142,17 +180,50 @@ def program(step: Step) -> Program | None:
         step.windows,
         step.kernel,
     )
-    return replace(_program(relaid), perm_a=perm_a, perm_b=perm_b)
+    return replace(_program(relaid, swap), perm_a=perm_a, perm_b=perm_b)
 
 
-def _program(step: Step) -> Program:
+class _Swapped:
+    """A narrow product (see :func:`_narrow`) as one batched matmul with the operands
+    swapped: ``y`` (the step's second operand) viewed as ``(batch, own, summed)``
+    rows, ``x`` as ``(batch, summed, own)`` columns (views where their layouts allow:
+    see :func:`_layout`), the result a permuted view.  (torch.einsum would pick the
+    slow orientation itself.)  Operands of other shapes (broadcast) go to einsum."""
+
+    __slots__ = ("perm_x", "perm_y", "full_x", "full_y", "mat_x", "mat_y", "grid", "order", "other")
+
+    def __init__(self, tx: str, ty: str, out: str, summed: str, size: dict[str, int]) -> None:
+        batch = "".join(c for c in out if c in tx and c in ty)
+        own_x = "".join(c for c in out if c in tx and c not in ty)
+        own_y = "".join(c for c in out if c in ty and c not in tx)
+        self.perm_x = tuple(tx.index(c) for c in batch + summed + own_x)
+        self.perm_y = tuple(ty.index(c) for c in batch + own_y + summed)
+        self.full_x = tuple(size[c] for c in tx)
+        self.full_y = tuple(size[c] for c in ty)
+        nb, k = (math.prod(size[c] for c in g) for g in (batch, summed))
+        m, n = (math.prod(size[c] for c in g) for g in (own_y, own_x))
+        self.mat_x, self.mat_y = (nb, k, n), (nb, m, k)
+        grid = batch + own_y + own_x
+        self.grid = tuple(size[c] for c in grid)
+        self.order = tuple(grid.index(c) for c in out)
+        self.other = einsum_product((tx, ty), out)
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape != self.full_x or y.shape != self.full_y:
+            return self.other(x, y)
+        xm = x.permute(self.perm_x).reshape(self.mat_x)
+        ym = y.permute(self.perm_y).reshape(self.mat_y)
+        return torch.bmm(ym, xm).view(self.grid).permute(self.order)
+
+
+def _program(step: Step, swap: bool = False) -> Program:
     ta, tb = step.inputs
     summed, out = step.summed, step.output
     return Program(
         step,
         tuple(ta.index(c) for c in summed),
         tuple(tb.index(c) for c in summed),
-        einsum_product(step.inputs, out),
+        _Swapped(ta, tb, out, summed, step.size) if swap else einsum_product(step.inputs, out),
         _broadcast_plan(ta, summed, out),
         _broadcast_plan(tb, summed, out),
         max(1, step.window_elements),  # the exact fix-up keeps within the plan's bound
@@ -249,16 +320,16 @@ def _laid_out(x: Tensor, perm: tuple[int, ...] | None) -> tuple[Tensor, bool]:
     """``x`` in the program's layout, and whether that is a fresh copy of ours."""
     if perm is None:
         return x, False
-    return x.permute(perm).contiguous(), True
+    return dense(x.permute(perm)), True
 
 
 def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None:
     """The step's output: BLAS, with an exact log-sum-exp at the cells that need it.
 
-    Returns ``(out, exp(A - mA) or mA, exp(B - mB) or mB, S)`` when every
-    cell passed the certificate (what a first-order backward needs, see
-    :func:`vjp_from_residuals`; each exponential is kept only where the
-    program says so), ``(out,)`` when some cells were recomputed,
+    Returns ``(out, exp(A - mA) or mA, exp(B - mB) or mB, S, dead)`` when every
+    cell passed the certificate or is all -inf (what a first-order backward needs, see
+    :func:`vjp_certified`; each exponential is kept only where the program says so;
+    ``dead``: whether cells may be all -inf), ``(out,)`` when some cells were recomputed,
     and ``None`` when most cells are at risk (adversarial inputs): the
     caller's blocked path is then cheaper than gathering every cell's rows.
     Written with as few torch calls (and Python calls) as possible: on small
@@ -269,50 +340,41 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
     b, own_b = (b_in, False) if prog.perm_b is None else _laid_out(b_in, prog.perm_b)
     ma = a.amax(prog.dims_a, keepdim=True)
     mb = b.amax(prog.dims_b, keepdim=True)
-    # A non-finite maximum (a row of -inf, an inf, a NaN) turns its row into NaN
-    # (but see _shifted_exp: a big operand's row of -inf gives zeros); BLAS keeps that
-    # NaN to the cells of that row, which fail the certificate below and are
-    # recomputed from the operands -- except the cells whose terms are all -inf,
-    # which are exact as they are.
-    ea, sa, clean_a = _shifted_exp(a, ma, own_a)
-    eb, sb, clean_b = _shifted_exp(b, mb, own_b)
+    # A row of -inf shifts by 0 (zeros, whose cells' sum is 0 and log -inf: exact, as
+    # residuals too); a row holding +inf or NaN shifts by that, and turns its cells NaN,
+    # which fail the certificate below and are recomputed from the operands.
+    ea, sa = _shifted_exp(a, ma, own_a)
+    eb, sb = _shifted_exp(b, mb, own_b)
     product = prog.product(ea, eb)
     log_sum = torch.log(product)
-    mask = risky(log_sum)
-    dead = None
-    if mask is not None:
-        # A row all -inf makes every term of its cells -inf, provided the other
-        # operand's row holds no +inf or NaN: exactly where the sum of the two
-        # row maxima is -inf (-inf + inf and NaN are NaN).  Masked states or a
-        # triangle of -inf (the stack RNN's gamma) are such rows.
-        dead = torch.isneginf(_lined(ma, prog.view_a) + _lined(mb, prog.view_b))
-        if bool(dead.any()):
-            mask = mask > dead  # at risk and not dead
-        else:
-            dead = None
-        count = int(mask.sum())
-        if count > mask.numel() // 4:
+    mask, dead = None, False
+    bound = -_THRESHOLD.get(log_sum.dtype, _DEFAULT_THRESHOLD)
+    # One reduction in the common case; amin propagates NaN, which fails the test.
+    if product.numel() and not float(log_sum.amin()) >= bound:
+        # Cells at risk, except those whose terms are all -inf (exact as they are): a
+        # row of -inf meeting one without +inf or NaN, where the sum of the two row
+        # maxima is -inf (masked states; the stack RNN's triangle of gamma).
+        # (Each made in log_sum's layout, which may be a permuted product's: 2x faster
+        # than letting the broadcast sum pick its own.)
+        maxima = torch.add(
+            _lined(ma, prog.view_a), _lined(mb, prog.view_b), out=torch.empty_like(log_sum)
+        )
+        ok = torch.isneginf(maxima).logical_or_(log_sum >= bound)
+        count = ok.numel() - int(ok.count_nonzero())
+        if count > ok.numel() // 4:
             return None
-        if not count:
-            mask = None
+        if count:
+            mask = ok.logical_not_()
+        else:  # every cell below the bound is all -inf
+            dead = True
     # log_sum is fresh (torch.log of a product), so it is ours to modify.
     result = log_sum.add_(_lined(sa, prog.view_a)).add_(_lined(sb, prog.view_b))
-    nan_rows = dead is not None and not (clean_a and clean_b)
-    if nan_rows:  # a small operand's row of -inf shifted to NaN
-        assert dead is not None
-        result.masked_fill_(dead, -math.inf)
     if mask is None:
         # (An empty output certifies nothing: its operands may hold NaN rows.)
         if not product.numel():
             return (result,)
-        if nan_rows:
-            # As residuals, such rows are zeros shifted by 0, and their cells' sum 0.
-            assert dead is not None
-            ea, sa = _cleared(ea, sa)
-            eb, sb = _cleared(eb, sb)
-            product.masked_fill_(dead, 0.0)
         ra, rb = ea if prog.save_a else sa, eb if prog.save_b else sb
-        return result, ra, rb, product, dead is not None
+        return result, ra, rb, product, dead
     # The copies were shifted in place: the fix-up reads the operands anew.
     a = _laid_out(a_in, prog.perm_a)[0] if own_a else a
     b = _laid_out(b_in, prog.perm_b)[0] if own_b else b
@@ -330,7 +392,7 @@ _LOG2E = 1.4426950408889634
 
 
 # Tensors under this many elements take exp() itself: one call instead of two costs
-# more than exp2 saves there (and a small operand's rows of -inf keep their -inf shift).
+# more than exp2 saves there.
 _EXP2_MIN_ELEMENTS = 1 << 15
 
 
@@ -344,27 +406,11 @@ def _exp(shifted: Tensor, inplace: bool = True) -> Tensor:
     return torch.exp2(shifted * _LOG2E)
 
 
-def _shifted_exp(x: Tensor, m: Tensor, own: bool) -> tuple[Tensor, Tensor, bool]:
-    """``exp(x - shift)`` (see :func:`_exp`), the shift, and whether rows of -inf
-    shifted by 0.
-
-    The shift is the row maximum ``m``, except that a big operand's rows of -inf
-    shift by 0 (zeros, not NaN, where the cells of such rows are all -inf); a
-    small one's shift by -inf (one call less) and are NaN, cleared by
-    :func:`_cleared` if need be.
-    """
-    if x.numel() < _EXP2_MIN_ELEMENTS:
-        return (x.sub_(m) if own else x - m).exp_(), m, False
+def _shifted_exp(x: Tensor, m: Tensor, own: bool) -> tuple[Tensor, Tensor]:
+    """``exp(x - shift)`` (see :func:`_exp`) and the shift: the row maximum ``m``, or 0
+    where that is -inf (a row of -inf: zeros, not NaN)."""
     shift = torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0)
-    return _exp(x.sub_(shift) if own else x - shift), shift, True
-
-
-def _cleared(e: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """Residuals with the rows of -inf that shifted to NaN as zeros shifted by 0."""
-    none = torch.isneginf(shift)
-    if not bool(none.any()):
-        return e, shift
-    return e.masked_fill_(none, 0.0), shift.masked_fill(none, 0.0)
+    return _exp(x.sub_(shift) if own else x - shift), shift
 
 
 def _lined(m: Tensor, view: tuple[tuple[int, ...], tuple[int, ...]] | None) -> Tensor:
