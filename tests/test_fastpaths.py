@@ -409,7 +409,16 @@ POP_SHAPES = [(2, 5, 5, 2, 3, 2, 3), (2, 5, 2, 3, 2)]
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize(
-    "rows", ["finite", "neg_inf_big", "neg_inf_small", "pos_inf", "nan", "broadcast"]
+    "rows",
+    [
+        "finite",
+        "neg_inf_big",
+        "neg_inf_small",
+        "neg_inf_small_and_nan",
+        "pos_inf",
+        "nan",
+        "broadcast",
+    ],
 )
 def test_narrow_log_product_matches_the_oracle(rows: str, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(21)
@@ -417,8 +426,10 @@ def test_narrow_log_product_matches_the_oracle(rows: str, dtype: torch.dtype) ->
     if rows == "neg_inf_big":  # the stack's triangle: gamma dead where k >= i
         dead = torch.ones(5, 5, dtype=torch.bool).tril()
         a = a.masked_fill(dead[None, :, :, None, None, None, None], -math.inf)
-    elif rows == "neg_inf_small":  # a whole summed row of the small operand
+    elif rows.startswith("neg_inf_small"):  # a whole summed row of the small operand
         b[1, :, :, 2, 0] = -math.inf
+        if rows.endswith("nan"):  # and cells to recompute: the fix-up path
+            a[0, 2, 1, 0, 0, 1, 1] = math.nan
     elif rows == "pos_inf":
         a[0, 3, 1, 0, 2, 1, 1] = math.inf
     elif rows == "nan":
