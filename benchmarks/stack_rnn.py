@@ -595,6 +595,10 @@ def _small_call(module: Any, fn: str, eq: object, xs: list[Tensor], block: Any) 
     return lambda: f(eq, *xs, block_size=block)
 
 
+SMALL_NUMBER = 10
+"""Calls per timing sample of a small call (0.05-1.5 ms each)."""
+
+
 def time_small_calls(reference: ModuleType, rounds: int, threads: int) -> list[Goal]:
     rows: list[tuple[str, str, float, float | None]] = []
     ratios = []
@@ -611,7 +615,7 @@ def time_small_calls(reference: ModuleType, rounds: int, threads: int) -> list[G
         fns = [_small_call(m, fn, e, xs, blk) for m, e, blk in settings.values()]
         for f in fns:  # both must run, and agree
             f()
-        ms = dict(zip(settings, medians_ms(fns, rounds, warmup=3)))
+        ms = dict(zip(settings, medians_ms(fns, rounds, warmup=3, number=SMALL_NUMBER)))
         rows += [(name, k, v, ms[REF_BLOCK_NAME]) for k, v in ms.items()]
         best = min(ms[REF_BLOCK_NAME], ms["reference auto"])
         ratios += [(ms[k] / best, f"{name} ({k})") for k in ("ours b10", "ours auto")]

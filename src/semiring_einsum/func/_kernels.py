@@ -401,8 +401,9 @@ def small_joint(step: Step) -> bool:
 
 
 # Per operand of a step: its permutation into output-then-summed order (see _layout), its
-# shape at the step's sizes and its view at that shape (size 1 for the indices it lacks).
-_Laid = tuple[tuple[int, ...] | None, tuple[int, ...], list[int]]
+# shape at the step's sizes, its view at that shape (size 1 for the indices it lacks), and
+# per dim of that view the operand's dim it is (-1: a size-1 dim it lacks).
+_Laid = tuple[tuple[int, ...] | None, tuple[int, ...], list[int], tuple[int, ...]]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -416,7 +417,12 @@ def _small_layout(step: Step) -> tuple[tuple[_Laid, ...], list[int], list[int], 
     for term in step.inputs:
         perm = _layout(term, order)[0]
         laid.append(
-            (perm, tuple(size[c] for c in term), [size[c] if c in term else 1 for c in order])
+            (
+                perm,
+                tuple(size[c] for c in term),
+                [size[c] if c in term else 1 for c in order],
+                tuple(term.index(c) if c in term else -1 for c in order),
+            )
         )
     shape = out_shape(step)
     return tuple(laid), shape, shape + [size[c] for c in step.summed], step.terms
@@ -445,10 +451,16 @@ def output_first(step: Step, ops: Sequence[Tensor]) -> list[Tensor]:
     for the indices each lacks (they broadcast against each other)."""
     layouts = _small_layout(step)[0]
     laid = []
-    for (perm, sizes, view), term, x in zip(layouts, step.inputs, ops):
+    direct = untraced()
+    for (perm, sizes, view, where), term, x in zip(layouts, step.inputs, ops):
         if x.shape != sizes:  # broadcast (size-1) dims: the general way
             laid.append(laid_out(x, term, step.output + step.summed))
-        else:  # (the common case, with the view worked out once)
+        elif direct and type(x) is torch.Tensor and not x.requires_grad:
+            # One call for the permute and the size-1 dims (a quarter of their cost; these
+            # views serve small steps, where the calls' fixed cost is what counts).
+            st = x.stride()
+            laid.append(x.as_strided(view, [st[d] if d >= 0 else 0 for d in where]))
+        else:  # (the view worked out once)
             laid.append((x if perm is None else x.permute(perm)).reshape(view))
     return laid
 
