@@ -35,7 +35,8 @@ import torch
 
 from oracle import brute, brute_viterbi, joint, parse
 from semiring_einsum import func
-from semiring_einsum.func import _kernels
+from semiring_einsum.func import _api, _kernels, _plan
+from semiring_einsum.func._parse import Contraction
 
 Tensor = torch.Tensor
 F32, F64 = torch.float32, torch.float64
@@ -220,6 +221,59 @@ def test_viterbi_default_is_pairwise() -> None:
     assert len(func.plan(eq, *xs, semiring=func.MAX_PLUS).steps) == 3
     values, argmax = func.viterbi_einsum(eq, *xs)
     want_values, want_argmax = brute_viterbi(eq, *xs)
+    _assert_values(values, want_values)
+    assert torch.equal(argmax, want_argmax)
+
+
+# Paths that sum from the last index out (so no step needs ranks) and paths that do not.
+OUTER_FIRST: dict[str, dict[tuple[tuple[int, int], ...], bool]] = {
+    "ab,bc,cd->ad": {((1, 2), (0, 1)): True, ((0, 1), (0, 1)): False},
+    "ab,bc,cd,de->ae": {
+        ((2, 3), (1, 2), (0, 1)): True,  # d, then c, then b
+        ((2, 3), (0, 1), (0, 1)): False,  # d, b, then c after both
+        ((0, 1), (0, 1), (0, 1)): False,
+    },
+}
+
+
+@pytest.mark.parametrize("eq", list(OUTER_FIRST))
+def test_outer_first_paths_are_told_apart(eq: str) -> None:
+    lhs, out = eq.split("->")
+    inputs = tuple(lhs.split(","))
+    sizes = tuple((c, 4) for c in dict.fromkeys(lhs.replace(",", "")))
+    contraction = Contraction(inputs, out, sizes)
+    order = contraction.summed
+    n = len(inputs)
+    paths = list(_plan._pairwise_paths(n))
+    assert len(paths) == {3: 3, 4: 18}[n]
+    assert len({tuple(p) for p in paths}) == len(paths)
+    for path in paths:
+        _check_path(path, n)
+    for path, outer in OUTER_FIRST[eq].items():
+        assert _plan.outer_first_path(contraction, list(path), order) is outer, path
+    assert sum(_plan.outer_first_path(contraction, p, order) for p in paths) >= 1
+
+
+@pytest.mark.parametrize("eq", list(OUTER_FIRST))
+def test_argmax_default_prefers_an_outer_first_path(
+    eq: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At equal cost, the default strategy with an argmax takes a path that needs no
+    ranks, and its argmax still follows the rule (tie-heavy data, past the joint step)."""
+    g = torch.Generator().manual_seed(3)
+    n = len(eq.split(","))
+    xs = [torch.randint(0, 3, (16, 16), generator=g).to(F32) for _ in range(n)]
+    ranked: list[int] = []
+    original = _api._max_ranked
+    monkeypatch.setattr(_api, "_max_ranked", lambda *a: ranked.append(1) or original(*a))
+    values, argmax = func.viterbi_einsum(eq, *xs, block_size=10)
+    assert not ranked, "an outer-first path sums without ranks"
+    want_values, want_argmax = brute_viterbi(eq, *xs)
+    _assert_values(values, want_values)
+    assert torch.equal(argmax, want_argmax)
+    # The path opt_einsum gives first (inner first) runs ranked, with the same answer.
+    values, argmax = func.viterbi_einsum(eq, *xs, optimize=[(0, 1)] * (n - 1))
+    assert ranked
     _assert_values(values, want_values)
     assert torch.equal(argmax, want_argmax)
 

@@ -26,7 +26,7 @@ from ._budget import (
 )
 from ._budget import cache_clear as budget_of_cache_clear
 from ._compile import in_graph
-from ._context import Context, call_context
+from ._context import Context, call_context, untraced
 from ._context import cache_clear as context_cache_clear
 from ._multi import reject, several
 from ._parse import (
@@ -132,6 +132,10 @@ def _setup(
         compute = out_dtype = torch.int64
     itemsize = compute.itemsize
 
+    # An argmax under the joint tie rule prefers, at equal cost, a path that needs no
+    # ranks (see _outer_first).
+    ties = recipe.equation.summed if small else None
+
     def planned(joint: bool) -> Plan:
         return make_plan(
             equation,
@@ -142,6 +146,7 @@ def _setup(
             budget=budget,
             optimize=optimize,
             device_type=device_type,
+            ties=ties,
         )
 
     plan = planned(joint)
@@ -419,7 +424,41 @@ def _sole_summing_step(steps: Sequence[Step], summed: str) -> int | None:
 def _ties_need_ranks(p: _Prepared) -> bool:
     """Whether a plan's argmax needs partial ranks to follow the joint tie rule."""
     steps = p.plan.steps
-    return any(s.windows for s in steps) and _sole_summing_step(steps, p.equation.summed) is None
+    return any(s.windows for s in steps) and not _outer_first(
+        steps, len(p.operands), p.equation.summed
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _outer_first(steps: tuple[Step, ...], operands: int, summed: str) -> bool:
+    """Whether each step sums its indices in the global order, all before (in it) every
+    index its operands' earlier steps summed: a plan that sums from the last index out
+    (``ab,bc,cd->ad`` summing c, then b).
+
+    Then no step needs ranks.  A step's terms differ in its own indices only (its
+    operands' cells carry one choice each for the rest), so its first maximiser is
+    the joint rule's choice of those indices, the most significant of the cell's; for
+    that choice, the maximisers of the rest are the product of the operands' own sets,
+    whose first in the global order is each one's first (each operand's own argmax, by
+    the same argument one step down).  In a cell whose value is finite, no NaN or +inf
+    took part; other cells are redone jointly (see :func:`_joint_where_not_finite`).
+    """
+    rank = {c: i for i, c in enumerate(summed)}
+    ok = True
+    start: list[frozenset[str]] = [frozenset()] * operands
+
+    def history(k: int, step: Step, before: list[frozenset[str]]) -> frozenset[str]:
+        nonlocal ok
+        earlier = frozenset().union(*before)
+        own = [c for c, _ in step.windows]
+        if own:
+            in_order = own == sorted(own, key=rank.__getitem__)
+            outer = not earlier or max(rank[c] for c in own) < min(rank[c] for c in earlier)
+            ok = ok and in_order and outer
+        return earlier | frozenset(own)
+
+    along_path(steps, start, history)
+    return ok
 
 
 @functools.lru_cache(maxsize=1024)
@@ -576,22 +615,41 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
         target = [*shape, len(summed)]
         return found if list(found.shape) == target else found.reshape(target)
     device = p.operands[0].device if p.operands else torch.device("cpu")
-    known: dict[str, Tensor] = {}  # each index's coordinate, per output cell (broadcasting)
+    known: dict[str, Tensor] = {}  # each summed index's coordinate, per output cell
+    # Plain eager: one take per lookup, of cached coordinates.  Under a tracer or a
+    # transform (vmap has no rule for take): advanced indexing by fresh ones.
+    plain = untraced()
 
     def coordinate(c: str) -> Tensor:
-        if c not in known:  # an output index, made when first needed
-            view = [1] * len(out)
-            view[out.index(c)] = size[c]
-            known[c] = torch.arange(size[c], device=device).view(view)
-        return known[c]
+        return (
+            known[c]
+            if c in known
+            else _axis.__wrapped__(size[c], 1, out.index(c), len(out), device)
+        )
 
     for step, linear in reversed(backpointers):
         if not step.windows:
             continue
         if not step.output or step.output == out:  # indexed as the result is: as it is
             at = linear
-        else:
+        elif not plain:
             at = linear[tuple(coordinate(c) for c in step.output)]
+        else:
+            # One take at the row-major position: the coordinates of the output's own
+            # indices and the summed ones found so far (2 calls, against 3 for an
+            # arange and advanced indexing).
+            flat: Tensor | None = None
+            stride = 1
+            for c in reversed(step.output):
+                if c in known:
+                    part = known[c] if stride == 1 else known[c] * stride
+                else:
+                    part = _axis(size[c], stride, out.index(c), len(out), device)
+                flat = part if flat is None else flat + part
+                stride *= size[c]
+            assert flat is not None
+            full = tuple(size[c] for c in step.output)
+            at = (linear if linear.shape == full else linear.expand(full)).take(flat)
         # At least 1-d: indexing with 0-d index tensors would call .item().
         at = at if at.dim() else at.reshape(1)
         if len(step.windows) == 1:  # its linear index is the coordinate
@@ -605,6 +663,15 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     cells = shape or [1]  # a scalar output was walked as one cell
     stacked = torch.stack([known[c].expand(cells) for c in summed], dim=-1)
     return stacked.reshape(shape + [len(summed)])
+
+
+@functools.lru_cache(maxsize=1024)
+def _axis(n: int, stride: int, at: int, rank: int, device: torch.device) -> Tensor:
+    """``arange(n) * stride`` along dim ``at`` of ``rank`` dims (the others size 1): an
+    output index's share of a flat position.  (Cached: only read.)"""
+    view = [1] * rank
+    view[at] = n
+    return (torch.arange(n, device=device) * stride).view(view)
 
 
 def _run(
@@ -1093,6 +1160,8 @@ def clear_caches() -> None:
     _setup.cache_clear()
     _SEEN.clear()
     _ranks_needed.cache_clear()
+    _outer_first.cache_clear()
+    _axis.cache_clear()
     analyze.cache_clear()
     resolve.cache_clear()
     parse_subscripts.cache_clear()
