@@ -277,7 +277,7 @@ def test_log_row_kernel_matches_the_oracle(
     taken = _spy(monkeypatch, "log_rows")
     g = torch.Generator().manual_seed(5)
     a = torch.randn(3, 10, 40, generator=g, dtype=F64) * 800
-    b = torch.randn(3, 40, 9, generator=g, dtype=F64) * 800
+    b = torch.randn(3, 40, 30, generator=g, dtype=F64) * 800  # (past the joint step)
     if case == "dead":  # all -inf cells (probability zero) stay -inf, not a sum of floors
         a[0, 2, :] = -math.inf
         b[1, :, 4] = -math.inf
@@ -451,3 +451,67 @@ def test_narrow_log_product_matches_the_oracle(rows: str, dtype: torch.dtype) ->
         expect = log_vjp(POP, [a.double(), b.double()], cotangent, policy)
         for gk, wk in zip(got, expect, strict=True):
             torch.testing.assert_close(gk.double(), wk, equal_nan=True, **TOL[dtype])
+
+
+# Small log contractions whose values alone are asked for (plain eager, nothing
+# recording) run as one torch.logsumexp over their joint terms (_kernels.log_small).
+LOG_SMALL = {
+    "cky": ("bsxk,bsyk,xyz->bsz", {"b": 2, "s": 3, "x": 4, "y": 4, "z": 5, "k": 3}),
+    "matmul": ("ij,jk->ik", {"i": 3, "j": 4, "k": 5}),
+    "one_operand": ("ijk->i", {"i": 3, "j": 4, "k": 5}),
+    "transposed_out": ("bij,bjk->kib", {"b": 2, "i": 3, "j": 4, "k": 5}),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("data", ["random", "neg_inf", "nan_pos_inf", "broadcast"])
+@pytest.mark.parametrize("case", list(LOG_SMALL))
+def test_log_small_values_match_the_oracle(
+    case: str, data: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eq, size = LOG_SMALL[case]
+    taken = _spy(monkeypatch, "log_small")
+    g = torch.Generator().manual_seed(8)
+    terms = eq.split("->")[0].split(",")
+    xs = [torch.randn([size[c] for c in t], generator=g, dtype=F64) * 3 for t in terms]
+    if data == "neg_inf":  # whole cells of -inf, and -inf terms among finite ones
+        xs[0][0] = -math.inf
+        xs[-1].view(-1)[::3] = -math.inf
+    elif data == "nan_pos_inf":
+        xs[0].view(-1)[1] = math.nan
+        xs[-1].view(-1)[2] = math.inf
+    elif data == "broadcast":  # a size-1 dim standing for a bigger index
+        xs[0] = xs[0][:1]
+    xs = [x.to(dtype) for x in xs]
+    before = [x.clone() for x in xs]
+    got = func.log_einsum(eq, *xs)
+    want = brute("log", eq, *[x.double() for x in xs])
+    assert taken == [True]
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype in (torch.float16, torch.bfloat16) else TOL[dtype]
+    torch.testing.assert_close(got.double(), want, equal_nan=True, **tol)
+    for x, x0 in zip(xs, before, strict=True):
+        assert torch.equal(x, x0) or (x.isnan() == x0.isnan()).all()
+
+
+def test_log_small_is_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded calls, other strategies and big contractions keep their kernels (and a
+    recorded call's gradient is the oracle's)."""
+    taken = _spy(monkeypatch, "log_small")
+    eq, size = LOG_SMALL["cky"]
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn([size[c] for c in t], generator=g) for t in eq.split("->")[0].split(",")]
+    func.log_einsum(eq, *xs, optimize="greedy")
+    big = [torch.randn(40, 50, generator=g), torch.randn(50, 40, generator=g)]
+    func.log_einsum("ij,jk->ik", *big)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    out = func.log_einsum(eq, *leaves)
+    assert taken == []
+    cotangent = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, leaves, cotangent)
+    want = log_vjp(eq, [x.double() for x in xs], cotangent.double(), math.nan)
+    for gk, wk in zip(got, want, strict=True):
+        torch.testing.assert_close(gk.double(), wk, **TOL[F32])
+    with torch.no_grad():
+        func.log_einsum(eq, *leaves)
+    assert taken == [True]
