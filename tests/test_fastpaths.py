@@ -453,13 +453,13 @@ def test_narrow_log_product_matches_the_oracle(rows: str, dtype: torch.dtype) ->
             torch.testing.assert_close(gk.double(), wk, equal_nan=True, **TOL[dtype])
 
 
-# Small log contractions whose values alone are asked for (plain eager, nothing
-# recording) run as one torch.logsumexp over their joint terms (_kernels.log_small).
+# Small log contractions of three or more operands whose values alone are asked for
+# (plain eager, nothing recording) run as one torch.logsumexp over their joint terms
+# (_kernels.log_small).
 LOG_SMALL = {
     "cky": ("bsxk,bsyk,xyz->bsz", {"b": 2, "s": 3, "x": 4, "y": 4, "z": 5, "k": 3}),
-    "matmul": ("ij,jk->ik", {"i": 3, "j": 4, "k": 5}),
-    "one_operand": ("ijk->i", {"i": 3, "j": 4, "k": 5}),
-    "transposed_out": ("bij,bjk->kib", {"b": 2, "i": 3, "j": 4, "k": 5}),
+    "chain": ("ab,bc,cd,de->ae", {"a": 3, "b": 4, "c": 5, "d": 4, "e": 3}),
+    "hmm_transposed_out": ("bi,ij,bj->jb", {"b": 2, "i": 5, "j": 4}),
 }
 
 
@@ -503,7 +503,8 @@ def test_log_small_is_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
     xs = [torch.randn([size[c] for c in t], generator=g) for t in eq.split("->")[0].split(",")]
     func.log_einsum(eq, *xs, optimize="greedy")
     big = [torch.randn(40, 50, generator=g), torch.randn(50, 40, generator=g)]
-    func.log_einsum("ij,jk->ik", *big)
+    func.log_einsum("ij,jk,kl->il", *big, big[0])
+    func.log_einsum("ij,jk->ik", xs[2][0], xs[2][0].t())  # two operands: their own step
     leaves = [x.clone().requires_grad_() for x in xs]
     out = func.log_einsum(eq, *leaves)
     assert taken == []

@@ -355,11 +355,13 @@ def _contract(
     if family is LOG_FAMILY:
         joint: bool | str = policy not in ("nan", PARTIAL)
         # Values alone (plain eager, nothing recording: grad_of_neg_inf cannot matter),
-        # with the default strategy: a small contraction is one joint step, one
-        # torch.logsumexp over its terms -- the log-BLAS shifts, products and
-        # certificate, or a pairwise plan, cost more than such terms (the CKY step of
-        # 5k terms: 220 -> 65 us).
+        # with the default strategy: a small contraction of three or more operands is
+        # one joint step, one torch.logsumexp over its terms -- a pairwise plan of
+        # log-BLAS steps costs more than such terms (the CKY step of 5k terms: 220 ->
+        # 145 us).  (Two operands keep their one step: torch.logsumexp, eight calls
+        # inside, is no faster than the log-BLAS step there.)
         values_only = not (ctx.traced or ctx.transformed or ctx.derivative)
+        values_only = values_only and len(operands) > 2
         if values_only and isinstance(optimize, str) and optimize == "auto":
             joint = JOINT_IF_SMALL
         p = _Prepared(
