@@ -267,19 +267,40 @@ def test_native_copy_equals_contiguous_bitwise(view: str, dtype: torch.dtype) ->
     bits = {4: torch.int32, 8: torch.int64}[x.element_size()]
     memory = x._base.clone() if x._base is not None else None
     threads = torch.get_num_threads()
+    lib = N.library()
+    assert lib is not None
+    want = x.contiguous()
     for n in (1, 2):
         torch.set_num_threads(n)
         try:
-            got = N.dense(x)
+            # The loop itself, and dense(), which takes it or torch's copy by the view
+            for got in (N._copy(lib, x), N.dense(x)):
+                assert got.is_contiguous() and got.shape == x.shape and got.dtype == dtype
+                assert torch.equal(got.view(bits), want.view(bits))
         finally:
             torch.set_num_threads(threads)
-        want = x.contiguous()
-        assert got.is_contiguous() and got.shape == x.shape and got.dtype == dtype
-        assert torch.equal(got.view(bits), want.view(bits))
     if memory is not None:  # the input untouched
         assert torch.equal(x._base.view(bits), memory.view(bits))
     contiguous = torch.arange(10000).to(dtype)
     assert N.dense(contiguous) is contiguous
+
+
+def test_dense_takes_the_loop_for_short_innermost_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native loop for short innermost runs (the POP operand), torch's copy for long
+    ones (a transpose); both exact."""
+    calls: list[tuple[int, ...]] = []
+    copy = N._copy
+    monkeypatch.setattr(N, "_copy", lambda lib, x: calls.append(tuple(x.shape)) or copy(lib, x))
+    g = torch.Generator().manual_seed(2)
+    pop = _base((4, 12, 12, 2, 3, 2, 3), F32, g)[:, :-1, :-1].permute(0, 6, 2, 5, 1, 3, 4)
+    assert pop.numel() >= N._COPY_MIN
+    transposed = torch.randn((300, 200), generator=g).t()
+    assert N._innermost(pop.shape, pop.stride()) == 6
+    assert N._innermost(transposed.shape, transposed.stride()) == 300
+    for x in (pop, transposed):  # (bits: the POP operand holds a NaN)
+        assert torch.equal(N.dense(x).view(torch.int32), x.contiguous().view(torch.int32))
+    if N.library() is not None:
+        assert calls == [tuple(pop.shape)]
 
 
 @native
