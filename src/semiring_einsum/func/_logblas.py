@@ -360,14 +360,15 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
         maxima = torch.add(
             _lined(ma, prog.view_a), _lined(mb, prog.view_b), out=torch.empty_like(log_sum)
         )
-        ok = torch.isneginf(maxima).logical_or_(log_sum >= bound)
-        count = ok.numel() - int(ok.count_nonzero())
-        if count > ok.numel() // 4:
-            return None
-        if count:
-            mask = ok.logical_not_()
-        else:  # every cell below the bound is all -inf
-            dead = True
+        dead_cells = torch.isneginf(maxima)
+        # The usual case (only such cells below the bound) in one more reduction.
+        passed = torch.where(dead_cells, math.inf, log_sum)
+        dead = True
+        if not float(passed.amin()) >= bound:
+            mask = ~(passed >= bound)
+            count = int(mask.count_nonzero())
+            if count > mask.numel() // 4:
+                return None
     # log_sum is fresh (torch.log of a product), so it is ours to modify.
     result = log_sum.add_(_lined(sa, prog.view_a)).add_(_lined(sb, prog.view_b))
     if (dead or mask is not None) and not (clean_a and clean_b):
