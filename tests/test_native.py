@@ -292,7 +292,7 @@ def test_dense_takes_the_loop_for_short_innermost_runs(monkeypatch: pytest.Monke
     copy = N._copy
     monkeypatch.setattr(N, "_copy", lambda lib, x: calls.append(tuple(x.shape)) or copy(lib, x))
     g = torch.Generator().manual_seed(2)
-    pop = _base((4, 12, 12, 2, 3, 2, 3), F32, g)[:, :-1, :-1].permute(0, 6, 2, 5, 1, 3, 4)
+    pop = _base((6, 16, 16, 2, 3, 2, 3), F32, g)[:, :-1, :-1].permute(0, 6, 2, 5, 1, 3, 4)
     assert pop.numel() >= N._COPY_MIN
     transposed = torch.randn((300, 200), generator=g).t()
     assert N._innermost(pop.shape, pop.stride()) == 6

@@ -716,9 +716,10 @@ def _mergeable(shape: Sequence[int], strides: Sequence[int], groups: Sequence[st
     return True
 
 
-# Fewest elements for which :func:`dense` copies on the native library (below, torch's
-# copy costs about the same).
-_COPY_MIN = 4096
+# Fewest elements for which :func:`dense` copies on the native library: below, the
+# call's fixed cost (its argument arrays, the offset table) loses to torch's copy (the
+# stack RNN's REPL operand, 10k elements: 16 against 10 us).
+_COPY_MIN = 1 << 15
 
 
 def _innermost(shape: Sequence[int], strides: Sequence[int]) -> int:
