@@ -49,6 +49,7 @@ from ._plan import (
     along_path,
     clear_plan_caches,
     make_plan,
+    outer_first_path,
     with_kernels,
 )
 from ._rules import (
@@ -132,9 +133,9 @@ def _setup(
         compute = out_dtype = torch.int64
     itemsize = compute.itemsize
 
-    # An argmax under the joint tie rule prefers, at equal cost, a path that needs no
-    # ranks (see _outer_first).
-    ties = recipe.equation.summed if small else None
+    # A max-plus argmax under the joint tie rule prefers, at equal cost, a path that
+    # needs no ranks (see _outer_first).
+    ties = recipe.equation.summed if small and family.spec is MaxSpec else None
 
     def planned(joint: bool) -> Plan:
         return make_plan(
@@ -437,15 +438,15 @@ def _ties_need_ranks(p: _Prepared) -> bool:
     """Whether a plan's argmax needs partial ranks to follow the joint tie rule."""
     steps = p.plan.steps
     return any(s.windows for s in steps) and not _outer_first(
-        steps, len(p.operands), p.equation.summed
+        steps, p.contraction, p.equation.summed
     )
 
 
 @functools.lru_cache(maxsize=1024)
-def _outer_first(steps: tuple[Step, ...], operands: int, summed: str) -> bool:
-    """Whether each step sums its indices in the global order, all before (in it) every
-    index its operands' earlier steps summed: a plan that sums from the last index out
-    (``ab,bc,cd->ad`` summing c, then b).
+def _outer_first(steps: tuple[Step, ...], contraction: Contraction, summed: str) -> bool:
+    """Whether each step sums its indices in the global order, all before (in that
+    order) every index its operands' earlier steps summed: a plan that sums from the last
+    index out (``ab,bc,cd->ad`` summing c, then b; see :func:`._plan.outer_first_path`).
 
     Then no step needs ranks.  A step's terms differ in its own indices only (its
     operands' cells carry one choice each for the rest), so its first maximiser is
@@ -455,22 +456,11 @@ def _outer_first(steps: tuple[Step, ...], operands: int, summed: str) -> bool:
     the same argument one step down).  In a cell whose value is finite, no NaN or +inf
     took part; other cells are redone jointly (see :func:`_joint_where_not_finite`).
     """
-    rank = {c: i for i, c in enumerate(summed)}
-    ok = True
-    start: list[frozenset[str]] = [frozenset()] * operands
-
-    def history(k: int, step: Step, before: list[frozenset[str]]) -> frozenset[str]:
-        nonlocal ok
-        earlier = frozenset().union(*before)
+    for step in steps:
         own = [c for c, _ in step.windows]
-        if own:
-            in_order = own == sorted(own, key=rank.__getitem__)
-            outer = not earlier or max(rank[c] for c in own) < min(rank[c] for c in earlier)
-            ok = ok and in_order and outer
-        return earlier | frozenset(own)
-
-    along_path(steps, start, history)
-    return ok
+        if own != sorted(own, key=summed.index):
+            return False
+    return outer_first_path(contraction, [s.operands for s in steps], summed)
 
 
 @functools.lru_cache(maxsize=1024)
