@@ -361,8 +361,7 @@ def _contract(
         # log-BLAS steps costs more than such terms (the CKY step of 5k terms: 220 ->
         # 145 us).  (Two operands keep their one step: torch.logsumexp, eight calls
         # inside, is no faster than the log-BLAS step there.)
-        values_only = not (ctx.traced or ctx.transformed or ctx.derivative)
-        values_only = values_only and len(operands) > 2
+        values_only = len(operands) > 2 and not (ctx.traced or ctx.transformed or ctx.derivative)
         if values_only and isinstance(optimize, str) and optimize == "auto":
             joint = JOINT_IF_SMALL
         p = _Prepared(

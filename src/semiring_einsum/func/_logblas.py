@@ -141,14 +141,23 @@ def _layout(
     return tuple(keep + positions)
 
 
+def _groups(ta: str, tb: str, out: str) -> tuple[str, str, str]:
+    """The output's indices in both operands, in the first alone, in the second alone."""
+    return (
+        "".join(c for c in out if c in ta and c in tb),
+        "".join(c for c in out if c in ta and c not in tb),
+        "".join(c for c in out if c in tb and c not in ta),
+    )
+
+
 def _narrow(step: Step) -> bool:
     """Whether the product runs swapped: the second operand's own output indices hold
     fewer than :data:`_NARROW` elements, and the first operand's more."""
     ta, tb = step.inputs
+    _, own_a, own_b = _groups(ta, tb, step.output)
     size = step.size
-    own_a = math.prod(size[c] for c in step.output if c in ta and c not in tb)
-    own_b = math.prod(size[c] for c in step.output if c in tb and c not in ta)
-    return own_b < _NARROW and own_a > own_b
+    n_a, n_b = (math.prod(size[c] for c in own) for own in (own_a, own_b))
+    return n_b < _NARROW and n_a > n_b
 
 
 @functools.lru_cache(maxsize=4096)
@@ -160,8 +169,7 @@ def program(step: Step) -> Program | None:
     summed, out = step.summed, step.output
     swap = _narrow(step)
     if swap:  # the first operand is the product's right one
-        batch = "".join(c for c in out if c in ta and c in tb)
-        own = "".join(c for c in out if c in ta and c not in tb)
+        batch, own, _ = _groups(ta, tb, out)
         perm_a = _layout(ta, summed, _numel(step, ta), right=(batch, own))
         perm_b = None
     else:
@@ -193,9 +201,7 @@ class _Swapped:
     __slots__ = ("perm_x", "perm_y", "full_x", "full_y", "mat_x", "mat_y", "grid", "order", "other")
 
     def __init__(self, tx: str, ty: str, out: str, summed: str, size: dict[str, int]) -> None:
-        batch = "".join(c for c in out if c in tx and c in ty)
-        own_x = "".join(c for c in out if c in tx and c not in ty)
-        own_y = "".join(c for c in out if c in ty and c not in tx)
+        batch, own_x, own_y = _groups(tx, ty, out)
         self.perm_x = tuple(tx.index(c) for c in batch + summed + own_x)
         self.perm_y = tuple(ty.index(c) for c in batch + own_y + summed)
         self.full_x = tuple(size[c] for c in tx)
@@ -282,13 +288,20 @@ def risky(log_sum: Tensor) -> Tensor | None:
     non-finite maximum (or an inf or NaN operand) leaves NaN in its cells,
     and NaN fails the test, as does ``log 0 = -inf``.
     """
-    if not log_sum.numel():
+    if not log_sum.numel() or _certified(log_sum.detach()):
         return None
-    bound = -_THRESHOLD.get(log_sum.dtype, _DEFAULT_THRESHOLD)
-    # One reduction; amin propagates NaN, which fails the comparison.
-    if float(log_sum.detach().amin()) >= bound:
-        return None
-    return ~(log_sum >= bound)
+    return ~(log_sum >= _bound(log_sum.dtype))
+
+
+def _bound(dtype: torch.dtype) -> float:
+    """The certificate's bound on ``log S``: ``-T`` (see the module's docstring)."""
+    return -_THRESHOLD.get(dtype, _DEFAULT_THRESHOLD)
+
+
+def _certified(log_sum: Tensor) -> bool:
+    """Whether every cell of a non-empty ``log_sum`` passes the certificate: one
+    reduction (amin propagates NaN, which fails the comparison)."""
+    return float(log_sum.amin()) >= _bound(log_sum.dtype)
 
 
 def _broadcast_plan(
@@ -349,26 +362,21 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
     product = prog.product(ea, eb)
     log_sum = torch.log(product)
     mask, dead = None, False
-    bound = -_THRESHOLD.get(log_sum.dtype, _DEFAULT_THRESHOLD)
-    # One reduction in the common case; amin propagates NaN, which fails the test.
-    if product.numel() and not float(log_sum.amin()) >= bound:
+    # One reduction in the common case.
+    if product.numel() and not _certified(log_sum):
         # Cells at risk, except those whose terms are all -inf (exact as they are): a
         # row of -inf meeting one without +inf or NaN, where the sum of the two row
-        # maxima is -inf (masked states; the stack RNN's triangle of gamma).
-        # (Each made in log_sum's layout, which may be a permuted product's: 2x faster
-        # than letting the broadcast sum pick its own.)
+        # maxima is -inf (masked states; the stack RNN's triangle of gamma).  They are
+        # set to +inf and the certificate taken again: the usual case (only such cells
+        # below the bound) in one more reduction.  (Made in log_sum's layout, which may
+        # be a permuted product's: 2x faster than letting the broadcast sum pick its own.)
         maxima = torch.add(
             _lined(ma, prog.view_a), _lined(mb, prog.view_b), out=torch.empty_like(log_sum)
         )
-        dead_cells = torch.isneginf(maxima)
-        # The usual case (only such cells below the bound) in one more reduction.
-        passed = torch.where(dead_cells, math.inf, log_sum)
+        mask = risky(torch.where(torch.isneginf(maxima), math.inf, log_sum))
         dead = True
-        if not float(passed.amin()) >= bound:
-            mask = ~(passed >= bound)
-            count = int(mask.count_nonzero())
-            if count > mask.numel() // 4:
-                return None
+        if mask is not None and int(mask.count_nonzero()) > mask.numel() // 4:
+            return None
     # log_sum is fresh (torch.log of a product), so it is ours to modify.
     result = log_sum.add_(_lined(sa, prog.view_a)).add_(_lined(sb, prog.view_b))
     if (dead or mask is not None) and not (clean_a and clean_b):

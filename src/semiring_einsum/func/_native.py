@@ -755,10 +755,10 @@ def dense(x: Tensor) -> Tensor:
         or x.dtype not in _COPY_DTYPES
         or x.numel() < _COPY_MIN
         or nd > 16
-        or _innermost(x.shape, x.stride()) >= _COPY_INNER_MAX
         or (x.requires_grad and torch.is_grad_enabled())
         or not _plain(x)
         or torch.compiler.is_compiling()
+        or _innermost(x.shape, x.stride()) >= _COPY_INNER_MAX  # (a Python loop: last)
     ):
         return x.contiguous()
     return _copy(lib, x)
