@@ -21,6 +21,7 @@ oracle exactly, argmax included.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -34,6 +35,7 @@ import torch
 
 from oracle import brute, brute_viterbi, joint
 from semiring_einsum import func
+from semiring_einsum.func import _kernels as K
 from semiring_einsum.func import _native as N
 
 Tensor = torch.Tensor
@@ -76,8 +78,8 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     calls: list[bool] = []
     original = N.max_plus
 
-    def spy(*args: object) -> object:
-        found = original(*args)  # type: ignore[arg-type]
+    def spy(*args: object, **kwargs: object) -> object:
+        found = original(*args, **kwargs)  # type: ignore[arg-type]
         calls.append(found is not None)
         return found
 
@@ -301,6 +303,52 @@ def test_dense_takes_the_loop_for_short_innermost_runs(monkeypatch: pytest.Monke
         assert torch.equal(N.dense(x).view(torch.int32), x.contiguous().view(torch.int32))
     if N.library() is not None:
         assert calls == [tuple(pop.shape)]
+
+
+# Steps whose argmax unravels by a table, with a linear argmax laid out as the native
+# kernel leaves it (its output's permute undone as a view) or not.
+UNRAVEL_CASES = {
+    # (2 summed indices, the argmax a permuted view: the REPL step's layout)
+    "two_permuted": ("bsz", (4, 7, 3, 5, 2, 3), lambda x: x.permute(0, 3, 4, 5, 1, 2)),
+    "three_contiguous": ("abc", (6, 40, 3), lambda x: x),
+    "sliced": ("ab", (9, 8, 70), lambda x: x[:, ::2, 1:-1]),
+    "one_cell": ("ab", (), lambda x: x.reshape(1)),
+    "empty": ("ab", (0, 3), lambda x: x),
+}
+
+
+@native
+@pytest.mark.parametrize("case", list(UNRAVEL_CASES))
+def test_native_unravel_equals_coordinates(case: str) -> None:
+    """The native loop's coordinates of every linear argmax, in any layout, are the
+    row-major coordinates over the step's summed indices (integer division, in Python)."""
+    summed, shape, view = UNRAVEL_CASES[case]
+    sizes = {"a": 3, "b": 4, "c": 2, "s": 3, "z": 5}
+    # A step summing ``summed`` of an operand that also has the output index o.
+    eq = f"o{summed},{summed}->o"
+    own = [sizes[c] for c in summed]
+    step = func.plan(eq, torch.zeros([2, *own]), torch.zeros(own)).steps[0]
+    terms = math.prod(sizes[c] for c in summed)
+    assert K.small_terms(step) and step.terms == terms
+    g = torch.Generator().manual_seed(3)
+    linear = view(torch.randint(0, terms, shape, generator=g))
+    want = torch.empty((*linear.shape, len(summed)), dtype=torch.int64)
+    for cell, v in zip(itertools.product(*map(range, linear.shape)), linear.flatten().tolist()):
+        for d, c in reversed(list(enumerate(summed))):
+            want[cell + (d,)] = v % sizes[c]
+            v //= sizes[c]
+    memory = linear.clone()
+    threads = torch.get_num_threads()
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            got = N.unravel(step, linear)
+        finally:
+            torch.set_num_threads(threads)
+        assert got is not None and got.is_contiguous()
+        assert got.shape == want.shape and torch.equal(got, want)
+        assert torch.equal(K.unravel(step, linear.contiguous()), want)
+    assert torch.equal(linear, memory)
 
 
 @native

@@ -612,9 +612,13 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
         step, linear = backpointers[sole]
         # (At least 1-d for unravel; no reshape where the shape is already right:
         # each costs microseconds, and these calls are often that small.)
-        found = K.unravel(step, linear if linear.dim() else linear.reshape(1))
+        linear = linear if linear.dim() else linear.reshape(1)
+        found = N.unravel(step, linear)
+        if found is None:
+            found = K.unravel(step, linear)
         target = [*shape, len(summed)]
-        return found if list(found.shape) == target else found.reshape(target)
+        # (A permuted argmax unravelled as it is: a view, which the caller gets dense.)
+        return found.reshape(target) if list(found.shape) != target else N.dense(found)
     device = p.operands[0].device if p.operands else torch.device("cpu")
     known: dict[str, Tensor] = {}  # each summed index's coordinate, per output cell
     # Plain eager: one take per lookup, of cached coordinates.  Under a tracer or a
@@ -656,7 +660,9 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
         if len(step.windows) == 1:  # its linear index is the coordinate
             known[step.windows[0][0]] = at
             continue
-        coords = K.unravel(step, at)
+        coords = N.unravel(step, at)
+        if coords is None:
+            coords = K.unravel(step, at)
         for i, (c, _) in enumerate(step.windows):
             known[c] = coords[..., i]
     if not summed:

@@ -433,13 +433,15 @@ _TABLE_TERMS = 1 << 12
 
 
 @functools.lru_cache(maxsize=4096)
-def _small_terms(step: Step) -> bool:
-    # (One summed index needs no table: its linear index is its coordinate.)
+def small_terms(step: Step) -> bool:
+    """Whether ``step`` unravels its argmax by a lookup in :func:`coordinates`.
+
+    (One summed index needs no table: its linear index is its coordinate.)"""
     return len(step.windows) > 1 and 0 < step.terms <= _TABLE_TERMS
 
 
 @functools.lru_cache(maxsize=256)  # at most 256 * 4096 * 8 bytes per summed index
-def _coordinates(step: Step, device: torch.device) -> Tensor:
+def coordinates(step: Step, device: torch.device) -> Tensor:
     """Every linear index of a small step's terms as coordinates: ``(terms, summed)``."""
     size = step.size
     flat = torch.arange(step.terms, device=device)
@@ -780,11 +782,11 @@ def unravel(step: Step, linear: Tensor) -> Tensor:
     """Linear argmax indices to one coordinate per summed index (last dim)."""
     if len(step.windows) == 1 and step.terms:  # (the common case) it is the coordinate
         return linear.unsqueeze(-1)
-    if _small_terms(step) and untraced():
+    if small_terms(step) and untraced():
         # One lookup -- not while tracing (the cached table would be a traced tensor)
         # nor under torch.func (a vmapped index reads values).
         # index_select, not table[linear]: 2.5x faster on 7,200 cells (the stack RNN).
-        table = _coordinates(step, linear.device)
+        table = coordinates(step, linear.device)
         found = table.index_select(0, linear.reshape(-1))
         return found.view(*linear.shape, table.shape[1])
     size = step.size
@@ -1130,5 +1132,5 @@ def cache_clear() -> None:
     _layout.cache_clear()
     small_step.cache_clear()
     _small_layout.cache_clear()
-    _small_terms.cache_clear()
-    _coordinates.cache_clear()
+    small_terms.cache_clear()
+    coordinates.cache_clear()

@@ -373,6 +373,13 @@ def _max_tropical(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, T
     return _indexed(found if found is not None else K.max_windows(step, xs, argmax), argmax)
 
 
+def _max_tropical_eager(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`_max_tropical` for a plain eager call: its argmax may be a permuted view
+    (its readers walk it as it is; no copy into the output's order first)."""
+    found = NATIVE.max_plus(step, xs, argmax, index_view=True)
+    return _indexed(found if found is not None else K.max_windows(step, xs, argmax), argmax)
+
+
 def _max_tropical_vjp(
     step: Step, a: Tensor, b: Tensor, index: Tensor, g: Tensor, need_a: bool, need_b: bool
 ) -> tuple[Tensor, Tensor]:
@@ -478,6 +485,7 @@ MAX_TROPICAL = Operator(
     _max_fake,
     opaque=True,
     vmap=_max_vmap,
+    eager=_max_tropical_eager,
 )
 MAX_TROPICAL_VJP = Operator(
     "max_tropical_vjp",
