@@ -353,6 +353,30 @@ def test_native_unravel_equals_coordinates(case: str) -> None:
 
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_all_finite_matches_isfinite(dtype: torch.dtype) -> None:
+    """The native finiteness check against torch.isfinite: each special value alone, at
+    every position of a vector longer than a vector register, and non-contiguous views
+    (torch's fallback)."""
+    info = torch.finfo(dtype)
+    plain = [0.0, -0.0, 1.5, info.max, -info.max, info.tiny, info.tiny / 4, -info.tiny / 8]
+    specials = [math.inf, -math.inf, math.nan]
+    for n in (1, 7, 37):
+        for at in range(n):
+            for value in plain + specials:
+                x = torch.full((n,), 0.25, dtype=dtype)
+                x[at] = value
+                assert N.all_finite(x) == bool(torch.isfinite(x).all()), (n, at, value)
+    empty = torch.empty(0, dtype=dtype)
+    assert N.all_finite(empty)
+    base = torch.zeros(6, 8, dtype=dtype)
+    base[1, 0] = math.nan
+    view = base[:, 1:].t()  # (the NaN outside the view)
+    assert not view.is_contiguous() and N.all_finite(view)
+    assert not N.all_finite(base.t())
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_regrouped_operand_matches_the_oracle(dtype: torch.dtype, taken: list[bool]) -> None:
     """The POP step on its sliced operand: every group of the regrouping copy is several
     indices, with the output permuted back (the native copy loop on both)."""

@@ -501,7 +501,7 @@ def _joint_where_not_finite(
         return torch.where((values == -math.inf).unsqueeze(-1), 0, argmax)
     # The common case, all finite, in one reduction: a sum is finite only if its terms
     # are (a finite sum that overflows only sends it down the careful path below).
-    if math.isfinite(values.detach().sum()):
+    if N.all_finite(values):
         return argmax
     neg = values == -math.inf
     argmax = torch.where(neg.unsqueeze(-1), 0, argmax)
