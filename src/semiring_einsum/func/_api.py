@@ -390,7 +390,11 @@ def _contract(
     )  # fmt: skip
     backpointers: list[tuple[Step, Tensor]] = []
 
+    plain = not (ctx.traced or ctx.transformed)  # nothing records, traces or batches
+
     def max_step(s: Step, args: list[Tensor]) -> Tensor:
+        if plain and s.kernel == "unsummed":  # (no argmax, nothing to record: the sum)
+            return K.add_only(s, args)
         values, linear = apply(family.rule, p.spec(s, argmax), ctx, *args)
         if viterbi:
             backpointers.append((s, linear))
