@@ -377,6 +377,47 @@ def test_all_finite_matches_isfinite(dtype: torch.dtype) -> None:
 
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_certified_dead_matches_the_torch_test(dtype: torch.dtype) -> None:
+    """The log BLAS route's native certificate (every cell of log S above the bound or
+    dead) against the same test in torch, on random cells below the bound, NaN, -inf,
+    row maxima of -inf, +inf and NaN, a permuted log S and broadcast maxima."""
+    g = torch.Generator().manual_seed(9)
+    bound = -40.0
+    special = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+
+    def sprinkle(x: Tensor, count: int, values: Tensor) -> Tensor:
+        flat = x.reshape(-1).clone()
+        at = torch.randint(0, flat.numel(), (count,), generator=g)
+        flat[at] = values[torch.randint(0, len(values), (count,), generator=g)]
+        return flat.view(x.shape)
+
+    verdicts = set()
+    for trial in range(200):
+        ma = sprinkle(torch.randn(3, 5, 1, 4, generator=g, dtype=dtype), trial % 4, special)
+        mb = sprinkle(torch.randn(3, 1, 6, 1, generator=g, dtype=dtype), trial % 3, special)
+        ls = torch.rand(3, 5, 6, 4, generator=g, dtype=dtype) * 10 - 5
+        dead = torch.isneginf(ma + mb)
+        ls = torch.where(dead, -math.inf, ls)  # what a dead cell holds
+        low = torch.tensor([bound * 2, math.nan, -math.inf], dtype=dtype)
+        ls = sprinkle(ls, trial % 3, low)
+        if trial % 2:  # log S in a permuted layout
+            ls = ls.permute(3, 0, 2, 1).contiguous().permute(1, 3, 2, 0)
+        want = bool(torch.where(torch.isneginf(ma + mb), math.inf, ls).amin() >= bound)
+        assert N.certified_dead(ls, ma, mb, bound) == want, trial
+        verdicts.add(want)
+    assert verdicts == {True, False}
+    zeros = torch.zeros(1, 1, dtype=dtype)
+    assert N.certified_dead(torch.empty(0, 3, dtype=dtype), zeros, zeros, bound)
+    assert (
+        N.certified_dead(
+            torch.empty(0, 3, dtype=dtype), zeros.float().double(), zeros.half(), bound
+        )
+        is None
+    )
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_regrouped_operand_matches_the_oracle(dtype: torch.dtype, taken: list[bool]) -> None:
     """The POP step on its sliced operand: every group of the regrouping copy is several
     indices, with the output permuted back (the native copy loop on both)."""

@@ -564,6 +564,60 @@ int all_finite_64(const uint64_t* x, int64_t n) {
 }
 """
 
+# The log BLAS route's certificate where some cells may be all -inf: whether every cell of
+# log S passes (is >= bound; NaN fails) or is dead (the sum of its operands' row maxima is
+# -inf: its terms are all -inf, and log S = log 0 is its exact value).  One walk over the
+# output with three sets of strides (the maxima broadcast), instead of four torch calls
+# on output-sized tensors.
+_CERTIFY = r"""
+int NAME_certified_dead(const SCALAR* ls, const SCALAR* ma, const SCALAR* mb, int nd,
+                        const int64_t* sizes, const int64_t* sl, const int64_t* sa,
+                        const int64_t* sb, double bound) {
+    int64_t idx[16] = {0}, total = 1, n_[16], l_[16], a_[16], b_[16];
+    int c = 0;
+    for (int d = 0; d < nd; d++) total *= sizes[d];
+    if (total == 0) return 1;
+    /* log S's memory order (its dims by stride, largest first), size-1 dims dropped,
+       neighbours merged where all three views allow */
+    int order[16];
+    for (int d = 0; d < nd; d++) {
+        int k = c++;
+        while (k > 0 && sl[order[k - 1]] < sl[d]) { order[k] = order[k - 1]; k--; }
+        order[k] = d;
+    }
+    c = 0;
+    for (int k = 0; k < nd; k++) {
+        const int d = order[k];
+        if (sizes[d] == 1) continue;
+        if (c > 0 && l_[c - 1] == sl[d] * sizes[d] && a_[c - 1] == sa[d] * sizes[d]
+            && b_[c - 1] == sb[d] * sizes[d]) {
+            n_[c - 1] *= sizes[d]; l_[c - 1] = sl[d]; a_[c - 1] = sa[d]; b_[c - 1] = sb[d];
+        } else {
+            n_[c] = sizes[d]; l_[c] = sl[d]; a_[c] = sa[d]; b_[c] = sb[d]; c++;
+        }
+    }
+    nd = c; sizes = n_; sl = l_; sa = a_; sb = b_;
+    const int last = nd - 1;
+    const int64_t n = nd ? sizes[last] : 1;
+    const int64_t jl = nd ? sl[last] : 0, ja = nd ? sa[last] : 0, jb = nd ? sb[last] : 0;
+    int64_t ol = 0, oa = 0, ob = 0;
+    const SCALAR lower = (SCALAR)bound;  /* (exact: the bound is an integer) */
+    for (int64_t i = 0; i < total; i += n) {
+        int bad = 0;  /* (no exit inside: the loop vectorizes) */
+        for (int64_t j = 0; j < n; j++)
+            bad |= !(ls[ol + j * jl] >= lower) & (ma[oa + j * ja] + mb[ob + j * jb] != -INFINITY);
+        if (bad) return 0;
+        for (int d = last - 1; d >= 0; d--) {  /* the next row: carry the counters */
+            ol += sl[d]; oa += sa[d]; ob += sb[d];
+            if (++idx[d] < sizes[d]) break;
+            ol -= sl[d] * sizes[d]; oa -= sa[d] * sizes[d]; ob -= sb[d] * sizes[d];
+            idx[d] = 0;
+        }
+    }
+    return 1;
+}
+"""
+
 _WINS = {
     "nan": ("(v > bb[j]) | (v != v)", "(v > o) | ((v != v) & (o == o))"),
     "clean": ("v > bb[j]", "v > o"),
@@ -583,9 +637,10 @@ def _source() -> str:
         parts.append(_DRIVER)
         parts.append(_KBEST)
         parts.append(_DRAW)
-        parts[-3 - len(_WINS) :] = [
+        parts.append(_CERTIFY)
+        parts[-4 - len(_WINS) :] = [
             p.replace("NAME", name).replace("IDX", idx).replace("SCALAR", t)
-            for p in parts[-3 - len(_WINS) :]
+            for p in parts[-4 - len(_WINS) :]
         ]
     parts.append(_WALK)
     parts += [_COPY.replace("WIDTH", w) for w in ("32", "64")]
@@ -621,6 +676,8 @@ _COPY_ARGTYPES = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 2 
 _UNRAVEL_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
 _UNRAVEL_ARGTYPES += [ctypes.c_int] * 2
 _FINITE_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64]
+_CERTIFY_ARGTYPES: list[Any] = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+_CERTIFY_ARGTYPES += [ctypes.c_double]
 _DRAW_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int]
 
 
@@ -634,6 +691,7 @@ class _Library:
     copy: dict[int, ctypes._CFuncPtr]  # type: ignore[name-defined]  # by element size
     unravel: ctypes._CFuncPtr  # type: ignore[name-defined]
     all_finite: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
+    certified_dead: dict[torch.dtype, ctypes._CFuncPtr]  # type: ignore[name-defined]
     path: Path
 
 
@@ -760,11 +818,14 @@ def _load(target: Path) -> _Library:
     copy = {w // 8: _bind(lib, f"copy_{w}", _COPY_ARGTYPES) for w in (32, 64)}
     unravel = _bind(lib, "unravel_64", _UNRAVEL_ARGTYPES)
     unravel.restype = ctypes.c_int  # nonzero: no memory for its table
-    all_finite = {}
+    all_finite, certified = {}, {}
     for dtype, width in ((torch.float32, 32), (torch.float64, 64)):
         all_finite[dtype] = _bind(lib, f"all_finite_{width}", _FINITE_ARGTYPES)
         all_finite[dtype].restype = ctypes.c_int
-    return _Library(forward, vjp, ranked, kbest, draw, copy, unravel, all_finite, target)
+        name = f"maxplus_f{width}_certified_dead"
+        certified[dtype] = _bind(lib, name, _CERTIFY_ARGTYPES)
+        certified[dtype].restype = ctypes.c_int
+    return _Library(forward, vjp, ranked, kbest, draw, copy, unravel, all_finite, certified, target)
 
 
 def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
@@ -1077,6 +1138,41 @@ def all_finite(x: Tensor) -> bool:
     if lib is None or x.dtype not in DTYPES or not x.is_contiguous() or not _plain(x):
         return math.isfinite(x.detach().sum()) if x.numel() else True
     return bool(lib.all_finite[x.dtype](x.data_ptr(), x.numel()))
+
+
+def certified_dead(log_sum: Tensor, ma: Tensor, mb: Tensor, bound: float) -> bool | None:
+    """Whether every cell of ``log_sum`` is ``>= bound`` (NaN is not) or dead, its row
+    maxima ``ma + mb`` (which broadcast to it) summing to -inf: one native walk (see
+    :mod:`._logblas`).  ``None`` where it does not run (no library, another dtype, a
+    traced or wrapped tensor, more than 16 dims)."""
+    lib = library()
+    dtype = log_sum.dtype
+    nd = log_sum.dim()
+    if (
+        lib is None
+        or dtype not in DTYPES
+        or ma.dtype != dtype
+        or mb.dtype != dtype
+        or nd > 16
+        or not (_plain(log_sum) and _plain(ma) and _plain(mb))
+    ):
+        return None
+    shape = log_sum.shape
+    ma, mb = ma.expand(shape), mb.expand(shape)
+    ints = ctypes.c_int64 * nd
+    return bool(
+        lib.certified_dead[dtype](
+            log_sum.data_ptr(),
+            ma.data_ptr(),
+            mb.data_ptr(),
+            nd,
+            ints(*shape),
+            ints(*log_sum.stride()),
+            ints(*ma.stride()),
+            ints(*mb.stride()),
+            bound,
+        )
+    )
 
 
 def unravel(step: Step, linear: Tensor) -> Tensor | None:
