@@ -26,8 +26,10 @@ import math
 import os
 import shutil
 import stat
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -956,7 +958,8 @@ def test_failing_compiler(
     assert status.startswith("pure torch:")
     if LINUX:
         assert status.startswith("pure torch: build or load failed")
-        assert not [p for p in cache.rglob("*")]  # no library, no temporary left behind
+        # no library, no temporary left behind (only the build's lock)
+        assert [p.suffix for p in cache.rglob("*")] == [".lock"]
     _oracle_check()
     assert not any(taken)
 
@@ -970,7 +973,8 @@ def test_a_fresh_build_lands_one_library(
     status = func.native_status()
     assert status.startswith(f"native: loaded {tmp_path}{os.sep}tropical-")
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 1 and files[0].startswith("tropical-") and files[0].endswith(".so")
+    assert len(files) == 2 and files[0].startswith("tropical-") and files[0].endswith(".so")
+    assert files[1] == files[0] + ".lock"  # (the build's lock, kept for the next process)
     built = tmp_path / files[0]
     mtime = built.stat().st_mtime_ns
     g = torch.Generator().manual_seed(23)
@@ -1014,3 +1018,201 @@ def test_a_compiler_that_refuses_the_cpu_flags_builds_with_portable_ones(
     a, b = _ties((2, 5, 9), F32, g), _exact((2, 9, 130), F32, g)
     _check_against_oracle("bij,bjk->bik", [a, b])
     assert taken and all(taken)
+
+
+# ------------------------------------------------- where the library is built, and trusted
+@native
+def test_the_key_holds_what_march_native_resolves_to() -> None:
+    """The cache key's compiler part: stable (no temporary file names) and resolved
+    (GCC's -march=<cpu>, clang's -target-cpu), not the word "native"."""
+    cc = N._compiler()
+    assert cc is not None
+    target = N._target(cc)
+    assert target == N._target(cc)
+    words = target.split()
+    assert "-march=native" not in words
+    assert any(w.startswith("-march=") for w in words) or "-target-cpu" in target
+
+
+def test_the_cpu_key_reads_arm_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ARM, /proc/cpuinfo has no "model name" or "flags": the implementer, part and
+    features tell two CPUs apart (their libraries differ under -march=native)."""
+    arm = (
+        "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd {}\n"
+        "CPU implementer\t: 0x41\nCPU part\t: {}\n"
+    )
+    read = Path.read_text
+    keys = []
+    for features, part in (("sve", "0xd40"), ("sve sve2", "0xd4f"), ("sve", "0xd4f")):
+
+        def fake(self: Path, *args: object, text: str = arm.format(features, part)) -> str:
+            return text if str(self) == "/proc/cpuinfo" else read(self, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Path, "read_text", fake)
+        keys.append(N._cpu())
+    assert len(set(keys)) == 3 and all("CPU part" in k and "Features" in k for k in keys)
+
+
+def _loaded_elsewhere(cache: Path) -> None:
+    """The library loaded from a private temporary directory, not from ``cache``, with one
+    warning naming why; its results still the oracle's."""
+    with pytest.warns(RuntimeWarning, match="private temporary directory") as caught:
+        status = func.native_status()
+    assert len(caught) == 1
+    assert status.startswith("native: loaded ") and not status.startswith(f"native: loaded {cache}")
+    assert Path(status.removeprefix("native: loaded ")).parent.name.startswith("semiring_einsum-")
+    assert not list(cache.glob("tropical-*.so")) if cache.is_dir() else True
+    g = torch.Generator().manual_seed(31)
+    a, b = _ties((2, 5, 9), F32, g), _exact((2, 9, 66), F32, g)
+    _check_against_oracle("bij,bjk->bik", [a, b])
+
+
+@native
+def test_a_cache_others_may_write_to_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
+) -> None:
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o777)
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
+    func.clear_caches()
+    _loaded_elsewhere(cache)
+    assert taken and all(taken)
+
+
+@native
+def test_a_cache_of_another_user_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
+) -> None:
+    cache = tmp_path / "theirs"
+    cache.mkdir(mode=0o700)
+    lstat = os.lstat
+
+    def theirs(path: object, **kwargs: object) -> os.stat_result:  # the directory: another's
+        found = lstat(path, **kwargs)  # type: ignore[arg-type]
+        if Path(str(path)) != cache:
+            return found
+        fields = list(found)
+        fields[stat.ST_UID] = os.getuid() + 1
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(N.os, "lstat", theirs)
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
+    func.clear_caches()
+    _loaded_elsewhere(cache)
+    assert taken and all(taken)
+
+
+@native
+def test_a_cache_that_cannot_be_made_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
+) -> None:
+    """A read-only home, say: here a cache path under a regular file (root can write
+    anywhere, so a mode would not stop this test's user)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = blocker / "cache"
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
+    func.clear_caches()
+    _loaded_elsewhere(cache)
+    assert taken and all(taken)
+
+
+@native
+@pytest.mark.full
+def test_processes_starting_together_build_once(tmp_path: Path) -> None:
+    """Three processes on an empty cache: one builds (under the lock), all load it."""
+    script = (
+        "from semiring_einsum.func import _native as N\n"
+        "assert N.library() is not None, N.status()\n"
+        "print(N._STATUS.get('built', '-'))\n"
+    )
+    env = {**os.environ, "SEMIRING_EINSUM_CACHE": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    built = [o for o in outs if o != "-"]
+    assert len(built) == 1 and built[0].startswith(str(tmp_path)), outs
+    assert len(list(tmp_path.glob("tropical-*.so"))) == 1
+
+
+@native
+def test_float32_argmax_past_int32_takes_the_torch_kernels() -> None:
+    """The float32 tiles keep the argmax as an int32: a summed extent of 2**31 terms
+    (operands expanded from one element: no memory) is declined, values alone are not."""
+    k = 2**31
+    eq = "ij,jk->ik"
+    a = torch.zeros(1, 1).expand(2, k)
+    b = torch.zeros(1, 1).expand(k, 3)
+    planned = func.plan(eq, a, b, semiring=func.MAX_PLUS).steps[0]
+    assert planned.kernel != "tropical"  # the plan says so
+    step = replace(planned, kernel="tropical")
+    assert N.layout(step) is not None
+    assert N.max_plus(step, [a, b], True) is None  # and the kernel declines it anyway
+    a64 = torch.zeros(1, 1, dtype=F64).expand(2, k)
+    b64 = torch.zeros(1, 1, dtype=F64).expand(k, 3)
+    assert func.plan(eq, a64, b64, semiring=func.MAX_PLUS).steps[0].kernel == "tropical"
+
+
+def _logging_compiler(tmp_path: Path, real: str | None) -> tuple[Path, Path]:
+    """A ``$CC`` that logs each call, then runs ``real`` (or fails where ``None``)."""
+    cc = tmp_path / "logging-cc"
+    log = tmp_path / "calls.log"
+    run = f'exec {real} "$@"' if real else "exit 1"
+    cc.write_text(f'#!/bin/sh\necho "$@" >> {log}\n{run}\n')
+    cc.chmod(cc.stat().st_mode | stat.S_IXUSR)
+    return cc, log
+
+
+@native
+def test_planning_starts_no_compiler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
+) -> None:
+    """func.plan names the native kernel without building it; the first run builds."""
+    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc, log = _logging_compiler(tmp_path, real)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(tmp_path / "cache"))
+    func.clear_caches()
+    g = torch.Generator().manual_seed(37)
+    a, b = _ties((2, 5, 9), F32, g), _exact((2, 9, 66), F32, g)
+    eq = "bij,bjk->bik"
+    assert [s.kernel for s in func.plan(eq, a, b, semiring=func.MAX_PLUS).steps] == ["tropical"]
+    assert not log.exists()  # no compiler call, not even for its version
+    _check_against_oracle(eq, [a, b])
+    assert any("-shared" in line for line in log.read_text().splitlines())
+    assert taken and all(taken)
+
+
+@pytest.mark.skipif(not LINUX, reason="the native kernel is built on Linux only")
+def test_a_planned_native_step_whose_build_fails_runs_the_torch_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None
+) -> None:
+    """Planned before the first build, which then fails: the forward and the backward of
+    the step run the torch kernels, with the oracle's values and gradients."""
+    cc, log = _logging_compiler(tmp_path, None)
+    monkeypatch.delenv("SEMIRING_EINSUM_NATIVE", raising=False)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(tmp_path / "cache"))
+    func.clear_caches()
+    g = torch.Generator().manual_seed(41)
+    a, b = _ties((2, 5, 9), F64, g), _exact((2, 9, 7), F64, g)
+    eq = "bij,bjk->bik"
+    assert [s.kernel for s in func.plan(eq, a, b, semiring=func.MAX_PLUS).steps] == ["tropical"]
+    assert not log.exists()
+    _check_against_oracle(eq, [a, b])
+    # The backward: each cotangent goes to its cell's argmax term (the oracle's).
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    cot = torch.randn((2, 5, 7), generator=g, dtype=F64)
+    gx, gy = torch.autograd.grad(func.max_einsum(eq, x, y), (x, y), cot)
+    _, where = brute_viterbi(eq, a, b)
+    want_x, want_y = torch.zeros_like(a), torch.zeros_like(b)
+    for bb, i, k in itertools.product(range(2), range(5), range(7)):
+        j = int(where[bb, i, k, 0])
+        want_x[bb, i, j] += cot[bb, i, k]
+        want_y[bb, j, k] += cot[bb, i, k]
+    assert torch.equal(gx, want_x) and torch.equal(gy, want_y)
+    assert func.native_status().startswith("pure torch: build or load failed")

@@ -21,7 +21,9 @@ whose terms are all -inf is -inf with argmax 0.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import fcntl
 import functools
 import hashlib
 import math
@@ -29,9 +31,11 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -668,6 +672,10 @@ PARALLEL_MIN_TERMS = 1 << 16
 DTYPES = (torch.float32, torch.float64)
 """The dtypes the kernel is built for."""
 
+ARGMAX_MAX = {torch.float32: 2**31 - 1, torch.float64: 2**63 - 1}
+"""The most terms a step's argmax may count, per dtype: the float32 tiles keep it as an
+int32 (a step with more runs on the torch kernels)."""
+
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9 + [ctypes.c_int]
 _VJP_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _RANKED_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 15 + [ctypes.c_int]
@@ -712,14 +720,71 @@ def _cache_dir() -> Path:
         return Path(tempfile.gettempdir()) / f"semiring_einsum-{os.getuid()}"
 
 
+def _unsafe(directory: Path) -> str | None:
+    """Why a library in ``directory`` may not be trusted, or ``None``: it must be a real
+    directory (not a link) owned by this user, which no other user may write to -- else
+    another local user could plant a library that we load.  Made (mode 0700) if missing;
+    ``OSError`` where it cannot be."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    found = os.lstat(directory)
+    if not stat.S_ISDIR(found.st_mode):
+        return f"{directory} is not a directory (a link?)"
+    if found.st_uid != os.getuid():
+        return f"{directory} is owned by uid {found.st_uid}, not by this user ({os.getuid()})"
+    if found.st_mode & 0o022:
+        return f"{directory} is writable by other users (mode {stat.S_IMODE(found.st_mode):o})"
+    return None
+
+
+_PRIVATE: list[Path] = []  # this process's private build directory, once made
+
+
+def _private_dir() -> Path:
+    """A private temporary directory for this process's build (removed at exit)."""
+    if not _PRIVATE:
+        made = Path(tempfile.mkdtemp(prefix="semiring_einsum-"))  # (mode 0700, ours)
+        atexit.register(shutil.rmtree, made, True)
+        _PRIVATE.append(made)
+    return _PRIVATE[0]
+
+
 def _cpu() -> str:
-    """What ``-march=native`` depends on: the CPU's model and flags."""
+    """What ``-march=native`` depends on, as the kernel reports the CPU: model and flags
+    (x86), implementer, part and features (ARM; no "model name" or "flags" there)."""
+    keys = (
+        *("model name", "flags", "Features", "CPU implementer", "CPU architecture"),
+        *("CPU variant", "CPU part", "CPU revision", "cpu model", "isa"),
+    )
     try:
         text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(sorted(set(lines)))
+        lines = [ln for ln in text.splitlines() if ln.startswith(keys)]
+        return "\n".join(sorted(set(lines))) or text
     except OSError:
         return platform.processor() or platform.machine()
+
+
+def _target(cc: list[str]) -> str:
+    """What the compiler makes of ``-march=native`` here, and its target triple: its
+    version and target lines, and the machine options its compiler proper is run with
+    (``-march=skylake-avx512 -mavx2 ...`` for GCC, ``-target-cpu``/``-target-feature``
+    for clang), from ``cc -###`` -- without the temporary file names, which change per
+    call.  The version and ``-dumpmachine`` where ``-march=native`` is refused."""
+    command = [*cc, "-###", "-march=native", "-x", "c", "-c", os.devnull, "-o", os.devnull]
+    found = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    kept: list[str] = []
+    for line in found.stderr.splitlines():
+        if line.startswith(("Target:", "gcc version", "clang version")) or "version" in line:
+            kept.append(line.strip())
+        elif "cc1" in line:
+            words = shlex.split(line)
+            for before, word in zip([""] + words, words):
+                if word.startswith("-m") or before in ("-target-cpu", "-target-feature", "-triple"):
+                    kept.append(word)
+    if found.returncode == 0 and kept:
+        return "\n".join(kept)
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    machine = subprocess.run([*cc, "-dumpmachine"], capture_output=True, text=True, timeout=30)
+    return version.stdout + machine.stdout
 
 
 def _compiler() -> list[str] | None:
@@ -748,7 +813,6 @@ def _flag_sets() -> list[tuple[str, ...]]:
 def _build(cc: list[str], target: Path) -> None:
     """Compile :data:`SOURCE` into ``target`` (atomically: a temporary file, then a rename),
     with the first of :func:`_flag_sets` the compiler accepts."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "tropical.c"
         src.write_text(SOURCE)
@@ -768,11 +832,45 @@ def _build(cc: list[str], target: Path) -> None:
                 if k == len(sets) - 1:
                     raise
         os.replace(out, target)
+        _STATUS["built"] = str(target)
+
+
+def _built(cc: list[str], target: Path) -> _Library:
+    """The library at ``target``, built first where it is missing or damaged.  Under an
+    exclusive lock on ``<target>.lock``: of N processes starting at once, one builds and
+    the others load its file."""
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
+        if not target.exists():
+            _build(cc, target)
+        _trusted(target)
+        try:
+            return _load(target)
+        except (OSError, AttributeError):  # a damaged cached file: build it anew, once
+            _build(cc, target)
+            return _load(target)
+
+
+def _trusted(target: Path) -> None:
+    """Refuse a library file that another user owns or may write to (``PermissionError``)."""
+    found = os.lstat(target)
+    if found.st_uid != os.getuid() or found.st_mode & 0o022 or not stat.S_ISREG(found.st_mode):
+        raise PermissionError(f"{target} is not a regular file of this user's only")
+
+
+def _warn_once(message: str) -> None:
+    if "warned" not in _STATUS:
+        _STATUS["warned"] = message
+        warnings.warn(f"semiring_einsum's native kernel: {message}", RuntimeWarning, stacklevel=4)
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> _Library | None:
-    """The loaded kernel library, built on first use; ``None`` where it is unavailable."""
+    """The loaded kernel library, built on first use; ``None`` where it is unavailable.
+
+    The build goes to the cache directory (see docs/performance.md) if it is safe (ours,
+    writable by us alone) and writable; else, with one warning, to a private temporary
+    directory of this process."""
     if os.environ.get("SEMIRING_EINSUM_NATIVE", "1") == "0":
         _STATUS["reason"] = "disabled by SEMIRING_EINSUM_NATIVE=0"
         return None
@@ -784,26 +882,43 @@ def library() -> _Library | None:
         _STATUS["reason"] = "no C compiler found (cc, gcc, clang or $CC)"
         return None
     try:
-        version = subprocess.run(
-            [*cc, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
         key = hashlib.sha256(
-            "\0".join([SOURCE, " ".join(FLAGS), *cc, version, _cpu()]).encode()
+            "\0".join([SOURCE, " ".join(FLAGS), *cc, _target(cc), _cpu()]).encode()
         ).hexdigest()[:20]
-        target = _cache_dir() / f"tropical-{key}.so"
-        if not target.exists():
-            _build(cc, target)
+        name = f"tropical-{key}.so"
+        cache = _cache_dir()
+        target = cache / name
+        lib: _Library | None = None
         try:
-            lib = _load(target)
-        except (OSError, AttributeError):  # a damaged cached file: build it anew, once
-            _build(cc, target)
-            lib = _load(target)
+            why = _unsafe(cache)
+            if why is None:
+                lib = _built(cc, target)
+        except OSError as exc:  # read-only, or no permission
+            why = f"cannot build in {cache} ({exc})"
+        if lib is None:
+            _warn_once(f"{why}; building in a private temporary directory instead")
+            target = _private_dir() / name
+            lib = _built(cc, target)
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         _STATUS["reason"] = f"build or load failed: {detail.strip()[:500]}"
         return None
     _STATUS["reason"] = f"loaded {target}"
     return lib
+
+
+def expected() -> bool:
+    """Whether max-plus steps will run on the library, without building it (what plans
+    read: planning never starts a compiler).  Once :func:`library` has been tried, its
+    answer; before, whether it can be tried (not disabled, Linux, a compiler found).
+    Where that first build then fails, the steps planned on it run the torch kernels."""
+    if library.cache_info().currsize:
+        return library() is not None
+    return (
+        os.environ.get("SEMIRING_EINSUM_NATIVE", "1") != "0"
+        and sys.platform.startswith("linux")
+        and _compiler() is not None
+    )
 
 
 def _load(target: Path) -> _Library:
@@ -1088,6 +1203,8 @@ def max_plus(
     if lay.swap:
         a, b = b, a
     nb, m, k, n = lay.dims
+    if argmax and k > ARGMAX_MAX[dtype]:
+        return None  # (the float32 tiles keep their argmax as int32: the torch kernels')
     found_a = lay.a.strides(a)
     if found_a is None:
         a = lay.a.grouped(a)

@@ -280,7 +280,13 @@ def _max_kernel(
         return "unsummed"
     if step.terms == 0:
         return "empty"
-    if device_type == "cpu" and dtype in N.DTYPES and N.layout(step) and N.library():
+    if (
+        device_type == "cpu"
+        and dtype in N.DTYPES
+        and step.terms <= N.ARGMAX_MAX[dtype]
+        and N.layout(step)
+        and N.expected()  # (not N.library(): planning builds nothing)
+    ):
         return "tropical"  # also while tracing: faster than what inductor makes of ours
     cells = math.prod(K.out_shape(step))
     if K.rows_apply(step, dtype, argmax=True) is not None:
@@ -342,7 +348,8 @@ def _max_vjp(
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> list[Tensor | None]:
-    if spec.step.kernel == "tropical":
+    if spec.step.kernel == "tropical" and N.library() is not None:  # (else its forward
+        # ran the torch kernels: see N.expected)
         ctx = _rule_ctx(*xs, gs[0])
         if not ctx.differentiated and not ctx.batched:
             # A first-order backward: one native pass over the cells.
