@@ -1067,28 +1067,19 @@ def _loaded_elsewhere(cache: Path) -> None:
     _check_against_oracle("bij,bjk->bik", [a, b])
 
 
-@native
-def test_a_cache_others_may_write_to_is_not_used(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
-) -> None:
+def _shared(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     cache = tmp_path / "shared"
     cache.mkdir()
     cache.chmod(0o777)
-    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
-    func.clear_caches()
-    _loaded_elsewhere(cache)
-    assert taken and all(taken)
+    return cache
 
 
-@native
-def test_a_cache_of_another_user_is_not_used(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
-) -> None:
+def _theirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     cache = tmp_path / "theirs"
     cache.mkdir(mode=0o700)
     lstat = os.lstat
 
-    def theirs(path: object, **kwargs: object) -> os.stat_result:  # the directory: another's
+    def owned_by_another(path: object, **kwargs: object) -> os.stat_result:
         found = lstat(path, **kwargs)  # type: ignore[arg-type]
         if Path(str(path)) != cache:
             return found
@@ -1096,22 +1087,31 @@ def test_a_cache_of_another_user_is_not_used(
         fields[stat.ST_UID] = os.getuid() + 1
         return os.stat_result(fields)
 
-    monkeypatch.setattr(N.os, "lstat", theirs)
-    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
-    func.clear_caches()
-    _loaded_elsewhere(cache)
-    assert taken and all(taken)
+    monkeypatch.setattr(N.os, "lstat", owned_by_another)
+    return cache
+
+
+def _unmakeable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    # (As a read-only home: a path under a regular file.  Root writes anywhere, so a
+    # mode would not stop a test run as root.)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return blocker / "cache"
+
+
+UNSAFE_CACHES: dict[str, Callable[[pytest.MonkeyPatch, Path], Path]] = {
+    "others_may_write": _shared,
+    "another_users": _theirs,
+    "cannot_be_made": _unmakeable,
+}
 
 
 @native
-def test_a_cache_that_cannot_be_made_is_not_used(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
+@pytest.mark.parametrize("case", list(UNSAFE_CACHES))
+def test_an_unsafe_or_unwritable_cache_is_not_used(
+    case: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
 ) -> None:
-    """A read-only home, say: here a cache path under a regular file (root can write
-    anywhere, so a mode would not stop this test's user)."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    cache = blocker / "cache"
+    cache = UNSAFE_CACHES[case](monkeypatch, tmp_path)
     monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
     func.clear_caches()
     _loaded_elsewhere(cache)
@@ -1167,22 +1167,34 @@ def _logging_compiler(tmp_path: Path, real: str | None) -> tuple[Path, Path]:
     return cc, log
 
 
+EQ = "bij,bjk->bik"
+
+
+def _planned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, real: str | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Path, torch.Generator]:
+    """Operands of :data:`EQ`, planned on the native kernel with an empty cache and a
+    logging ``$CC`` (running ``real``, or failing), which planning did not call."""
+    cc, log = _logging_compiler(tmp_path, real)
+    monkeypatch.delenv("SEMIRING_EINSUM_NATIVE", raising=False)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(tmp_path / "cache"))
+    func.clear_caches()
+    g = torch.Generator().manual_seed(37)
+    a, b = _ties((2, 5, 9), dtype, g), _exact((2, 9, 7), dtype, g)
+    assert [s.kernel for s in func.plan(EQ, a, b, semiring=func.MAX_PLUS).steps] == ["tropical"]
+    assert not log.exists()  # no compiler call, not even for its version
+    return a, b, log, g
+
+
 @native
 def test_planning_starts_no_compiler(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
 ) -> None:
     """func.plan names the native kernel without building it; the first run builds."""
     real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    cc, log = _logging_compiler(tmp_path, real)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(tmp_path / "cache"))
-    func.clear_caches()
-    g = torch.Generator().manual_seed(37)
-    a, b = _ties((2, 5, 9), F32, g), _exact((2, 9, 66), F32, g)
-    eq = "bij,bjk->bik"
-    assert [s.kernel for s in func.plan(eq, a, b, semiring=func.MAX_PLUS).steps] == ["tropical"]
-    assert not log.exists()  # no compiler call, not even for its version
-    _check_against_oracle(eq, [a, b])
+    a, b, log, _ = _planned(monkeypatch, tmp_path, real, F32)
+    _check_against_oracle(EQ, [a, b])
     assert any("-shared" in line for line in log.read_text().splitlines())
     assert taken and all(taken)
 
@@ -1193,16 +1205,8 @@ def test_a_planned_native_step_whose_build_fails_runs_the_torch_kernels(
 ) -> None:
     """Planned before the first build, which then fails: the forward and the backward of
     the step run the torch kernels, with the oracle's values and gradients."""
-    cc, log = _logging_compiler(tmp_path, None)
-    monkeypatch.delenv("SEMIRING_EINSUM_NATIVE", raising=False)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(tmp_path / "cache"))
-    func.clear_caches()
-    g = torch.Generator().manual_seed(41)
-    a, b = _ties((2, 5, 9), F64, g), _exact((2, 9, 7), F64, g)
-    eq = "bij,bjk->bik"
-    assert [s.kernel for s in func.plan(eq, a, b, semiring=func.MAX_PLUS).steps] == ["tropical"]
-    assert not log.exists()
+    a, b, _, g = _planned(monkeypatch, tmp_path, None, F64)
+    eq = EQ
     _check_against_oracle(eq, [a, b])
     # The backward: each cotangent goes to its cell's argmax term (the oracle's).
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
