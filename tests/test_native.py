@@ -1220,3 +1220,12 @@ def test_a_planned_native_step_whose_build_fails_runs_the_torch_kernels(
         want_y[bb, j, k] += cot[bb, i, k]
     assert torch.equal(gx, want_x) and torch.equal(gy, want_y)
     assert func.native_status().startswith("pure torch: build or load failed")
+
+
+def test_the_c_files_are_installed() -> None:
+    """The kernel's C files ship with the package (package data), and the source hashed
+    into the cache key is all of them."""
+    for name in ("tropical.c", "maxplus.h", "tiles.h", "copy.h"):
+        path = N.NATIVE_DIR / name
+        assert path.is_file(), path
+        assert path.read_text() in N.SOURCE
