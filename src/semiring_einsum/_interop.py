@@ -301,7 +301,8 @@ def log_viterbi_einsum_forward(
         (tensor(2.), tensor([1]))
     """
     source = _subscripts(equation, args, _FORWARD)
-    return func.viterbi_einsum(source, *args, block_size=block_size)
+    values, argmax = func.viterbi_einsum(source, *args, block_size=block_size)
+    return values, argmax  # (a plain tuple, as the reference's)
 
 
 Window = tuple[slice, ...]

@@ -20,6 +20,7 @@ from ._boolean import bool_einsum
 from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 from ._errors import EquationError
 from ._plan import Plan, Step
+from ._results import EntropyResult, ExpectationResult, KBestResult, ViterbiResult
 from ._sample import sample_einsum
 from ._semiring import EXPECTATION, LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, kbest_semiring
 from ._structured import entropy_einsum, expectation_einsum, kbest_einsum
@@ -51,4 +52,8 @@ __all__ = [
     "EquationError",
     "clear_caches",
     "native_status",
+    "ViterbiResult",
+    "KBestResult",
+    "EntropyResult",
+    "ExpectationResult",
 ]

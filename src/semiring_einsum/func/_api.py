@@ -52,6 +52,7 @@ from ._plan import (
     outer_first_path,
     with_kernels,
 )
+from ._results import ViterbiResult
 from ._rules import (
     GENERIC_FAMILY,
     LOG_FAMILY,
@@ -980,12 +981,13 @@ def viterbi_einsum(
     *operands: Tensor,
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
-) -> tuple[Tensor, Tensor]:
+) -> ViterbiResult:
     """Max-plus einsum that also returns which summed indices achieved each max.
 
     Returns:
-        ``(values, argmax)``.  ``values`` is :func:`max_einsum`'s result and is
-        differentiable.  ``argmax`` is an int64 tensor of shape
+        A :class:`ViterbiResult` ``(values, argmax)`` (a named tuple).
+        ``values`` is :func:`max_einsum`'s result and is differentiable.
+        ``argmax`` is an int64 tensor of shape
         ``values.shape + (k,)`` holding, for each output cell, the values of
         the ``k`` summed indices (in order of first appearance in the
         equation; summed ``...`` dimensions stand where ``...`` stands) of the
@@ -1018,7 +1020,7 @@ def viterbi_einsum(
                 [0, 0]])
     """
     values, argmax = _run(MAX_PLUS, equation, operands, block_size, optimize, viterbi=True)
-    return values, argmax
+    return ViterbiResult(values, argmax)
 
 
 def semiring_einsum(

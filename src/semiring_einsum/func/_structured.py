@@ -39,6 +39,7 @@ from ._distributed import refuse as refuse_dtensors
 from ._multi import reject
 from ._parse import rankable, row_major_strides
 from ._plan import Step, along_path, window_extents
+from ._results import EntropyResult, ExpectationResult, KBestResult
 from ._rules import LOG_FAMILY, LOG_RULE, MAX_FAMILY, run_jvp
 from ._semiring import LOG, MAX_PLUS
 
@@ -180,7 +181,7 @@ def expectation_einsum(
     *,
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
-) -> tuple[Tensor, Tensor]:
+) -> ExpectationResult:
     """The log partition function and the expected sum of value factors, per output cell.
 
     Each output cell defines a distribution over the assignments of the summed
@@ -208,7 +209,8 @@ def expectation_einsum(
         optimize: opt_einsum strategy, explicit path, or ``False``.
 
     Returns:
-        ``(log_z, expectation)``, both of the output's shape.  A cell whose
+        An :class:`ExpectationResult` ``(log_z, expectation)`` (a named
+        tuple), both of the output's shape.  A cell whose
         terms are all -inf (no distribution) gets ``log_z = -inf`` and an
         expectation of NaN.
 
@@ -244,7 +246,7 @@ def expectation_einsum(
                 f"value_operands[{i}] of shape {tuple(v.shape)} does not broadcast to its "
                 f"factor's shape {tuple(x.shape)} (equation {equation!r})"
             ) from e
-    return _expectation(equation, logs, shaped, block_size, optimize)
+    return ExpectationResult(*_expectation(equation, logs, shaped, block_size, optimize))
 
 
 def entropy_einsum(
@@ -252,7 +254,7 @@ def entropy_einsum(
     *log_operands: Tensor,
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
-) -> tuple[Tensor, Tensor]:
+) -> EntropyResult:
     """The log partition function and the Shannon entropy of each output cell's distribution.
 
     Each output cell defines ``p(t) ∝ exp(Σ_k log_operands[k][t])`` over the
@@ -269,7 +271,8 @@ def entropy_einsum(
         optimize: opt_einsum strategy, explicit path, or ``False``.
 
     Returns:
-        ``(log_z, entropy)``, both of the output's shape; a cell whose terms are
+        An :class:`EntropyResult` ``(log_z, entropy)`` (a named tuple), both
+        of the output's shape; a cell whose terms are
         all -inf gets ``log_z = -inf`` and entropy NaN.
 
     Example:
@@ -289,7 +292,7 @@ def entropy_einsum(
                 f"(equation {equation!r})"
             )
     log_z, expected = _expectation(equation, log_operands, log_operands, block_size, optimize)
-    return log_z, log_z - expected
+    return EntropyResult(log_z, log_z - expected)
 
 
 # ------------------------------------------------------------------- k-best
@@ -561,7 +564,7 @@ def kbest_einsum(
     k: int,
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
-) -> tuple[Tensor, Tensor]:
+) -> KBestResult:
     """The ``k`` best terms of a max-plus einsum and the assignments that reach them.
 
     For each output cell, the terms (sums of the operands' entries over every
@@ -589,7 +592,8 @@ def kbest_einsum(
         optimize: opt_einsum strategy, explicit path, or ``False``.
 
     Returns:
-        ``(values, argmax)``: ``values`` of shape ``output + (k,)``;
+        A :class:`KBestResult` ``(values, argmax)`` (a named tuple):
+        ``values`` of shape ``output + (k,)``;
         ``argmax`` int64 of shape ``output + (k, n_summed)``, each row one
         assignment of the summed indices in :func:`viterbi_einsum`'s order.
 
@@ -617,7 +621,7 @@ def kbest_einsum(
     k = _check_k(k, equation)
     extent, nbytes = _budget(block_size, operands, equation).as_ints()
     values, argmax = _kbest_node(equation, k, extent, nbytes, optimize, *operands)
-    return values, argmax
+    return KBestResult(values, argmax)
 
 
 @in_graph
