@@ -975,3 +975,30 @@ def test_combine_option_listed_twice_reaches_both():
     ours(f, "i->", x, block_size=1, opt=5).backward()
     assert seen == {"forward": 5, "backward": 5}
     close(x.grad, torch.ones(3))
+
+
+def test_combine_in_a_loop_makes_no_new_functions():
+    """combine() called again with the same functions reuses its rule, so the autograd
+    Function classes made for it stay the same; clear_caches() forgets them."""
+    from semiring_einsum.func import _autograd
+
+    def run(f: Callable[..., Tensor]) -> Tensor:
+        x = torch.arange(6.0).reshape(2, 3).requires_grad_()
+        f(S.compile_equation("ij->i"), x, block_size=2).sum().backward()
+        assert x.grad is not None
+        return x.grad
+
+    close(run(S.combine(S.real_einsum_forward, S.real_einsum_backward)), torch.ones(2, 3))
+    made = set(_autograd._FUNCTIONS)
+    assert made != _autograd._PREBUILT  # (its Function was made on demand)
+    for _ in range(20):
+        f = S.combine(S.real_einsum_forward, S.real_einsum_backward)
+        close(run(f), torch.ones(2, 3))
+    assert set(_autograd._FUNCTIONS) == made
+    other = S.combine(S.log_einsum_forward, S.log_einsum_backward)
+    x = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    other(S.compile_equation("ij->i"), x, block_size=2).sum().backward()
+    close(x.grad, torch.full((2, 3), 1 / 3, dtype=torch.float64))
+    assert len(set(_autograd._FUNCTIONS) - made) == 1  # a new pair, a new Function
+    S.func.clear_caches()
+    assert set(_autograd._FUNCTIONS) == _autograd._PREBUILT

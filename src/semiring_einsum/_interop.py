@@ -461,41 +461,15 @@ class _CombinedSpec:
     backward_kwargs: dict[str, Any]
 
 
-def combine(
+@functools.lru_cache(maxsize=256)
+def _combined_rule(
     forward: Callable[..., Tensor],
     backward: Callable[..., Sequence[Tensor | None]],
-    forward_options: Sequence[str] = (),
-    backward_options: Sequence[str] = (),
-) -> Callable[..., Tensor]:
-    """Join an einsum forward and its backward into one differentiable function.
-
-    ``forward(equation, *args, block_size=..., **forward_options)`` computes
-    the output; ``backward(equation, args, needs_grad, grad, block_size=...,
-    **backward_options)`` returns one gradient per arg (``None`` where
-    ``needs_grad`` is false).  The result is called as ``f(equation, *args,
-    block_size=..., **options)``; each keyword in ``forward_options`` /
-    ``backward_options`` is routed to the function that names it.  The
-    function is an ``autograd.Function`` in the ``setup_context`` style, so it
-    also works under ``torch.func.grad`` and ``vmap`` when ``forward`` and
-    ``backward`` are written with vmappable torch operations.
-
-    Args:
-        forward: ``forward(equation, *args, block_size=..., **options)``.
-        backward: ``backward(equation, args, needs_grad, grad, block_size=..., **options)``.
-        forward_options: Keyword options routed to ``forward``.
-        backward_options: Keyword options routed to ``backward``.
-
-    Example:
-        >>> import torch, semiring_einsum
-        >>> f = semiring_einsum.combine(semiring_einsum.real_einsum_forward,
-        ...                             semiring_einsum.real_einsum_backward)
-        >>> x = torch.ones(3, requires_grad=True)
-        >>> f("i->", x, block_size=2).backward()
-        >>> x.grad
-        tensor([1., 1., 1.])
-    """
-    forward_options = tuple(forward_options)
-    backward_options = tuple(backward_options)
+    forward_options: tuple[str, ...],
+    backward_options: tuple[str, ...],
+) -> Rule:
+    """The rule of :func:`combine`'s function (cached: calling ``combine`` in a loop makes
+    no new autograd Function classes)."""
 
     def forward_rule(spec: _CombinedSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor]:
         return (forward(spec.equation, *xs, **spec.forward_kwargs),)
@@ -518,7 +492,53 @@ def combine(
         return result
 
     name = f"Combined_{getattr(forward, '__name__', 'einsum')}"
-    rule = Rule(name, forward_rule, vjp_rule, None, batched=False)
+    return Rule(name, forward_rule, vjp_rule, None, batched=False)
+
+
+register_cache(_combined_rule.cache_clear)
+
+
+def combine(
+    forward: Callable[..., Tensor],
+    backward: Callable[..., Sequence[Tensor | None]],
+    forward_options: Sequence[str] = (),
+    backward_options: Sequence[str] = (),
+) -> Callable[..., Tensor]:
+    """Join an einsum forward and its backward into one differentiable function.
+
+    ``forward(equation, *args, block_size=..., **forward_options)`` computes
+    the output; ``backward(equation, args, needs_grad, grad, block_size=...,
+    **backward_options)`` returns one gradient per arg (``None`` where
+    ``needs_grad`` is false).  The result is called as ``f(equation, *args,
+    block_size=..., **options)``; each keyword in ``forward_options`` /
+    ``backward_options`` is routed to the function that names it.  The
+    function is an ``autograd.Function`` in the ``setup_context`` style, so it
+    also works under ``torch.func.grad`` and ``vmap`` when ``forward`` and
+    ``backward`` are written with vmappable torch operations.  Calling ``combine``
+    again with the same functions and options (in a loop, say) reuses that
+    ``autograd.Function``; :func:`semiring_einsum.func.clear_caches` forgets it.
+
+    Args:
+        forward: ``forward(equation, *args, block_size=..., **options)``.
+        backward: ``backward(equation, args, needs_grad, grad, block_size=..., **options)``.
+        forward_options: Keyword options routed to ``forward``.
+        backward_options: Keyword options routed to ``backward``.
+
+    Example:
+        >>> import torch, semiring_einsum
+        >>> f = semiring_einsum.combine(semiring_einsum.real_einsum_forward,
+        ...                             semiring_einsum.real_einsum_backward)
+        >>> x = torch.ones(3, requires_grad=True)
+        >>> f("i->", x, block_size=2).backward()
+        >>> x.grad
+        tensor([1., 1., 1.])
+    """
+    forward_options = tuple(forward_options)
+    backward_options = tuple(backward_options)
+    try:  # one rule (and so one set of autograd Functions) per distinct combination
+        rule = _combined_rule(forward, backward, forward_options, backward_options)
+    except TypeError:  # an unhashable callable: a rule of its own
+        rule = _combined_rule.__wrapped__(forward, backward, forward_options, backward_options)
 
     def combined(
         equation: Any, *args: Tensor, block_size: BlockSize = AUTOMATIC_BLOCK_SIZE, **kwargs: Any

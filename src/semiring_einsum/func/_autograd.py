@@ -112,9 +112,13 @@ _FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
 }
 
 
+_PREBUILT = frozenset(_FUNCTIONS)
+
+
 def clear_functions() -> None:
-    """Forget the Functions made on demand (steps of more than ``PREBUILT_ARITY`` operands)."""
-    for key in [k for k in _FUNCTIONS if k[1] > PREBUILT_ARITY]:
+    """Forget the Functions made on demand (steps of more than ``PREBUILT_ARITY`` operands,
+    the rules of ``combine()``)."""
+    for key in [k for k in _FUNCTIONS if k not in _PREBUILT]:
         del _FUNCTIONS[key]
 
 
