@@ -430,3 +430,26 @@ def test_sampling_live_peak_is_windows_plus_row_indices(case: str) -> None:
     del out
     bound = LIVE_WINDOWS * BUDGET + sized + results + 8 * rows * indices
     assert rec.peak <= bound, f"live peak {rec.peak} > {bound}"
+
+
+def test_clear_caches_forgets_the_free_cuda_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AutomaticBlockSize reads the free CUDA memory once per device and keeps it;
+    func.clear_caches() makes every one read it again (AUTOMATIC_BLOCK_SIZE, one of the
+    user's, an unpickled copy).  No GPU needed: the query is replaced."""
+    import pickle
+
+    from semiring_einsum.func import _budget
+
+    free = [1000]
+    monkeypatch.setattr(_budget, "_free_cuda_bytes", lambda device: free[0])
+    cuda = torch.device("cuda", 0)
+    mine = func.AutomaticBlockSize(cuda_memory_proportion=0.5)
+    copied = pickle.loads(pickle.dumps(func.AutomaticBlockSize(cuda_memory_proportion=0.25)))
+    func.clear_caches()
+    automatic = func.AUTOMATIC_BLOCK_SIZE
+    first = [b.budget_bytes(cuda) for b in (automatic, mine, copied)]
+    free[0] = 2000
+    assert [b.budget_bytes(cuda) for b in (automatic, mine, copied)] == first  # kept
+    func.clear_caches()
+    again = [b.budget_bytes(cuda) for b in (automatic, mine, copied)]
+    assert again == [2 * x for x in first] and again[1:] == [1000, 500]

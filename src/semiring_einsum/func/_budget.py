@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+# Every AutomaticBlockSize that cached free CUDA memory (weakly held): clear_caches()
+# empties their caches.
+_INSTANCES: weakref.WeakSet[AutomaticBlockSize] = weakref.WeakSet()
 
 
 class AutomaticBlockSize:
@@ -88,6 +93,7 @@ class AutomaticBlockSize:
         if key not in self.available_cuda_memory:
             free = _free_cuda_bytes(device)
             self.available_cuda_memory[key] = int(self.cuda_memory_proportion * free)
+            _INSTANCES.add(self)  # (clear_caches() empties it; unpickled ones too)
         return self.available_cuda_memory[key]
 
 
@@ -142,8 +148,11 @@ def _budget_of(extent: int, nbytes: int) -> Budget:
 
 
 def cache_clear() -> None:
-    """Empty the cache of :func:`budget_of`."""
+    """Empty the cache of :func:`budget_of`, and every :class:`AutomaticBlockSize`'s cached
+    free CUDA memory (``AUTOMATIC_BLOCK_SIZE``'s included)."""
     _budget_of.cache_clear()
+    for automatic in list(_INSTANCES):
+        automatic.available_cuda_memory.clear()
 
 
 def resolve_budget(block_size: object, device: torch.device, equation: object = None) -> Budget:
