@@ -617,10 +617,7 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
         step, linear = backpointers[sole]
         # (At least 1-d for unravel; no reshape where the shape is already right:
         # each costs microseconds, and these calls are often that small.)
-        linear = linear if linear.dim() else linear.reshape(1)
-        found = N.unravel(step, linear)
-        if found is None:
-            found = K.unravel(step, linear)
+        found = N.unravel(step, linear if linear.dim() else linear.reshape(1))
         target = [*shape, len(summed)]
         # (A permuted argmax unravelled as it is: a view, which the caller gets dense.)
         return found.reshape(target) if list(found.shape) != target else N.dense(found)
@@ -666,8 +663,6 @@ def _backtrack(p: _Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
             known[step.windows[0][0]] = at
             continue
         coords = N.unravel(step, at)
-        if coords is None:
-            coords = K.unravel(step, at)
         for i, (c, _) in enumerate(step.windows):
             known[c] = coords[..., i]
     if not summed:

@@ -366,11 +366,11 @@ def forward(prog: Program, a_in: Tensor, b_in: Tensor) -> tuple[Any, ...] | None
     if product.numel() and not _certified(log_sum):
         # Cells at risk, except those whose terms are all -inf (exact as they are): a
         # row of -inf meeting one without +inf or NaN, where the sum of the two row
-        # maxima is -inf (masked states; the stack RNN's triangle of gamma).  They are
-        # set to +inf and the certificate taken again: the usual case (only such cells
-        # below the bound) in one more reduction.  (Made in log_sum's layout, which may
-        # be a permuted product's: 2x faster than letting the broadcast sum pick its own.)
-        # (One native walk where it runs and finds no other cell at risk.)
+        # maxima is -inf (masked states; the stack RNN's triangle of gamma).  The usual
+        # case, only such cells below the bound, is one native walk (certified_dead).
+        # Otherwise (or without the library) such cells are set to +inf and the
+        # certificate taken again, in log_sum's layout, which may be a permuted
+        # product's (2x faster than letting the broadcast sum pick its own).
         lined_a, lined_b = _lined(ma, prog.view_a), _lined(mb, prog.view_b)
         dead = True
         if not certified_dead(log_sum, lined_a, lined_b, _bound(log_sum.dtype)):

@@ -281,21 +281,12 @@ def _warn_once(message: str) -> None:
 def library() -> _Library | None:
     """The loaded kernel library, built on first use; ``None`` where it is unavailable.
 
-    The build goes to the cache directory (see docs/performance.md) if it is safe (ours,
+    The build goes to the cache directory (see docs/internals.md) if it is safe (ours,
     writable by us alone) and writable; else, with one warning, to a private temporary
     directory of this process."""
-    if os.environ.get("SEMIRING_EINSUM_NATIVE", "1") == "0":
-        _STATUS["reason"] = "disabled by SEMIRING_EINSUM_NATIVE=0"
-        return None
-    if not sys.platform.startswith("linux"):
-        _STATUS["reason"] = f"not built on {sys.platform} (Linux only)"
-        return None
-    cc = _compiler()
+    reason, cc = _unavailable()
     if cc is None:
-        _STATUS["reason"] = "no C compiler found (cc, gcc, clang or $CC)"
-        return None
-    if not SOURCE:
-        _STATUS["reason"] = f"the kernel's C files are missing from {NATIVE_DIR}"
+        _STATUS["reason"] = reason
         return None
     try:
         key = hashlib.sha256(
@@ -323,18 +314,29 @@ def library() -> _Library | None:
     return lib
 
 
+def _unavailable() -> tuple[str, list[str] | None]:
+    """Why the library cannot be built here, or ``("", the compiler's command)`` where it
+    can be tried (checked without running anything)."""
+    if os.environ.get("SEMIRING_EINSUM_NATIVE", "1") == "0":
+        return "disabled by SEMIRING_EINSUM_NATIVE=0", None
+    if not sys.platform.startswith("linux"):
+        return f"not built on {sys.platform} (Linux only)", None
+    cc = _compiler()
+    if cc is None:
+        return "no C compiler found (cc, gcc, clang or $CC)", None
+    if not SOURCE:
+        return f"the kernel's C files are missing from {NATIVE_DIR}", None
+    return "", cc
+
+
 def expected() -> bool:
     """Whether max-plus steps will run on the library, without building it (what plans
     read: planning never starts a compiler).  Once :func:`library` has been tried, its
-    answer; before, whether it can be tried (not disabled, Linux, a compiler found).
-    Where that first build then fails, the steps planned on it run the torch kernels."""
+    answer; before, whether it can be tried (see :func:`_unavailable`).  Where that
+    first build then fails, the steps planned on it run the torch kernels."""
     if library.cache_info().currsize:
         return library() is not None
-    return (
-        os.environ.get("SEMIRING_EINSUM_NATIVE", "1") != "0"
-        and sys.platform.startswith("linux")
-        and _compiler() is not None
-    )
+    return _unavailable()[1] is not None
 
 
 def _load(target: Path) -> _Library:
@@ -708,11 +710,11 @@ def certified_dead(log_sum: Tensor, ma: Tensor, mb: Tensor, bound: float) -> boo
     )
 
 
-def unravel(step: Step, linear: Tensor) -> Tensor | None:
-    """:func:`._kernels.unravel` of a step with a coordinate table, by the native loop:
+def unravel(step: Step, linear: Tensor) -> Tensor:
+    """:func:`._kernels.unravel`; for a step with a coordinate table, by the native loop:
     one pass over ``linear`` in any layout (a permuted argmax: no copy first), a lookup
-    per cell.  ``None`` where it does not apply (no library, a traced or wrapped
-    tensor, no table)."""
+    per cell.  (:func:`._kernels.unravel` where that does not apply: no library, a
+    traced or wrapped tensor, no table.)"""
     lib = library()
     if (
         lib is None
@@ -722,7 +724,7 @@ def unravel(step: Step, linear: Tensor) -> Tensor | None:
         or not _plain(linear)
         or not untraced()
     ):
-        return None
+        return K.unravel(step, linear)
     table = K.coordinates(step, linear.device)
     nw = table.shape[1]
     out = torch.empty((*linear.shape, nw), dtype=torch.int64)
@@ -737,7 +739,7 @@ def unravel(step: Step, linear: Tensor) -> Tensor | None:
         nw,
         torch.get_num_threads() if linear.numel() >= PARALLEL_MIN_TERMS else 1,
     )
-    return None if failed else out
+    return K.unravel(step, linear) if failed else out
 
 
 def max_plus_vjp(

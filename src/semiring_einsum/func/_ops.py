@@ -367,17 +367,18 @@ def _max_slices_traced(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tens
     return _indexed(K.max_slices(step, xs, argmax, traced=True), argmax)
 
 
-def _max_tropical(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _max_tropical(
+    step: Step, argmax: bool, xs: list[Tensor], index_view: bool = False
+) -> tuple[Tensor, Tensor]:
     """The native kernel (:mod:`._native`); the windows where it cannot run this call."""
-    found = NATIVE.max_plus(step, xs, argmax)
+    found = NATIVE.max_plus(step, xs, argmax, index_view)
     return _indexed(found if found is not None else K.max_windows(step, xs, argmax), argmax)
 
 
 def _max_tropical_eager(step: Step, argmax: bool, xs: list[Tensor]) -> tuple[Tensor, Tensor]:
     """:func:`_max_tropical` for a plain eager call: its argmax may be a permuted view
     (its readers walk it as it is; no copy into the output's order first)."""
-    found = NATIVE.max_plus(step, xs, argmax, index_view=True)
-    return _indexed(found if found is not None else K.max_windows(step, xs, argmax), argmax)
+    return _max_tropical(step, argmax, xs, index_view=True)
 
 
 def _max_tropical_vjp(
