@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 from semiring_einsum import func
 from semiring_einsum.func import _boolean
 from semiring_einsum.func._boolean import bool_einsum
+from semiring_einsum.func._plan import Kernel
 
 Tensor = torch.Tensor
 
@@ -217,10 +218,10 @@ def test_small_cache_chunks(
 
 
 def test_the_table_kernel_is_chosen_for_large_products_and_is_right() -> None:
-    chosen: list[str] = []
+    chosen: list[Kernel] = []
     choose = _boolean._choose_kernel
 
-    def spy(*args: object) -> str:
+    def spy(*args: object) -> Kernel:
         chosen.append(choose(*args))  # type: ignore[arg-type]
         return chosen[-1]
 
@@ -229,7 +230,7 @@ def test_the_table_kernel_is_chosen_for_large_products_and_is_right() -> None:
         m.setattr(_boolean, "_choose_kernel", spy)
         got = bool_einsum("ij,jk->ik", a, b)
         small = bool_einsum("ij,jk->ik", a[:4, :10], b[:10, :4])
-    assert chosen[0] in ("tables", "tables_swapped") and chosen[1] == "words"
+    assert chosen[0] in (_boolean.TABLES, _boolean.TABLES_SWAPPED) and chosen[1] is _boolean.WORDS
     assert torch.equal(got, oracle("ij,jk->ik", a, b))
     assert torch.equal(small, oracle("ij,jk->ik", a[:4, :10], b[:10, :4]))
 

@@ -39,6 +39,7 @@ from oracle import brute, brute_viterbi, joint
 from semiring_einsum import func
 from semiring_einsum.func import _kernels as K
 from semiring_einsum.func import _native as N
+from semiring_einsum.func._rules import MAX_TROPICAL
 
 Tensor = torch.Tensor
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -71,7 +72,7 @@ def _maximisers(eq: str, xs: list[Tensor]) -> Tensor:
 
 
 def _kernels(eq: str, *xs: Tensor) -> list[str]:
-    return [s.kernel for s in func.plan(eq, *xs, semiring=func.MAX_PLUS).steps]
+    return [s.kernel.name for s in func.plan(eq, *xs, semiring=func.MAX_PLUS).steps]
 
 
 @pytest.fixture
@@ -1150,13 +1151,13 @@ def test_float32_argmax_past_int32_takes_the_torch_kernels() -> None:
     a = torch.zeros(1, 1).expand(2, k)
     b = torch.zeros(1, 1).expand(k, 3)
     planned = func.plan(eq, a, b, semiring=func.MAX_PLUS).steps[0]
-    assert planned.kernel != "tropical"  # the plan says so
-    step = replace(planned, kernel="tropical")
+    assert planned.kernel.name != "tropical"  # the plan says so
+    step = replace(planned, kernel=MAX_TROPICAL)
     assert N.layout(step) is not None
     assert N.max_plus(step, [a, b], True) is None  # and the kernel declines it anyway
     a64 = torch.zeros(1, 1, dtype=F64).expand(2, k)
     b64 = torch.zeros(1, 1, dtype=F64).expand(k, 3)
-    assert func.plan(eq, a64, b64, semiring=func.MAX_PLUS).steps[0].kernel == "tropical"
+    assert func.plan(eq, a64, b64, semiring=func.MAX_PLUS).steps[0].kernel.name == "tropical"
 
 
 def _logging_compiler(tmp_path: Path, real: str | None) -> tuple[Path, Path]:
@@ -1184,7 +1185,9 @@ def _planned(
     func.clear_caches()
     g = torch.Generator().manual_seed(37)
     a, b = _ties((2, 5, 9), dtype, g), _exact((2, 9, 7), dtype, g)
-    assert [s.kernel for s in func.plan(EQ, a, b, semiring=func.MAX_PLUS).steps] == ["tropical"]
+    assert [s.kernel.name for s in func.plan(EQ, a, b, semiring=func.MAX_PLUS).steps] == [
+        "tropical"
+    ]
     assert not log.exists()  # no compiler call, not even for its version
     return a, b, log, g
 

@@ -19,7 +19,7 @@ from ._api import (
 from ._boolean import bool_einsum
 from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
 from ._errors import EquationError
-from ._plan import Plan, Step
+from ._plan import Kernel, Plan, Step, kernels, register_kernel
 from ._results import EntropyResult, ExpectationResult, KBestResult, ViterbiResult
 from ._sample import sample_einsum
 from ._semiring import EXPECTATION, LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring, kbest_semiring
@@ -40,6 +40,9 @@ __all__ = [
     "plan",
     "Plan",
     "Step",
+    "Kernel",
+    "kernels",
+    "register_kernel",
     "Semiring",
     "REAL",
     "LOG",

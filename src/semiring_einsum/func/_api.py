@@ -43,6 +43,7 @@ from ._parse import (
     summed_of,
 )
 from ._plan import (
+    EMPTY,
     Plan,
     Step,
     _optimize_key,
@@ -57,8 +58,12 @@ from ._rules import (
     GENERIC_FAMILY,
     LOG_FAMILY,
     LOG_RULE,
+    MAX_SLICES,
+    MAX_UNSUMMED,
+    MAX_WINDOWS,
     MIN_FAMILY,
     RANKED_RULE,
+    REAL_BLAS,
     REAL_FAMILY,
     CustomSpec,
     Family,
@@ -179,7 +184,7 @@ def _setup(
         elif family.spec is MaxSpec:
             specs[id(step)] = MaxSpec(*common, argmax=True)
             # Without an argmax, a slice loop gains nothing over the windows.
-            plain = replace(step, kernel="windows") if step.kernel == "slices" else step
+            plain = replace(step, kernel=MAX_WINDOWS) if step.kernel is MAX_SLICES else step
             values_only[id(step)] = MaxSpec(plain, *common[1:], argmax=False)
         else:
             specs[id(step)] = family.spec(*common)
@@ -349,7 +354,7 @@ def _contract(
 
         def real_step(s: Step, args: list[Tensor]) -> Tensor:
             # On BLAS, autograd and torch.func differentiate torch's own products.
-            if s.kernel == "blas":
+            if s.kernel is REAL_BLAS:
                 return OPS.REAL_BLAS(ctx, p.spec(s), args)
             return apply(family.rule, p.spec(s), ctx, *args)[0]
 
@@ -394,7 +399,7 @@ def _contract(
     plain = not (ctx.traced or ctx.transformed)  # nothing records, traces or batches
 
     def max_step(s: Step, args: list[Tensor]) -> Tensor:
-        if plain and s.kernel == "unsummed":  # (no argmax, nothing to record: the sum)
+        if plain and s.kernel is MAX_UNSUMMED:  # (no argmax, nothing to record: the sum)
             return K.add_only(s, args)
         values, linear = apply(family.rule, p.spec(s, argmax), ctx, *args)
         if viterbi:
@@ -576,7 +581,7 @@ def _max_ranked(
         spec = cast(MaxSpec, p.spec(step, True))
         in_order = own == sorted(own, key=summed.index)
         rank: Tensor | None = None
-        if own and step.kernel != "empty" and (present or not in_order):
+        if own and step.kernel is not EMPTY and (present or not in_order):
             ranked = RankedSpec(
                 step,
                 spec.budget,

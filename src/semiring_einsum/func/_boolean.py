@@ -67,7 +67,7 @@ from ._compile import in_graph
 from ._distributed import refuse as refuse_dtensors
 from ._multi import several, split_outputs
 from ._parse import Recipe, analyze, apply_recipe, check_operands
-from ._plan import Plan, Step, along_path, make_plan
+from ._plan import Kernel, Plan, Step, along_path, make_plan
 from ._semiring import Semiring
 
 Tensor = torch.Tensor
@@ -242,10 +242,8 @@ def _run_step(step: Step, ops: Sequence[Tensor], budget: Budget, device_type: st
     caps = _Caps.of(budget, device_type)
     if len(xs) == 2:
         kernel = _choose_kernel(terms, step.output, size, shared, budget, caps)
-        if kernel != "words":
-            return _pair_step(
-                terms, xs, step.output, size, shared, kernel == "tables_swapped", caps
-            )
+        if kernel is not WORDS:
+            return _pair_step(terms, xs, step.output, size, shared, kernel is TABLES_SWAPPED, caps)
     order = step.output + shared
     aligned = [_align(term, x, order) for term, x in zip(terms, xs)]
     return _words_step(aligned, out_shape, [size[c] for c in shared], budget, caps)
@@ -471,6 +469,23 @@ def _and_any(packed: Sequence[Tensor], out_shape: Sequence[int], chunk_bytes: in
 # The table kernel (the "method of the four Russians") for two operands
 
 
+WORDS = Kernel(
+    "boolean",
+    "words",
+    "packed 64-bit words: and the operands' words, test them (any number of operands)",
+)
+TABLES = Kernel(
+    "boolean",
+    "tables",
+    "two operands: the four Russians' tables of the second operand's rows",
+)
+TABLES_SWAPPED = Kernel(
+    "boolean",
+    "tables_swapped",
+    "two operands: the four Russians' tables of the first operand's rows",
+)
+
+
 def _choose_kernel(
     terms: Sequence[str],
     output: str,
@@ -478,8 +493,8 @@ def _choose_kernel(
     shared: str,
     budget: Budget,
     caps: _Caps,
-) -> str:
-    """``'words'``, ``'tables'`` or ``'tables_swapped'`` for a two-operand step.
+) -> Kernel:
+    """:data:`WORDS`, :data:`TABLES` or :data:`TABLES_SWAPPED` for a two-operand step.
 
     By estimated cost in word operations (constants measured on CPU).  The
     tables need every summed index whole in one window (so not with an int
@@ -487,9 +502,9 @@ def _choose_kernel(
     """
     ta, tb = terms
     if budget.extent is not None and any(size[c] > budget.extent for c in shared):
-        return "words"
+        return WORDS
     if caps.table < _TABLE_ENTRY_BYTES:
-        return "words"
+        return WORDS
     batch = math.prod(size[c] for c in output if c in ta and c in tb)
     left = math.prod(size[c] for c in output if c in ta and c not in tb)
     right = math.prod(size[c] for c in output if c in tb and c not in ta)
@@ -502,12 +517,12 @@ def _choose_kernel(
         per = 8 * rows * groups * w + 2 * groups * 256 * w + 3 * rows * cols + rows * terms_ // 4
         return batch * per + _TABLE_OVERHEAD
 
-    best = min(
-        (words_cost, "words"),
-        (tables_cost(left, right), "tables"),
-        (tables_cost(right, left), "tables_swapped"),
+    costs = (
+        (words_cost, WORDS),
+        (tables_cost(left, right), TABLES),
+        (tables_cost(right, left), TABLES_SWAPPED),
     )
-    return best[1]
+    return min(costs, key=lambda cost: cost[0])[1]
 
 
 def _pair_step(

@@ -52,6 +52,7 @@ class Operator:
         eager: What a plain eager call runs instead of ``impl``, when it differs (the
             same outputs, with Python scalars where the schema needs tensors).
         qualname: ``"semiring_einsum::<name>"``.
+        schema: The operator's schema after its name (arguments and results).
         op: The registered operator (``torch.ops.semiring_einsum.<name>.default``).
     """
 
@@ -73,6 +74,7 @@ class Operator:
         self.opaque = opaque
         self.traced = traced
         self.qualname = f"{NAMESPACE}::{name}"
+        self.schema = schema
         # torch.library's own API, not its custom_op wrapper: that one runs the
         # kernel under torch._dynamo.disable, whose frame hook cost 0.07 ms per
         # call on a log step of a batched matmul (b=8, n=128), more than the
@@ -85,11 +87,22 @@ class Operator:
         if vmap is not None:  # a vmap rule made for this operator
             torch.library.register_vmap(self.qualname, vmap(self.op), lib=_LIBRARY)
         self.devices: set[str] = set()  # those with a kernel registered for them
+        self._registrations: dict[str, Registration] = {}
 
-    def register_kernel(self, device_type: str, kernel: Callable[..., Any]) -> None:
-        """Run ``kernel`` for this operator on ``device_type`` (always through the dispatcher)."""
-        torch.library.register_kernel(self.qualname, device_type, kernel, lib=_LIBRARY)
+    def register_kernel(self, device_type: str, kernel: Callable[..., Any]) -> Registration:
+        """Run ``kernel`` for this operator on ``device_type`` (always through the
+        dispatcher), until the returned registration is removed."""
+        if device_type in self.devices:
+            raise ValueError(
+                f"{self.qualname} already has a kernel for {device_type!r}: remove that "
+                "registration first"
+            )
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        torch.library.register_kernel(self.qualname, device_type, kernel, lib=lib)
         self.devices.add(device_type)
+        registration = Registration(self, device_type, lib)
+        self._registrations[device_type] = registration  # (the library lives until removed)
+        return registration
 
     def __call__(self, ctx: Context, spec: Any, *args: Any) -> Any:
         """Run the kernel on ``spec.step`` (the operator gets ``spec.key``)."""
@@ -108,6 +121,30 @@ class Operator:
         if (ctx.batched or ctx.foreign) and self.opaque:
             return self.op(spec.key, *args)
         return self.impl(spec.step, *args)
+
+
+class Registration:
+    """A device kernel registered for an operator; :meth:`remove` (or leaving a ``with``
+    block) unregisters it."""
+
+    def __init__(self, operator: Operator, device_type: str, lib: torch.library.Library) -> None:
+        self._operator = operator
+        self._device_type = device_type
+        self._lib: torch.library.Library | None = lib
+
+    def remove(self) -> None:
+        """Unregister the kernel (again: nothing)."""
+        if self._lib is not None:
+            self._lib._destroy()
+            self._lib = None
+            self._operator.devices.discard(self._device_type)
+            self._operator._registrations.pop(self._device_type, None)
+
+    def __enter__(self) -> Registration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 # ------------------------------------------------------------------- helpers

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import opt_einsum
+import torch
 
 from ._budget import Budget
 from ._errors import fail
@@ -26,6 +28,248 @@ from ._parse import Contraction
 T = TypeVar("T")
 
 CPU_WINDOW_TARGET_BYTES = 4 << 20
+
+
+class Kernel:
+    """A way to compute a step: a value that plans name, compared by identity.
+
+    Each semiring family (see :mod:`._rules`) owns its kernels and says, in order, when
+    each applies; a :class:`Step` of a plan holds the one chosen.  Two kernels of
+    different families may share a name (``windows``); ``qualname``
+    (``"<family>.<name>"``) is unique, and a kernel pickles as it, so a plan sent to
+    another process holds that process's kernel.
+
+    Attributes:
+        family: The family that owns the kernel (``"any"`` for :data:`EMPTY`).
+        name: The kernel's name, as plans show it.
+        doc: What the kernel does, in one line.
+        windowed: Whether the kernel makes window-sized temporaries (counted in
+            :attr:`Plan.peak_bytes`); BLAS, native and unsummed kernels do not.
+        applies: ``applies(step, choice) -> bool``: whether the kernel can and should
+            run ``step`` (the family tries its kernels in order; see
+            :class:`KernelChoice`).
+        forward, vjp, jvp: The kernel's part of its family's rule, with the
+            signatures of :class:`._rules.Rule` (a ``vjp`` or ``jvp`` of ``None``: the
+            family's own).
+        operator: The registered torch operator that runs the kernel, if any (a device
+            implementation is registered on it: :meth:`register`).
+
+    Example:
+        >>> from semiring_einsum import func
+        >>> k = func.plan("ab,bc->ac", (4, 100), (100, 5), semiring=func.LOG).steps[0].kernel
+        >>> k.name, k.qualname, k.windowed
+        ('log_blas', 'log.log_blas', True)
+    """
+
+    __slots__ = (
+        "family", "name", "doc", "windowed", "applies", "forward", "vjp", "jvp", "operator",
+        "vjp_operator", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        family: str,
+        name: str,
+        doc: str,
+        *,
+        windowed: bool = True,
+        applies: Callable[[Step, KernelChoice], bool] | None = None,
+        forward: Callable[..., Any] | None = None,
+        vjp: Callable[..., Any] | None = None,
+        jvp: Callable[..., Any] | None = None,
+        operator: Any = None,
+        vjp_operator: Any = None,
+    ) -> None:
+        qualname = f"{family}.{name}"
+        if qualname in KERNELS:
+            raise ValueError(f"a kernel named {qualname!r} is already registered")
+        self.family = family
+        self.name = name
+        self.doc = doc
+        self.windowed = windowed
+        self.applies = applies
+        self.forward: Callable[..., Any] = forward if forward is not None else self._no_forward
+        self.vjp = vjp
+        self.jvp = jvp
+        self.operator = operator
+        self.vjp_operator = vjp_operator
+        KERNELS[qualname] = self
+
+    def _no_forward(self, spec: Any, *args: Any) -> Any:
+        raise NotImplementedError(f"the kernel {self.qualname} has no forward of its own")
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.family}.{self.name}"
+
+    @property
+    def devices(self) -> frozenset[str]:
+        """The device types with an implementation registered (see :meth:`register`)."""
+        return frozenset(self.operator.devices) if self.operator is not None else frozenset()
+
+    @property
+    def schema(self) -> str | None:
+        """The arguments and results of the kernel's operator (what a device implementation
+        takes and returns: :meth:`register`), or ``None`` for a kernel without one."""
+        if self.operator is None:
+            return None
+        return self.operator.schema.replace("str step", "Step step", 1)
+
+    def register(
+        self,
+        device_type: str,
+        forward: Callable[..., Any],
+        *,
+        vjp: Callable[..., Any] | None = None,
+    ) -> KernelRegistration:
+        """Run ``forward`` (and ``vjp``) for this kernel's steps on ``device_type``.
+
+        ``forward`` takes the :class:`Step` and then the operator's other arguments, and
+        returns what the built-in kernel returns (see :attr:`schema`), with contiguous
+        outputs; it runs whenever the operands live on ``device_type``, eagerly and
+        under ``torch.compile``, never while autograd records.  ``vjp``, for the kernels
+        with a first-order backward operator (``log.log_blas``, ``max_plus.tropical``),
+        takes the step and that operator's arguments.  See "Adding a device kernel" in
+        the internals guide.
+
+        Returns:
+            The registration: ``remove()`` it (or use it as a context manager) to go
+            back to the built-in kernel.  One registration per kernel and device type.
+        """
+        if not isinstance(device_type, str) or not device_type:
+            raise TypeError(
+                f"device_type must be a device type such as 'cuda', got {device_type!r}"
+            )
+        if self.operator is None:
+            raise ValueError(
+                f"the kernel {self.qualname} has no operator: it runs torch operations, "
+                "which run on every device already"
+            )
+        if vjp is not None and self.vjp_operator is None:
+            raise ValueError(f"the kernel {self.qualname} has no backward operator")
+        if vjp is not None and device_type in self.vjp_operator.devices:
+            raise ValueError(f"{self.qualname} already has a backward for {device_type!r}")
+        handles = [self.operator.register_kernel(device_type, _on_steps(forward))]
+        if vjp is not None:
+            handles.append(self.vjp_operator.register_kernel(device_type, _on_steps(vjp)))
+        return KernelRegistration(self, device_type, handles)
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.qualname}>"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __reduce__(self) -> tuple[Callable[[str], Kernel], tuple[str]]:
+        return kernel_named, (self.qualname,)
+
+
+class KernelRegistration:
+    """A device implementation of a kernel (:meth:`Kernel.register`); ``remove()`` it, or
+    leave its ``with`` block, to go back to the built-in kernel."""
+
+    def __init__(self, kernel: Kernel, device_type: str, handles: Sequence[Any]) -> None:
+        self.kernel = kernel
+        self.device_type = device_type
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        """Unregister (again: nothing)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> KernelRegistration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "registered" if self._handles else "removed"
+        return f"<{self.kernel.qualname} on {self.device_type}: {state}>"
+
+
+def _on_steps(implementation: Callable[..., Any]) -> Callable[..., Any]:
+    """An operator's implementation (a step key first) from one that takes the step."""
+
+    @functools.wraps(implementation)
+    def on_key(key: str, *args: Any) -> Any:
+        return implementation(decode(key).step, *args)
+
+    return on_key
+
+
+KERNELS: dict[str, Kernel] = {}
+"""Every kernel, by :attr:`Kernel.qualname`."""
+
+
+def kernel_named(qualname: str) -> Kernel:
+    """The kernel called ``qualname`` (``"<family>.<name>"``, e.g. ``"max_plus.rows"``)."""
+    try:
+        return KERNELS[qualname]
+    except KeyError:
+        known = ", ".join(sorted(KERNELS))
+        raise ValueError(f"no kernel named {qualname!r}; the kernels are: {known}") from None
+
+
+def kernels() -> types.MappingProxyType[str, Kernel]:
+    """Every kernel, by qualified name (``"<family>.<name>"``), read-only.
+
+    Example:
+        >>> from semiring_einsum import func
+        >>> func.kernels()["max_plus.rows"].schema
+        '(Step step, bool argmax, Tensor[] xs) -> (Tensor, Tensor)'
+    """
+    return types.MappingProxyType(KERNELS)
+
+
+def register_kernel(
+    kernel: Kernel | str,
+    device_type: str,
+    forward: Callable[..., Any],
+    *,
+    vjp: Callable[..., Any] | None = None,
+) -> KernelRegistration:
+    """Run ``forward`` for the steps of ``kernel`` whose operands live on ``device_type``.
+
+    ``kernel`` is a :class:`Kernel` or its qualified name (see :func:`kernels`);
+    ``forward`` takes the :class:`Step` and the kernel's other arguments
+    (:attr:`Kernel.schema`) and returns what the built-in kernel returns.  See
+    :meth:`Kernel.register`.
+    """
+    chosen = kernel if isinstance(kernel, Kernel) else kernel_named(kernel)
+    return chosen.register(device_type, forward, vjp=vjp)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    """What a family's kernels are chosen for, besides the step.
+
+    Attributes:
+        dtype: The accumulation dtype.
+        device_type: The operands' device type.
+        traced: Whether the call is being traced (``torch.compile``).
+        extras: Whether the log step must also return its per-cell max and sum.
+    """
+
+    dtype: torch.dtype
+    device_type: str
+    traced: bool = False
+    extras: bool = False
+
+
+EMPTY = Kernel(
+    "any",
+    "empty",
+    "a summed index of size 0: the semiring's zero (in every family)",
+    windowed=False,
+    applies=lambda step, choice: step.terms == 0,
+)
+"""The kernel of a step that sums an index of size 0 (every family's; see
+:func:`._rules.empty_outputs`)."""
+
+UNCHOSEN = Kernel("any", "-", "no kernel chosen yet: a plan's steps before their family chose")
+"""The kernel of a step whose family has not chosen one (see :func:`with_kernels`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +284,13 @@ class Step:
         sizes: ``(index, size)`` for every index of the step.
         windows: ``(index, extent)`` for every summed index, in order of first
             appearance; the kernel loops over windows of these extents.
-        kernel: The kernel that computes the step (see :data:`KERNELS`).
+        kernel: The :class:`Kernel` that computes the step (:data:`UNCHOSEN` in a
+            step whose family has not chosen yet: plans made by :func:`make_plan`).
 
     Example:
         >>> from semiring_einsum import func
         >>> step = func.plan("ab,bc->ac", (4, 100), (100, 5), block_size=32).steps[0]
-        >>> step.inputs, step.output, step.windows, step.kernel
+        >>> step.inputs, step.output, step.windows, step.kernel.name
         (('ab', 'bc'), 'ac', (('b', 32),), 'blas')
     """
 
@@ -54,7 +299,7 @@ class Step:
     output: str
     sizes: tuple[tuple[str, int], ...]
     windows: tuple[tuple[str, int], ...]
-    kernel: str = "windows"
+    kernel: Kernel = UNCHOSEN
 
     @property
     def size(self) -> dict[str, int]:
@@ -91,9 +336,9 @@ class Step:
         """The step and how its windows were sized, as one string (for operators).
 
         Operators take no Python objects, so a step travels as, e.g.,
-        ``"ab,bc->ac;a4b100c5;b32;blas;0,4194304,4,cpu"``: the equation, each
+        ``"ab,bc->ac;a4b100c5;b32;real.blas;0,4194304,4,cpu"``: the equation, each
         index with its size, each summed index with its window extent, the
-        kernel, and the budget (extent, bytes; 0 where unset), item size and
+        kernel's qualified name, and the budget (extent, bytes; 0 where unset), item size and
         device type the windows were sized for.  :func:`decode` reads it back.
         (Index symbols are letters, never digits or ``,;->``.)
         """
@@ -101,22 +346,7 @@ class Step:
         windows = "".join(f"{c}{w}" for c, w in self.windows)
         extent, nbytes = budget.as_ints()
         sizing = f"{extent},{nbytes},{itemsize},{device_type}"
-        return f"{self.equation()};{sizes};{windows};{self.kernel};{sizing}"
-
-
-KERNELS = {
-    "blas": "real semiring: torch.einsum / matmul (BLAS)",
-    "log_blas": "log semiring: max-shifted exponentials around BLAS, certified, exact fix-up",
-    "rows": "every summed index innermost, in chunks of whole rows (log, max-plus)",
-    "slices": "max-plus with an argmax: one output-sized slice per summed coordinate (few "
-    "terms, big outputs); values only take the windows",
-    "tropical": "max-plus of two CPU operands in a matrix-product shape: the native C kernel "
-    "(values, first argmax), see semiring_einsum.func.native_status()",
-    "windows": "the blocked loop over windows of the summed indices (any semiring)",
-    "unsummed": "no summed index: the ⊗-product of the operands",
-    "empty": "a summed index of size 0: the semiring's zero",
-}
-"""The kernels a step may name, and what each does."""
+        return f"{self.equation()};{sizes};{windows};{self.kernel.qualname};{sizing}"
 
 
 def _pairs(text: str) -> tuple[tuple[str, int], ...]:
@@ -152,7 +382,8 @@ def decode(key: str) -> Sized:
     equation, sizes, windows, kernel, sizing = key.split(";")
     lhs, output = equation.split("->")
     inputs = tuple(lhs.split(","))
-    step = Step(tuple(range(len(inputs))), inputs, output, _pairs(sizes), _pairs(windows), kernel)
+    chosen = kernel_named(kernel)
+    step = Step(tuple(range(len(inputs))), inputs, output, _pairs(sizes), _pairs(windows), chosen)
     extent, nbytes, itemsize, device_type = sizing.split(",")
     budget = Budget(int(extent) or None, int(nbytes) or None)
     return Sized(step, budget, int(itemsize), device_type)
@@ -229,15 +460,14 @@ class Plan:
         for i, s in enumerate(self.steps):
             windows = ",".join(f"{_show(c)}:{w}" for c, w in s.windows) or "-"
             nbytes = _window_bytes(s, self.itemsize)
-            rows.append(
-                f"{i:>4}  {_show_eq(s.equation()):<30} {s.kernel:<8} {windows:<20} {nbytes:>10}"
-            )
+            eq, kernel = _show_eq(s.equation()), s.kernel.name
+            rows.append(f"{i:>4}  {eq:<30} {kernel:<8} {windows:<20} {nbytes:>10}")
         return "\n".join(rows)
 
 
 def _window_bytes(step: Step, itemsize: int) -> int:
     """Bytes of the largest window-sized temporary the step's kernel makes."""
-    if step.kernel in ("blas", "tropical", "unsummed", "empty"):
+    if not step.kernel.windowed:
         return 0
     return step.window_elements * itemsize
 
@@ -267,7 +497,7 @@ def along_path(
     return current[0]
 
 
-def with_kernels(plan: Plan, choose: Callable[[Step], str]) -> Plan:
+def with_kernels(plan: Plan, choose: Callable[[Step], Kernel]) -> Plan:
     """``plan`` with the kernel of every step chosen by ``choose``."""
     steps = tuple(replace(s, kernel=choose(s)) for s in plan.steps)
     return replace(plan, steps=steps, peak_bytes=_peak(steps, plan.itemsize))

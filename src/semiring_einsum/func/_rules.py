@@ -4,8 +4,9 @@ A semiring maps to its :class:`Family` in one place, :func:`family_of`, by value
 built-in semirings (and anything equal to one, a pickled copy say) to their own family,
 any other :class:`~._semiring.Semiring` to the generic one.  A family has
 
-* ``kernel(step, dtype, device_type, traced, extras)``: the kernel of a step, chosen when
-  the plan is made and named in it (see :data:`~._plan.KERNELS`);
+* its :class:`~._plan.Kernel` values, in order of preference: ``kernel(step, dtype,
+  device_type, traced, extras)`` chooses the step's, when the plan is made, and the plan
+  names it;
 * a :class:`Rule`: ``forward(spec, ctx, *xs) -> outputs`` (a tuple),
   ``vjp(spec, xs, outs, cotangents, needs) -> gradients`` and
   ``jvp(spec, xs, outs, tangents) -> output tangents``, in the spirit of JAX's
@@ -35,7 +36,7 @@ from . import _native as N
 from . import _ops as OPS
 from ._budget import Budget
 from ._context import Context, rule_context
-from ._plan import Sized, Step, fold, window_extents
+from ._plan import EMPTY, Kernel, KernelChoice, Sized, Step, fold, window_extents
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Identity, Semiring
 
 Tensor = torch.Tensor
@@ -173,7 +174,7 @@ def empty_outputs(spec: Spec, xs: Sequence[Tensor]) -> tuple[Tensor, ...]:
 
 def is_empty(spec: object) -> bool:
     """Whether ``spec`` is a step that sums an index of size 0."""
-    return isinstance(spec, Spec) and spec.step.kernel == "empty"
+    return isinstance(spec, Spec) and spec.step.kernel is EMPTY
 
 
 def run_forward(rule: Rule, spec: Any, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
@@ -212,37 +213,65 @@ def _rule_ctx(*tensors: Tensor | None) -> Context:
 
 
 # ----------------------------------------------------------------------- log
-def _log_kernel(
-    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
-) -> str:
-    if not step.windows and not extras:
-        return "unsummed"  # one term per cell: log(exp(t)) = t
-    if step.terms == 0:
-        return "empty"
-    if extras:
-        return "windows"  # the only kernel that returns the per-cell max and sum
-    if LB.applicable(step):
-        return "log_blas"
-    if K.rows_apply(step, dtype) is not None:
-        return "rows"
-    return "windows"
+def _log_unsummed(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    return (K.add_only(spec.step, xs),)
+
+
+def _log_blas(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    outs = OPS.LOG_BLAS(ctx, spec, xs[0], xs[1])
+    if not spec.residuals or not (ctx.traced or ctx.transformed):
+        return outs[:1]  # (untransformed eager: the caller keeps the output alone)
+    if isinstance(outs[4], int):  # a plain eager call: the residual must be a tensor
+        return (*outs[:4], torch.tensor(outs[4], device=outs[0].device))
+    return outs
+
+
+def _log_rows(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    return (OPS.LOG_ROWS(ctx, spec, list(xs)),)
+
+
+def _log_windows(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    out, m, s = OPS.LOG_WINDOWS(ctx, spec, not ctx.traced, list(xs))
+    return (out, m, s) if spec.extras else (out,)
+
+
+LOG_UNSUMMED = Kernel(
+    "log",
+    "unsummed",
+    "no summed index: one term per cell, log(exp(t)) = t, the operands' sum",
+    windowed=False,
+    applies=lambda step, c: not step.windows and not c.extras,
+    forward=_log_unsummed,
+)
+LOG_BLAS = Kernel(
+    "log",
+    "log_blas",
+    "max-shifted exponentials around BLAS, certified, exact fix-up",
+    applies=lambda step, c: not c.extras and LB.applicable(step),
+    forward=_log_blas,
+    operator=OPS.LOG_BLAS,
+    vjp_operator=OPS.LOG_BLAS_VJP,
+)
+LOG_ROWS = Kernel(
+    "log",
+    "rows",
+    "every summed index innermost, in chunks of whole rows",
+    applies=lambda step, c: not c.extras and K.rows_apply(step, c.dtype) is not None,
+    forward=_log_rows,
+    operator=OPS.LOG_ROWS,
+)
+LOG_WINDOWS = Kernel(
+    "log",
+    "windows",
+    "the blocked loop over windows of the summed indices (an online log-sum-exp; the "
+    "only log kernel that returns the per-cell max and sum)",
+    forward=_log_windows,
+    operator=OPS.LOG_WINDOWS,
+)
 
 
 def _log_forward(spec: LogSpec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
-    kernel = spec.step.kernel
-    if kernel == "unsummed":
-        return (K.add_only(spec.step, xs),)
-    if kernel == "log_blas":
-        outs = OPS.LOG_BLAS(ctx, spec, xs[0], xs[1])
-        if not spec.residuals or not (ctx.traced or ctx.transformed):
-            return outs[:1]  # (untransformed eager: the caller keeps the output alone)
-        if isinstance(outs[4], int):  # a plain eager call: the residual must be a tensor
-            return (*outs[:4], torch.tensor(outs[4], device=outs[0].device))
-        return outs
-    if kernel == "rows":
-        return (OPS.LOG_ROWS(ctx, spec, list(xs)),)
-    out, m, s = OPS.LOG_WINDOWS(ctx, spec, not ctx.traced, list(xs))
-    return (out, m, s) if spec.extras else (out,)
+    return spec.step.kernel.forward(spec, ctx, *xs)
 
 
 def _log_vjp(
@@ -273,51 +302,97 @@ LOG_RULE = Rule("LogEinsum", _log_forward, _log_vjp, _log_jvp)
 
 
 # ----------------------------------------------------------------- max-plus
-def _max_kernel(
-    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
-) -> str:
-    if not step.windows:
-        return "unsummed"
-    if step.terms == 0:
-        return "empty"
-    if (
-        device_type == "cpu"
-        and dtype in N.DTYPES
-        and step.terms <= N.ARGMAX_MAX[dtype]
-        and N.layout(step)
-        and N.expected()  # (not N.library(): planning builds nothing)
-    ):
-        return "tropical"  # also while tracing: faster than what inductor makes of ours
-    cells = math.prod(K.out_shape(step))
-    if K.rows_apply(step, dtype, argmax=True) is not None:
-        if not traced:
-            return "rows"
-        # While tracing, the value-free kernels, which the compiler fuses into
-        # one loop -- unless the step has few cells and several windows: the
-        # fused windows then lose to the row kernel (measured on a joint CKY
-        # step, 768 cells in 4 windows: 4.3 ms fused vs 1.8 ms for the rows;
-        # on a batched matmul, 131k cells: 1.3 ms fused vs 7.3 ms).
-        if cells < K.SLICES_MIN_OUTPUT and _window_count(step) > 1:
-            return "rows"
-    if cells >= K.SLICES_MIN_OUTPUT:
-        return "slices"
-    return "windows"
-
-
 def _window_count(step: Step) -> int:
     size = step.size
     return math.prod(-(-size[c] // w) for c, w in step.windows)
 
 
-_MAX_OPERATORS = {"rows": OPS.MAX_ROWS, "slices": OPS.MAX_SLICES, "tropical": OPS.MAX_TROPICAL}
+def _tropical_applies(step: Step, c: KernelChoice) -> bool:
+    return (
+        c.device_type == "cpu"
+        and c.dtype in N.DTYPES
+        and step.terms <= N.ARGMAX_MAX[c.dtype]
+        and N.layout(step) is not None
+        and N.expected()  # (not N.library(): planning builds nothing)
+    )  # also while tracing: faster than what inductor makes of ours
+
+
+def _max_rows_apply(step: Step, c: KernelChoice) -> bool:
+    if K.rows_apply(step, c.dtype, argmax=True) is None:
+        return False
+    # While tracing, the value-free kernels, which the compiler fuses into one loop --
+    # unless the step has few cells and several windows: the fused windows then lose
+    # to the row kernel (measured on a joint CKY step, 768 cells in 4 windows: 4.3 ms
+    # fused vs 1.8 ms for the rows; on a batched matmul, 131k cells: 1.3 ms fused vs
+    # 7.3 ms).
+    return not c.traced or (
+        math.prod(K.out_shape(step)) < K.SLICES_MIN_OUTPUT and _window_count(step) > 1
+    )
+
+
+def _tropical_vjp(
+    spec: MaxSpec,
+    xs: Sequence[Tensor],
+    outs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    if N.library() is not None:  # (else its forward ran the torch kernels: see N.expected)
+        ctx = _rule_ctx(*xs, gs[0])
+        if not ctx.differentiated and not ctx.batched:
+            # A first-order backward: one native pass over the cells.
+            ga, gb = OPS.MAX_TROPICAL_VJP(ctx, spec, xs[0], xs[1], outs[1], gs[0], *needs)
+            return [ga if needs[0] else None, gb if needs[1] else None]
+    return K.argmax_pullback(spec.step, xs, outs[1], gs[0], needs)
+
+
+MAX_UNSUMMED = Kernel(
+    "max_plus",
+    "unsummed",
+    "no summed index: the operands' sum",
+    windowed=False,
+    applies=lambda step, c: not step.windows,
+)
+MAX_TROPICAL = Kernel(
+    "max_plus",
+    "tropical",
+    "two CPU operands in a matrix-product shape: the native C kernel (values, first "
+    "argmax), see semiring_einsum.func.native_status()",
+    windowed=False,
+    applies=_tropical_applies,
+    vjp=_tropical_vjp,
+    operator=OPS.MAX_TROPICAL,
+    vjp_operator=OPS.MAX_TROPICAL_VJP,
+)
+MAX_ROWS = Kernel(
+    "max_plus",
+    "rows",
+    "every summed index innermost, in chunks of whole rows",
+    applies=_max_rows_apply,
+    operator=OPS.MAX_ROWS,
+)
+MAX_SLICES = Kernel(
+    "max_plus",
+    "slices",
+    "with an argmax: one output-sized slice per summed coordinate (few terms, big "
+    "outputs); values only take the windows",
+    applies=lambda step, c: math.prod(K.out_shape(step)) >= K.SLICES_MIN_OUTPUT,
+    operator=OPS.MAX_SLICES,
+)
+MAX_WINDOWS = Kernel(
+    "max_plus",
+    "windows",
+    "the blocked loop over windows of the summed indices",
+    operator=OPS.MAX_WINDOWS,
+)
 
 
 def _max_forward(spec: MaxSpec, ctx: Context, *xs: Tensor) -> tuple[Any, ...]:
     step = spec.step
-    if step.kernel == "unsummed":
+    operator = step.kernel.operator
+    if operator is None:  # unsummed
         values, index = K.add_only(step, xs), None
     else:
-        operator = _MAX_OPERATORS.get(step.kernel, OPS.MAX_WINDOWS)
         values, index = operator(ctx, spec, spec.argmax, list(xs))
     if not (ctx.traced or ctx.transformed):
         # Untransformed eager: no Function sees the outputs; the caller reads the
@@ -332,11 +407,12 @@ def max_values(spec: MaxSpec, ctx: Context, xs: list[Tensor]) -> Tensor:
     """A max-plus step's values where nothing traces, transforms or records: what the
     rule's forward computes, without its layers (the per-call cost of small steps)."""
     step = spec.step
-    if step.kernel == "tropical" and not OPS.MAX_TROPICAL.devices:
+    kernel = step.kernel
+    if kernel is MAX_TROPICAL and not OPS.MAX_TROPICAL.devices:
         found = N.max_plus(step, xs, False)
         if found is not None:
             return found[0]
-    elif step.kernel == "unsummed":
+    elif kernel is MAX_UNSUMMED:
         return K.add_only(step, xs)
     return run_forward(MAX_RULE, spec, ctx, *xs)[0]
 
@@ -347,14 +423,10 @@ def _max_vjp(
     outs: Sequence[Tensor],
     gs: Sequence[Tensor],
     needs: Sequence[bool],
-) -> list[Tensor | None]:
-    if spec.step.kernel == "tropical" and N.library() is not None:  # (else its forward
-        # ran the torch kernels: see N.expected)
-        ctx = _rule_ctx(*xs, gs[0])
-        if not ctx.differentiated and not ctx.batched:
-            # A first-order backward: one native pass over the cells.
-            ga, gb = OPS.MAX_TROPICAL_VJP(ctx, spec, xs[0], xs[1], outs[1], gs[0], *needs)
-            return [ga if needs[0] else None, gb if needs[1] else None]
+) -> Sequence[Tensor | None]:
+    vjp = spec.step.kernel.vjp
+    if vjp is not None:
+        return vjp(spec, xs, outs, gs, needs)
     return K.argmax_pullback(spec.step, xs, outs[1], gs[0], needs)
 
 
@@ -414,14 +486,6 @@ RANKED_RULE = Rule("RankedMaxEinsum", _ranked_forward, _ranked_vjp, _ranked_jvp,
 
 
 # --------------------------------------------------------------------- real
-def _real_kernel(
-    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
-) -> str:
-    if len(step.inputs) <= 2:
-        return "blas"
-    return "empty" if step.terms == 0 else "windows"
-
-
 def _real_product(step: Step, xs: Sequence[Tensor]) -> Tensor:
     """The real contraction of a step, differentiably (BLAS for at most two operands)."""
     if len(xs) <= 2:
@@ -429,10 +493,33 @@ def _real_product(step: Step, xs: Sequence[Tensor]) -> Tensor:
     return K.contract(REAL, step, xs)
 
 
-def _real_forward(spec: Spec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
-    if spec.step.kernel == "blas":
-        return (OPS.REAL_BLAS(ctx, spec, list(xs)),)
+def _real_blas(spec: Spec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    return (OPS.REAL_BLAS(ctx, spec, list(xs)),)
+
+
+def _real_windows(spec: Spec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
     return (K.contract(REAL, spec.step, xs),)
+
+
+REAL_BLAS = Kernel(
+    "real",
+    "blas",
+    "at most two operands: torch.einsum / matmul (BLAS)",
+    windowed=False,
+    applies=lambda step, c: len(step.inputs) <= 2,
+    forward=_real_blas,
+    operator=OPS.REAL_BLAS,
+)
+REAL_WINDOWS = Kernel(
+    "real",
+    "windows",
+    "the blocked loop over windows of the summed indices",
+    forward=_real_windows,
+)
+
+
+def _real_forward(spec: Spec, ctx: Context, *xs: Tensor) -> tuple[Tensor, ...]:
+    return spec.step.kernel.forward(spec, ctx, *xs)
 
 
 def _operand_grad_step(spec: Spec, k: int) -> tuple[Step, str]:
@@ -487,12 +574,6 @@ REAL_RULE = Rule("RealEinsum", _real_forward, _real_vjp, _real_jvp)
 
 
 # ------------------------------------------------------------ user semirings
-def _custom_kernel(
-    step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
-) -> str:
-    return "empty" if step.terms == 0 else "windows"
-
-
 def _semiring(spec: CustomSpec) -> Semiring:
     assert spec.semiring is not None, "a user-semiring step without its semiring"
     return spec.semiring
@@ -611,26 +692,52 @@ def _custom_jvp(
 
 CUSTOM_RULE = Rule("SemiringEinsum", _custom_forward, _custom_vjp, _custom_jvp)
 
+GENERIC_WINDOWS = Kernel(
+    "generic",
+    "windows",
+    "the blocked loop over windows of the summed indices (any semiring)",
+    forward=_custom_forward,
+)
+
 
 # ------------------------------------------------------------------ families
-KernelChoice = Callable[[Step, torch.dtype, str, bool, bool], str]
-
-
 @dataclass(frozen=True)
 class Family:
-    """How one kind of semiring runs: its kernels, its rule and its spec type."""
+    """How one kind of semiring runs: its kernels, its rule and its spec type.
+
+    Attributes:
+        name: The family's name.
+        rule: The forward, vjp and jvp of its steps (each dispatches on the step's
+            kernel where the kernels differ).
+        kernels: Its kernels, in order of preference: a step runs the first that
+            applies (:attr:`~._plan.Kernel.applies`; the last applies always).
+        spec: The type of its steps' :class:`Spec`.
+    """
 
     name: str
     rule: Rule
-    kernel: KernelChoice
+    kernels: tuple[Kernel, ...]
     spec: type[Spec]
 
+    def kernel(
+        self, step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
+    ) -> Kernel:
+        """The kernel of ``step``: the first of :attr:`kernels` that applies."""
+        choice = KernelChoice(dtype, device_type, traced, extras)
+        for kernel in self.kernels:
+            if kernel.applies is None or kernel.applies(step, choice):
+                return kernel
+        raise AssertionError(f"no kernel of the {self.name} family applies to {step}")
 
-REAL_FAMILY = Family("real", REAL_RULE, _real_kernel, Spec)
-LOG_FAMILY = Family("log", LOG_RULE, _log_kernel, LogSpec)
-MAX_FAMILY = Family("max_plus", MAX_RULE, _max_kernel, MaxSpec)
-MIN_FAMILY = Family("min_plus", MAX_RULE, _max_kernel, MaxSpec)  # computed as -max(-x)
-GENERIC_FAMILY = Family("generic", CUSTOM_RULE, _custom_kernel, CustomSpec)
+
+_LOG_KERNELS = (LOG_UNSUMMED, EMPTY, LOG_BLAS, LOG_ROWS, LOG_WINDOWS)
+_MAX_KERNELS = (MAX_UNSUMMED, EMPTY, MAX_TROPICAL, MAX_ROWS, MAX_SLICES, MAX_WINDOWS)
+
+REAL_FAMILY = Family("real", REAL_RULE, (REAL_BLAS, EMPTY, REAL_WINDOWS), Spec)
+LOG_FAMILY = Family("log", LOG_RULE, _LOG_KERNELS, LogSpec)
+MAX_FAMILY = Family("max_plus", MAX_RULE, _MAX_KERNELS, MaxSpec)
+MIN_FAMILY = Family("min_plus", MAX_RULE, _MAX_KERNELS, MaxSpec)  # computed as -max(-x)
+GENERIC_FAMILY = Family("generic", CUSTOM_RULE, (EMPTY, GENERIC_WINDOWS), CustomSpec)
 
 _BUILTIN = (
     (REAL, REAL_FAMILY),

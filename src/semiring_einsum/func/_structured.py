@@ -40,7 +40,7 @@ from ._multi import reject
 from ._parse import rankable, row_major_strides
 from ._plan import Step, along_path, window_extents
 from ._results import EntropyResult, ExpectationResult, KBestResult
-from ._rules import LOG_FAMILY, LOG_RULE, MAX_FAMILY, run_jvp
+from ._rules import LOG_BLAS, LOG_FAMILY, LOG_RULE, LOG_UNSUMMED, MAX_FAMILY, run_jvp
 from ._semiring import LOG, MAX_PLUS
 
 Tensor = torch.Tensor
@@ -126,13 +126,13 @@ def _expectation_node(
 
     def step(k: int, s: Step, pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         xs = [x for x, _ in pairs]
-        if s.kernel == "unsummed":  # one term per cell: the sums themselves
+        if s.kernel is LOG_UNSUMMED:  # one term per cell: the sums themselves
             out = K.add_only(s, xs)
             # A -inf cell has no weight: no expectation at the end (NaN), none passed on.
             empty = math.nan if s is last else 0.0
             sums = K.add_only(s, [t for _, t in pairs])
             return out, torch.where(out == -math.inf, empty, sums)
-        if fused and s.kernel == "log_blas":
+        if fused and s.kernel is LOG_BLAS:
             both = _log_blas_with_tangent(s, xs[0], xs[1], pairs[0][1], pairs[1][1])
             if both is not None:
                 return both
