@@ -33,6 +33,9 @@ from ._rules import (
     run_jvp,
     run_vjp,
 )
+from ._torch_compat import are_functorch_transforms_active as _functorch_active
+from ._torch_compat import function_apply as _c_apply
+from ._torch_compat import unwrap_dead_wrappers as _unwrap_dead
 
 Tensor = torch.Tensor
 
@@ -153,11 +156,3 @@ def apply(rule: Rule, spec: object, ctx: Context, *xs: Tensor) -> tuple[Tensor, 
         # fixed positional parameters, nothing to bind).
         out = _c_apply(fn, spec, ctx, *_unwrap_dead(xs))
     return out if isinstance(out, tuple) else (out,)
-
-
-_functorch_active = torch._C._are_functorch_transforms_active
-_unwrap_dead = torch._functorch.utils.unwrap_dead_wrappers
-
-
-def _c_apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
-    return super(torch.autograd.Function, fn).apply(*args)  # type: ignore[misc]

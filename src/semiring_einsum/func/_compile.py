@@ -3,7 +3,7 @@
 Dynamo should not trace our Python planning (parsing, opt_einsum's path
 search, window sizing): it is pure bookkeeping on shapes, and Dynamo either
 chokes on it or turns sizes symbolic.  Functions marked with :func:`in_graph`
-are registered with ``torch._dynamo.nonstrict_trace``: Dynamo puts one call in
+are registered with Dynamo's ``nonstrict_trace``: Dynamo puts one call in
 its graph and AOTAutograd then runs our Python on fake tensors, where shapes
 are concrete, our autograd Functions and their backward rules are traced as
 written, and the windows become ordinary graph ops.  Such a function takes
@@ -14,10 +14,11 @@ equality, so an equal semiring built anew reuses the compiled graph.  On a
 torch without ``nonstrict_trace`` (before 2.8), ``allow_in_graph`` is used
 instead, which takes tensors and Python constants only.
 
-Importing ``torch._dynamo`` costs about a second, so registration waits until
+Importing Dynamo costs about a second, so registration waits until
 something else imports it (``torch.compile`` does), through a one-shot
 import hook; if it is already imported, registration is immediate.  Until
-then an in-graph function runs as itself.
+then an in-graph function runs as itself.  (Dynamo's private names are bound
+in :mod:`._torch_compat`.)
 """
 
 from __future__ import annotations
@@ -31,33 +32,26 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeVar, cast
 
-import torch.utils._pytree as pytree
-
 from ._semiring import Semiring
+from ._torch_compat import DYNAMO_MODULE as _DYNAMO
+from ._torch_compat import nonstrict_trace, register_pytree_constant
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_DYNAMO = "torch._dynamo"
 # (function, the one-element list its caller reads the registered version from)
 _pending: list[tuple[Callable[..., Any], list[Callable[..., Any]]]] = []
 _lock = threading.Lock()
 
-if hasattr(pytree, "register_constant"):
-    pytree.register_constant(Semiring)
+register_pytree_constant(Semiring)
 
 
 def _register(entries: Sequence[tuple[Callable[..., Any], list[Callable[..., Any]]]]) -> None:
-    import torch._dynamo
-
     for fn, slot in entries:
-        if hasattr(torch._dynamo, "nonstrict_trace"):
-            slot[0] = torch._dynamo.nonstrict_trace(fn)
-        else:  # pragma: no cover - torch < 2.8
-            slot[0] = torch._dynamo.allow_in_graph(fn)
+        slot[0] = nonstrict_trace(fn)
 
 
 class _AfterDynamoImport(importlib.abc.MetaPathFinder):
-    """Runs the pending registrations right after ``torch._dynamo`` is imported."""
+    """Runs the pending registrations right after Dynamo is imported."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None

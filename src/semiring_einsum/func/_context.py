@@ -1,9 +1,10 @@
 """The call context: what torch's state and the operands say about how a call may run.
 
 It is worked out once per call (and once per backward or forward-mode rule call, which run
-later and perhaps under other transforms) and passed down.  This module is the only one that
-looks at torch's private state (tracers, functorch levels, forward-AD levels); kernels and
-operators only read the flags.
+later and perhaps under other transforms) and passed down.  This module is the one that
+reads torch's state (tracers, dispatch modes, ``torch.func`` levels, forward-AD levels) to
+build it, through the private symbols bound in :mod:`._torch_compat`; kernels and operators
+only read the flags.
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+
+from ._torch_compat import (
+    FORWARD_AD_LEVEL,
+    FORWARD_AD_STATE,
+    TransformType,
+    get_current_dispatch_mode_stack,
+    get_interpreter_stack,
+    get_unwrapped,
+    is_batchedtensor,
+    is_functorch_wrapped_tensor,
+    is_legacy_batchedtensor,
+    len_torch_dispatch_stack,
+)
 
 Tensor = torch.Tensor
 
@@ -66,25 +80,24 @@ def tracing() -> bool:
     """Whether torch ops are being recorded into a graph rather than run."""
     if torch.compiler.is_compiling():
         return True
-    if not torch._C._len_torch_dispatch_stack():  # the common case, cheaply
+    if not len_torch_dispatch_stack():  # the common case, cheaply
         return False
-    stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    stack = get_current_dispatch_mode_stack()
     return any(type(mode).__name__ in _TRACING_MODES for mode in stack)
 
 
 def _kinds(tensors: Sequence[Tensor]) -> tuple[bool, bool]:
     """(a tensor is a vmap tensor, a tensor is a subclass whose values are not there)."""
-    functorch = torch._C._functorch
     batched = foreign = False
     for t in tensors:
-        if functorch.is_legacy_batchedtensor(t):  # torch.autograd's own vmap
+        if is_legacy_batchedtensor(t):  # torch.autograd's own vmap
             batched = True
             continue
-        while functorch.is_functorch_wrapped_tensor(t):
-            if functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t):
+        while is_functorch_wrapped_tensor(t):
+            if is_batchedtensor(t) or is_legacy_batchedtensor(t):
                 batched = True
                 break
-            t = functorch.get_unwrapped(t)
+            t = get_unwrapped(t)
         else:
             if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
                 foreign = True
@@ -93,12 +106,12 @@ def _kinds(tensors: Sequence[Tensor]) -> tuple[bool, bool]:
 
 def _levels() -> tuple[bool, bool]:
     """(a transform other than vmap is open, any transform or forward-AD level is open)."""
-    if torch.autograd.forward_ad._current_level >= 0:
+    if FORWARD_AD_STATE[FORWARD_AD_LEVEL] >= 0:
         return True, True
-    stack = torch._C._functorch.get_interpreter_stack()
+    stack = get_interpreter_stack()
     if not stack:
         return False, False
-    vmap = torch._C._functorch.TransformType.Vmap
+    vmap = TransformType.Vmap
     return any(level.key() != vmap for level in stack), True
 
 
@@ -113,11 +126,8 @@ def cache_clear() -> None:
     _eager.cache_clear()
 
 
-# Bound once: the plain eager check runs on every call.
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_interpreters = torch._C._functorch.get_interpreter_stack
-_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
-_forward_ad = torch.autograd.forward_ad
+# Bound once: the plain eager check runs on every call.  (The private ones are bound in
+# ._torch_compat and imported as names, which costs the same.)
 _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -126,7 +136,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 def untraced() -> bool:
     """Whether ops run on real values here: nothing compiles, no dispatch mode (a fake
     or tracing one) and no torch.func transform is active.  Cheap."""
-    return not (_compiling() or _dispatch_modes() or _interpreters())
+    return not (_compiling() or len_torch_dispatch_stack() or get_interpreter_stack())
 
 
 def _plain_eager(xs: Sequence[object]) -> Context | None:
@@ -134,13 +144,18 @@ def _plain_eager(xs: Sequence[object]) -> Context | None:
 
     The common case, checked with the cheapest calls first; ``None`` otherwise.
     """
-    if not xs or _dispatch_modes() or _forward_ad._current_level >= 0 or _interpreters():
+    if (
+        not xs
+        or len_torch_dispatch_stack()
+        or FORWARD_AD_STATE[FORWARD_AD_LEVEL] >= 0
+        or get_interpreter_stack()
+    ):
         return None
     if _compiling():
         return None
     recorded = False
     for x in xs:
-        if type(x) not in _PLAIN_TYPES or _legacy_batched(x):  # type: ignore[arg-type]
+        if type(x) not in _PLAIN_TYPES or is_legacy_batchedtensor(x):  # type: ignore[arg-type]
             return None
         recorded = recorded or x.requires_grad  # type: ignore[attr-defined]
     first = xs[0]
@@ -189,9 +204,6 @@ def rule_context(tensors: Sequence[Tensor]) -> Context:
 
 def forward_over_forward() -> bool:
     """Whether two forward-mode (jvp) transforms are open at once."""
-    try:
-        stack = torch._C._functorch.get_interpreter_stack()
-        jvp = torch._C._functorch.TransformType.Jvp
-    except AttributeError:  # pragma: no cover - other torch versions
-        return False
+    stack = get_interpreter_stack()
+    jvp = TransformType.Jvp
     return stack is not None and sum(1 for i in stack if i.key() == jvp) >= 2

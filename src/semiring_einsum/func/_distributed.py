@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch._C._functorch as _functorch
 
 from ._multi import reject, split_outputs
 from ._parse import analyze, rankable, row_major_strides
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+from ._torch_compat import all_gather_tensor, functional_collectives, is_functorch_wrapped_tensor
 
 Tensor = torch.Tensor
 
@@ -67,8 +67,8 @@ def involved(operands: Sequence[object]) -> bool:
     dtensor = module.DTensor
     unwrap = not torch.compiler.is_compiling()  # (no transform wrappers in a graph)
     for x in operands:
-        while unwrap and isinstance(x, Tensor) and _functorch.is_functorch_wrapped_tensor(x):
-            x = _functorch.get_unwrapped(x)
+        if unwrap and isinstance(x, Tensor) and is_functorch_wrapped_tensor(x):
+            x = torch.func.debug_unwrap(x)  # (only its type is read)
         if isinstance(x, dtensor):
             return True
     return False
@@ -187,7 +187,7 @@ def _check(operands: Sequence[object], equation: object) -> Any:
     meshes = []
     for k, x in enumerate(operands):
         if not isinstance(x, DTensor):
-            if isinstance(x, Tensor) and _functorch.is_functorch_wrapped_tensor(x):
+            if isinstance(x, Tensor) and is_functorch_wrapped_tensor(x):
                 raise NotImplementedError(
                     f"torch.func transforms (grad, vjp, vmap, ...) over DTensor operands are "
                     f"not supported (operand {k}, equation {equation!r}); autograd is: call "
@@ -379,8 +379,7 @@ def _unkey(k: Tensor) -> Tensor:
 
 
 def _all_reduce(x: Tensor, op: str, group: Any) -> Tensor:
-    import torch.distributed._functional_collectives as funcol
-
+    funcol = functional_collectives()
     return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), op, group))
 
 
@@ -548,10 +547,9 @@ class _GatherAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, values: Tensor, group: Any, index: int) -> Tensor:
-        import torch.distributed._functional_collectives as funcol
-
+        funcol = functional_collectives()
         ctx.index = index
-        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        gather = all_gather_tensor()
         return funcol.wait_tensor(gather(values.unsqueeze(0).contiguous(), 0, group))
 
     @staticmethod

@@ -48,6 +48,7 @@ import torch
 from . import _kernels as K
 from ._context import untraced
 from ._plan import Step
+from ._torch_compat import is_functorch_wrapped_tensor as _wrapped
 
 Tensor = torch.Tensor
 
@@ -786,9 +787,6 @@ def max_plus_vjp(
 def _plain(x: Tensor) -> bool:
     """A tensor whose memory the kernel may read: a CPU tensor, not fake, not a transform's."""
     return type(x) is torch.Tensor and x.is_cpu and not _wrapped(x)
-
-
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _rank_share(step: Step, lay: Layout, strides: Sequence[int]) -> Tensor:
