@@ -35,7 +35,7 @@ import semiring_einsum
 from matrix import pick
 from oracle import brute, brute_viterbi, joint
 from semiring_einsum import func
-from semiring_einsum.func import _api
+from semiring_einsum.func import _engine
 
 Tensor = torch.Tensor
 EQ = "ij,jk->ik"
@@ -65,59 +65,59 @@ VARIANTS: dict[str, tuple[Fn, Fn, Callable[..., Any]]] = {
     "real": (
         lambda a, b: func.einsum(EQ, a, b, block_size=2),
         _oracle("real"),
-        _api._contract,
+        _engine.contract,
     ),
     "real_joint": (
         lambda a, b: func.einsum("ij,jk,k->ik", a, b, _C, optimize=False, block_size=2),
         _oracle("real", "ij,jk,k->ik", _C),
-        _api._contract,
+        _engine.contract,
     ),
     "log": (
         lambda a, b: func.log_einsum(EQ, a, b, block_size=2),
         _oracle("log"),
-        _api._contract,
+        _engine.contract,
     ),
     "log_policy": (
         lambda a, b: func.log_einsum(EQ, a, b, block_size=2, grad_of_neg_inf="uniform"),
         _oracle("log"),
-        _api._contract,
+        _engine.contract,
     ),
     "max": (
         lambda a, b: func.max_einsum(EQ, a, b, block_size=2),
         _oracle("max"),
-        _api._contract,
+        _engine.contract,
     ),
     "min": (
         lambda a, b: func.min_einsum(EQ, a, b, block_size=2),
         _oracle("min"),
-        _api._contract,
+        _engine.contract,
     ),
     "viterbi": (
         lambda a, b: func.viterbi_einsum(EQ, a, b, block_size=2),
         lambda a, b: tuple(
             t.float() if t.is_floating_point() else t for t in brute_viterbi(EQ, a, b)
         ),
-        _api._contract,
+        _engine.contract,
     ),
     "user_log": (
         lambda a, b: func.semiring_einsum(USER_LOG, EQ, a, b, block_size=2),
         _oracle("log"),
-        _api._contract,
+        _engine.contract,
     ),
     "user_max": (
         lambda a, b: func.semiring_einsum(USER_MAX, EQ, a, b, block_size=2),
         _oracle("max"),
-        _api._contract,
+        _engine.contract,
     ),
     "top_real": (
         lambda a, b: semiring_einsum.einsum(EQ, a, b, block_size=2),
         _oracle("real"),
-        _api._contract,
+        _engine.contract,
     ),
     "top_log": (
         lambda a, b: semiring_einsum.log_einsum(EQ, a, b, block_size=2),
         _oracle("log"),
-        _api._contract,
+        _engine.contract,
     ),
 }
 ALL = list(VARIANTS)

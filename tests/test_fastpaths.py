@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 from oracle import brute, brute_viterbi, log_vjp
 from semiring_einsum import func
 from semiring_einsum.func import _kernels, _logblas, _ops
-from semiring_einsum.func._api import log_einsum_with_extras
+from semiring_einsum.func._engine import log_einsum_with_extras
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: {"rtol": 1e-5, "atol": 1e-4}, F64: {"rtol": 1e-10, "atol": 1e-9}}

@@ -25,7 +25,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from semiring_einsum import func
-from semiring_einsum.func import _api
+from semiring_einsum.func import _prepare
 
 Tensor = torch.Tensor
 EQ = "ij,jk->ik"
@@ -251,7 +251,7 @@ def test_fresh_semirings_do_not_grow_our_caches() -> None:
     a, b = operands(requires_grad=False)
     for _ in range(20):
         func.semiring_einsum(inline_real(), EQ, a, b, block_size=2)
-    assert len(_api._SEEN) == 1
+    assert len(_prepare._SEEN) == 1
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -18,9 +18,9 @@ import torch
 from oracle import brute
 from semiring_einsum import func
 from semiring_einsum.func import _ops
-from semiring_einsum.func._api import _budget, _Prepared
 from semiring_einsum.func._context import call_context
 from semiring_einsum.func._plan import decode
+from semiring_einsum.func._prepare import Prepared, budget_for
 from semiring_einsum.func._rules import family_of
 
 Tensor = torch.Tensor
@@ -29,8 +29,8 @@ F64 = torch.float64
 
 def _key(semiring: func.Semiring, equation: str, *xs: Tensor, block_size: Any = None) -> str:
     """The key of the (single) step of a contraction."""
-    budget = _budget(block_size, xs, equation)
-    p = _Prepared(semiring, family_of(semiring), equation, xs, budget, "auto")
+    budget = budget_for(block_size, xs, equation)
+    p = Prepared(semiring, family_of(semiring), equation, xs, budget, "auto")
     (step,) = p.plan.steps
     return p.spec(step).key
 

@@ -192,7 +192,7 @@ def _package_caches() -> dict[str, object]:
 
 
 def test_clear_caches_empties_every_cache() -> None:
-    from semiring_einsum.func import _api, _autograd
+    from semiring_einsum.func import _autograd, _prepare
 
     x = torch.randn(3, 4, requires_grad=True)
     y = torch.randn(4, 5)
@@ -204,12 +204,12 @@ def test_clear_caches_empties_every_cache() -> None:
     caches = _package_caches()
     assert len(caches) >= 10, sorted(caches)
     assert any(cache.cache_info().currsize for cache in caches.values())  # type: ignore[attr-defined]
-    assert _api._SEEN
+    assert _prepare._SEEN
     assert any(key[1] > _autograd.PREBUILT_ARITY for key in _autograd._FUNCTIONS)
     func.clear_caches()
     full = {n: c.cache_info().currsize for n, c in caches.items() if c.cache_info().currsize}  # type: ignore[attr-defined]
     assert not full, full
-    assert not _api._SEEN
+    assert not _prepare._SEEN
     assert all(key[1] <= _autograd.PREBUILT_ARITY for key in _autograd._FUNCTIONS)
 
 

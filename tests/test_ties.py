@@ -35,7 +35,7 @@ import torch
 
 from oracle import brute, brute_viterbi, joint, parse
 from semiring_einsum import func
-from semiring_einsum.func import _api, _kernels, _plan
+from semiring_einsum.func import _engine, _kernels, _plan
 from semiring_einsum.func._parse import Contraction
 
 Tensor = torch.Tensor
@@ -264,8 +264,8 @@ def test_argmax_default_prefers_an_outer_first_path(
     n = len(eq.split(","))
     xs = [torch.randint(0, 3, (16, 16), generator=g).to(F32) for _ in range(n)]
     ranked: list[int] = []
-    original = _api._max_ranked
-    monkeypatch.setattr(_api, "_max_ranked", lambda *a: ranked.append(1) or original(*a))
+    original = _engine.max_ranked
+    monkeypatch.setattr(_engine, "max_ranked", lambda *a: ranked.append(1) or original(*a))
     values, argmax = func.viterbi_einsum(eq, *xs, block_size=10)
     assert not ranked, "an outer-first path sums without ranks"
     want_values, want_argmax = brute_viterbi(eq, *xs)

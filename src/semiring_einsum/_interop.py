@@ -19,11 +19,12 @@ import torch
 from . import func
 from .equation import Equation
 from .func import _kernels as K
-from .func._api import log_einsum_vjp, log_einsum_with_extras, register_cache
 from .func._autograd import apply
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, Budget, resolve_budget
+from .func._caches import register_cache
 from .func._context import Context, call_context
 from .func._distributed import refuse as refuse_dtensors
+from .func._engine import log_einsum_vjp, log_einsum_with_extras
 from .func._parse import Recipe, analyze, apply_recipe, check_operands
 from .func._plan import Step, joint_step
 from .func._rules import Rule
@@ -32,7 +33,7 @@ Tensor = torch.Tensor
 BlockSize = int | AutomaticBlockSize
 
 
-def _subscripts(equation: Equation | str, args: Sequence[Tensor], *prepare: str) -> str:
+def subscripts_of(equation: Equation | str, args: Sequence[Tensor], *prepare: str) -> str:
     """The einsum string to hand to the core, after the reference's ``prepare_for_*`` calls.
 
     A string goes as is.  An :class:`Equation` is checked against ``args`` and
@@ -44,7 +45,7 @@ def _subscripts(equation: Equation | str, args: Sequence[Tensor], *prepare: str)
         return equation
     if not isinstance(equation, Equation):
         raise TypeError(f"equation must be an Equation or a str, got {type(equation).__name__}")
-    subscripts = equation._subscripts()
+    subscripts = equation.subscripts_of()
     equation._check_arguments(args)
     for method in prepare:
         getattr(equation, method)()
@@ -69,7 +70,7 @@ def _as_reference_sums(equation: str, args: Sequence[Tensor]) -> Sequence[Tensor
     return [x.to(torch.int64) for x in args]
 
 
-_FORWARD = "prepare_for_forward"
+FORWARD_PREPARED = "prepare_for_forward"
 _BACKWARD = "prepare_for_backward"
 _LOG_BACKWARD = "prepare_for_log_backward"
 
@@ -93,7 +94,7 @@ def einsum(
         tensor([[3., 3.],
                 [3., 3.]])
     """
-    source = _subscripts(equation, args, _FORWARD, _BACKWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED, _BACKWARD)
     return func.einsum(source, *_as_reference_sums(source, args), block_size=block_size)
 
 
@@ -112,7 +113,7 @@ def real_einsum_forward(
         >>> semiring_einsum.real_einsum_forward("i,i->", torch.ones(3), torch.ones(3))
         tensor(3.)
     """
-    source = _subscripts(equation, args, _FORWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED)
     return func.einsum(source, *_as_reference_sums(source, args), block_size=block_size)
 
 
@@ -150,7 +151,7 @@ def real_einsum_backward(
         [None, tensor([2., 2., 2.])]
     """
     refuse_dtensors(args, "real_einsum_backward")
-    source = _subscripts(equation, args, _BACKWARD)
+    source = subscripts_of(equation, args, _BACKWARD)
     needs = _needs(needs_grad, args)
     pull = torch.func.vjp(lambda *xs: func.einsum(source, *xs, block_size=block_size), *args)[1]
     grads = pull(grad)
@@ -193,7 +194,7 @@ def log_einsum(
     """
     _check_flag("save_max", save_max)
     _check_flag("save_sumexpsub", save_sumexpsub)
-    source = _subscripts(equation, args, _FORWARD, _LOG_BACKWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED, _LOG_BACKWARD)
     return func.log_einsum(source, *args, block_size=block_size, grad_of_neg_inf=grad_of_neg_inf)
 
 
@@ -229,7 +230,7 @@ def log_einsum_forward(
     """
     _check_flag("return_max", return_max)
     _check_flag("return_sumexpsub", return_sumexpsub)
-    source = _subscripts(equation, args, _FORWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED)
     if not (return_max or return_sumexpsub):
         return func.log_einsum(source, *args, block_size=block_size)
     refuse_dtensors(args, "log_einsum_forward with return_max or return_sumexpsub")
@@ -269,7 +270,7 @@ def log_einsum_backward(
         [tensor([0.5000, 0.5000])]
     """
     refuse_dtensors(args, "log_einsum_backward")
-    source = _subscripts(equation, args, _FORWARD, _LOG_BACKWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED, _LOG_BACKWARD)
     needs = _needs(needs_grad, args)
     out = None
     if saved_max is not None and saved_sumexpsub is not None:
@@ -300,7 +301,7 @@ def log_viterbi_einsum_forward(
         >>> semiring_einsum.log_viterbi_einsum_forward("i->", torch.tensor([0., 2., 1.]))
         (tensor(2.), tensor([1]))
     """
-    source = _subscripts(equation, args, _FORWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED)
     values, argmax = func.viterbi_einsum(source, *args, block_size=block_size)
     return values, argmax  # (a plain tuple, as the reference's)
 
@@ -357,7 +358,7 @@ def semiring_einsum_forward(
                 [3., 7.]])
     """
     refuse_dtensors(args, "semiring_einsum_forward")
-    source = _subscripts(equation, args, _FORWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED)
     device = args[0].device if args and isinstance(args[0], Tensor) else torch.device("cpu")
     budget = resolve_budget(block_size, device, source)
     try:  # a call like one seen before: no checks again

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .func._api import register_cache
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
+from .func._caches import register_cache
 from .func._parse import ELLIPSIS, parse_subscripts, resolve
 
 Tensor = torch.Tensor
@@ -96,7 +96,7 @@ class Equation:
     # compile_equation only: the letter of each variable, used to name the
     # einsum string so that errors quote the user's letters; and, for an
     # equation with '...', the string itself, since the fields cannot say where
-    # '...' goes.  Set by _subscripts: its result and the fields it came from.
+    # '...' goes.  Set by subscripts_of: its result and the fields it came from.
     _letters: str | None = None
     _ellipsis_source: str | None = None
     _subscripts_cache: tuple[Any, Any, str] | None = None
@@ -120,7 +120,7 @@ class Equation:
 
     def __repr__(self) -> str:
         try:
-            computed = self._subscripts()
+            computed = self.subscripts_of()
         except Exception:  # a repr must not raise, whatever the fields hold
             return f"Equation({self.source!r}, invalid fields)"
         if isinstance(self.source, str) and computed == "".join(self.source.split()):
@@ -229,7 +229,7 @@ class Equation:
                     f"but argument {k} has {arg.dim()} dimension(s)"
                 )
 
-    def _subscripts(self) -> str:
+    def subscripts_of(self) -> str:
         """The einsum string that the fields describe (one letter per variable).
 
         Raises:
@@ -360,7 +360,7 @@ _compile_cached = functools.lru_cache(maxsize=1024)(compile_equation)
 register_cache(_compile_cached.cache_clear)
 
 
-def _as_equation(equation: Equation | str) -> Equation:
+def as_equation(equation: Equation | str) -> Equation:
     """``equation`` itself, or the string compiled (cached)."""
     if isinstance(equation, Equation):
         return equation

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ._interop import semiring_einsum_forward
-from .equation import AutomaticBlockSize, Equation, ReduceInfo, _as_equation
+from .equation import AutomaticBlockSize, Equation, ReduceInfo, as_equation
 
 Tensor = torch.Tensor
 
@@ -77,7 +77,7 @@ def semiring_einsum_forward_impl(
         tensor([[3., 3.],
                 [3., 3.]])
     """
-    eq = _as_equation(equation)
+    eq = as_equation(equation)
     lookups = reduce_info.lookup_info
     dims = reduce_info.reduced_dims
 

@@ -17,12 +17,12 @@ import torch
 
 from . import func
 from ._interop import (
-    _FORWARD,
-    _subscripts,
+    FORWARD_PREPARED,
     log_einsum_forward,
     semiring_einsum_forward,
+    subscripts_of,
 )
-from .equation import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, Equation, _as_equation
+from .equation import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, Equation, as_equation
 from .extend import semiring_einsum_forward_impl
 from .utils import add_in_place, clip_inf_in_place, max_block, max_in_place, sum_block
 
@@ -67,7 +67,7 @@ def compute_max(
         >>> compute_max("ij->i", [x], 1)
         tensor([ 2.0000e+00, -3.4028e+38])
     """
-    source = _subscripts(equation, args, _FORWARD)
+    source = subscripts_of(equation, args, FORWARD_PREPARED)
     values = func.max_einsum(source, *args, block_size=block_size)
     return torch.nan_to_num(values, nan=math.nan)
 
@@ -88,7 +88,7 @@ def resize_max_values(max_values: Tensor, equation: Equation | str) -> Tensor:
         >>> resize_max_values(torch.zeros(2, 5), "ij,jk->ik").shape
         torch.Size([2, 5, 1])
     """
-    eq = _as_equation(equation)
+    eq = as_equation(equation)
     eq.prepare_for_forward()
     assert eq.reduce_input_to_output is not None
     summed = len(eq.reduce_input_to_output.reduced_variables)

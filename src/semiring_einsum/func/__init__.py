@@ -6,7 +6,6 @@ works under ``torch.func`` transforms and ordinary autograd.
 """
 
 from ._api import (
-    clear_caches,
     einsum,
     log_einsum,
     max_einsum,
@@ -18,6 +17,7 @@ from ._api import (
 )
 from ._boolean import bool_einsum
 from ._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
+from ._caches import clear_caches
 from ._errors import EquationError
 from ._plan import Kernel, Plan, Step, kernels, register_kernel
 from ._results import EntropyResult, ExpectationResult, KBestResult, ViterbiResult

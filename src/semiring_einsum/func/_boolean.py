@@ -61,13 +61,13 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from ._api import Optimize, _budget
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
 from ._distributed import refuse as refuse_dtensors
 from ._multi import several, split_outputs
 from ._parse import Recipe, analyze, apply_recipe, check_operands
 from ._plan import Kernel, Plan, Step, along_path, make_plan
+from ._prepare import Optimize, budget_for
 from ._semiring import Semiring
 
 Tensor = torch.Tensor
@@ -143,7 +143,7 @@ def bool_einsum(
         return cast(Tensor, _several(equation, operands, block_size, optimize))
     check_operands(equation, operands)
     _check_bool(equation, operands)
-    extent, nbytes = _budget(block_size, operands, equation).as_ints()
+    extent, nbytes = budget_for(block_size, operands, equation).as_ints()
     return _contract(equation, extent, nbytes, optimize, *operands)
 
 
@@ -165,7 +165,7 @@ def _several(
 
     def planner(_: Semiring, eq: str, ops: Sequence[Tensor]) -> Plan:
         recipe = analyze(eq, *check_operands(eq, ops))
-        return _plan(eq, recipe, _budget(block_size, ops, eq), optimize, ops)
+        return _plan(eq, recipe, budget_for(block_size, ops, eq), optimize, ops)
 
     check_operands(equation, operands)
     _check_bool(equation, operands)

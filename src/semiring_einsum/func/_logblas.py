@@ -323,7 +323,7 @@ def _broadcast_plan(
     return perm, take
 
 
-def _lined_up(m: Tensor, plan: tuple[tuple[int, ...], tuple[int, ...]]) -> Tensor:
+def lined_up(m: Tensor, plan: tuple[tuple[int, ...], tuple[int, ...]]) -> Tensor:
     """A keepdim maximum as a view broadcastable to the output (see :func:`_broadcast_plan`)."""
     perm, take = plan
     return m.permute(perm).reshape([m.shape[d] if d >= 0 else 1 for d in take])
@@ -460,7 +460,7 @@ def _cleared(e: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
 
 def _lined(m: Tensor, view: tuple[tuple[int, ...], tuple[int, ...]] | None) -> Tensor:
     """A keepdim maximum as it broadcasts against the output."""
-    return m if view is None else _lined_up(m, view)
+    return m if view is None else lined_up(m, view)
 
 
 def vjp_certified(

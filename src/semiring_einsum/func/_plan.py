@@ -553,7 +553,7 @@ def window_extents(
     return tuple((c, extents[c]) for c in summed)
 
 
-def _optimize_key(equation: str, optimize: object, n: int) -> object:
+def optimize_key(equation: str, optimize: object, n: int) -> object:
     """A hashable form of ``optimize``; explicit paths are validated here."""
     if isinstance(optimize, str) or optimize is None or isinstance(optimize, bool):
         return optimize
@@ -627,9 +627,9 @@ def make_plan(
         ties: For a max-plus argmax under the joint tie rule, the summed indices in
             its (row-major) order: among paths of the least cost, one that sums from
             the last index out is taken where there is one (its steps need no ranks:
-            see ``_api._outer_first``).
+            see ``_viterbi.outer_first``).
     """
-    key = _optimize_key(equation, optimize, len(contraction.inputs))
+    key = optimize_key(equation, optimize, len(contraction.inputs))
     return _make_plan(
         equation, contraction, semiring, joint, itemsize, budget, key, device_type, ties
     )
@@ -692,7 +692,7 @@ def _path(
         # joint step computes nothing and gives every input a zero gradient,
         # where pairwise steps would see -inf terms instead of no terms.
         return [tuple(range(n))]
-    if isinstance(optimize, tuple):  # validated by _optimize_key
+    if isinstance(optimize, tuple):  # validated by optimize_key
         return list(optimize)
     if n <= 2:
         return [tuple(range(n))]
@@ -740,7 +740,7 @@ def _pairwise_paths(n: int) -> Iterator[list[tuple[int, ...]]]:
 
 def outer_first_path(contraction: Contraction, path: Sequence[tuple[int, ...]], order: str) -> bool:
     """Whether every step of ``path`` sums indices that all come before, in ``order``,
-    every index summed earlier in its operands (see ``_api._outer_first``)."""
+    every index summed earlier in its operands (see ``_viterbi.outer_first``)."""
     rank = {c: i for i, c in enumerate(order)}
     current = [(term, frozenset[str]()) for term in contraction.inputs]
     for ids in path:

@@ -32,14 +32,14 @@ from itertools import product
 import torch
 
 from . import _native as N
-from ._api import Optimize, _budget, _Prepared
-from ._api import log_einsum as _log_einsum
 from ._autograd import apply
 from ._budget import AutomaticBlockSize, BlockSize, Budget
 from ._context import call_context
 from ._distributed import refuse as refuse_dtensors
+from ._engine import run
 from ._multi import reject
 from ._plan import CPU_WINDOW_TARGET_BYTES, Step, along_path, window_extents
+from ._prepare import Optimize, Prepared, budget_for
 from ._rules import LOG_FAMILY, LOG_RULE
 from ._semiring import LOG
 
@@ -151,8 +151,8 @@ def sample_einsum(
     if not log_operands:
         raise TypeError(f"sample_einsum needs at least one operand (equation {equation!r})")
     operands = [x.detach() if isinstance(x, Tensor) else x for x in log_operands]
-    budget = _budget(block_size, operands, equation)
-    p = _Prepared(LOG, LOG_FAMILY, equation, operands, budget, optimize)
+    budget = budget_for(block_size, operands, equation)
+    p = Prepared(LOG, LOG_FAMILY, equation, operands, budget, optimize)
     _check_values(operands, equation)
     size = p.contraction.size
     output = p.contraction.output
@@ -207,7 +207,7 @@ def _check_values(operands: Sequence[Tensor], equation: str) -> None:
             )
 
 
-def _forward(p: _Prepared) -> tuple[list[tuple[Step, list[Tensor]]], Tensor]:
+def _forward(p: Prepared) -> tuple[list[tuple[Step, list[Tensor]]], Tensor]:
     """Run the plan forward; every step with the operands it read, and the result."""
     ctx = call_context(p.operands)
     steps: list[tuple[Step, list[Tensor]]] = []
@@ -417,7 +417,7 @@ def _draw_any(
         # log Σ over the indices after c: the marginal of c given everything before it.
         term = step.output + "".join(order[: j + 1])
         rhs = "".join(letter[d] for d in term)
-        table = _log_einsum(f"{lhs}->{rhs}", *args, block_size=block)
+        table = run(LOG, f"{lhs}->{rhs}", args, block, "auto")
         drawn.update(
             _draw((term,), (table,), c, size, {**known, **drawn}, rows, generator, budget, itemsize)
         )

@@ -30,7 +30,6 @@ import torch
 from . import _kernels as K
 from . import _logblas as LB
 from . import _native as N
-from ._api import Optimize, _budget, _Prepared
 from ._autograd import apply
 from ._budget import BlockSize, Budget, budget_of
 from ._compile import in_graph
@@ -39,6 +38,7 @@ from ._distributed import refuse as refuse_dtensors
 from ._multi import reject
 from ._parse import rankable, row_major_strides
 from ._plan import Step, along_path, window_extents
+from ._prepare import Optimize, Prepared, budget_for
 from ._results import EntropyResult, ExpectationResult, KBestResult
 from ._rules import LOG_BLAS, LOG_FAMILY, LOG_RULE, LOG_UNSUMMED, MAX_FAMILY, run_jvp
 from ._semiring import LOG, MAX_PLUS
@@ -87,7 +87,7 @@ def _expectation(
     forward-mode level, so that forward mode over it would be forward over
     forward, and it costs a wrapper per step.)
     """
-    extent, nbytes = _budget(block_size, log_operands, equation).as_ints()
+    extent, nbytes = budget_for(block_size, log_operands, equation).as_ints()
     n = len(log_operands)
     entropy = values is log_operands  # the factors are their own values
     tensors = log_operands if entropy else (*log_operands, *values)
@@ -104,7 +104,7 @@ def _expectation_node(
     log_operands = tensors[:n]
     budget = budget_of(extent, nbytes)
     ctx = call_context(log_operands)
-    p = _Prepared(LOG, LOG_FAMILY, equation, log_operands, budget, optimize, traced=ctx.traced)
+    p = Prepared(LOG, LOG_FAMILY, equation, log_operands, budget, optimize, traced=ctx.traced)
     # A -inf factor has weight 0 in every term it is part of: its value never
     # counts (and must not turn the tangent into inf * 0).
     if len(tensors) == n:
@@ -168,8 +168,8 @@ def _log_blas_with_tangent(
     log_sum = torch.log(product)
     if LB.risky(log_sum) is not None:
         return None
-    out = log_sum + (ma if prog.view_a is None else LB._lined_up(ma, prog.view_a))
-    out = out + (mb if prog.view_b is None else LB._lined_up(mb, prog.view_b))
+    out = log_sum + (ma if prog.view_a is None else LB.lined_up(ma, prog.view_a))
+    out = out + (mb if prog.view_b is None else LB.lined_up(mb, prog.view_b))
     tangent = (prog.product(ea * ta, eb) + prog.product(ea, eb * tb)) / product
     return out, tangent
 
@@ -619,7 +619,7 @@ def kbest_einsum(
     refuse_dtensors(operands, "kbest_einsum")
     reject(equation, "kbest_einsum")
     k = _check_k(k, equation)
-    extent, nbytes = _budget(block_size, operands, equation).as_ints()
+    extent, nbytes = budget_for(block_size, operands, equation).as_ints()
     values, argmax = _kbest_node(equation, k, extent, nbytes, optimize, *operands)
     return KBestResult(values, argmax)
 
@@ -631,7 +631,7 @@ def _kbest_node(
     """The k-best contraction as one node under ``torch.compile`` (see :mod:`._compile`)."""
     budget = budget_of(extent, nbytes)
     ctx = call_context(operands)
-    p = _Prepared(MAX_PLUS, MAX_FAMILY, equation, operands, budget, optimize, traced=ctx.traced)
+    p = Prepared(MAX_PLUS, MAX_FAMILY, equation, operands, budget, optimize, traced=ctx.traced)
     size = p.contraction.size
     summed = p.equation.summed
     # Ranks order ties; past int64 (with room for the marks) every rank is 0, and ties
