@@ -216,6 +216,7 @@ def _every_case(world: int) -> list[Case]:
             ("max", "int"),
             ("min", "int"),
             ("viterbi", "int"),
+            ("minviterbi", "int"),
             ("log", "neginf"),
             ("max", "neginf"),
             ("viterbi", "neginf"),
@@ -226,6 +227,7 @@ def _every_case(world: int) -> list[Case]:
             ("max", "nan"),
             ("min", "nan"),
             ("viterbi", "nan"),
+            ("minviterbi", "nan"),
             ("log", "nan"),
             ("log", "posinf"),
             ("max", "posinf"),
@@ -239,7 +241,7 @@ def _every_case(world: int) -> list[Case]:
             out.append(Case(name, semiring, layout, (world,), data))
     if world == 4:  # ties across both mesh dimensions; dead cells' uniform weights
         for layout in LAYOUTS_2D[1:]:
-            for semiring in ("max", "min", "viterbi"):
+            for semiring in ("max", "min", "viterbi", "minviterbi"):
                 out.append(Case(f"{layout.name}-{semiring}-int", semiring, layout, (2, 2), "int"))
             name = f"{layout.name}-log:uniform-neginf"
             out.append(Case(name, "log:uniform", layout, (2, 2), "neginf"))
@@ -253,6 +255,11 @@ def _every_case(world: int) -> list[Case]:
     # Ties across ranks past int64 ranks: max's backward breaks them column by column.
     out.append(Case("long-chain-max-int", "max", LONG_CHAIN, (world,), "int"))
     return out
+
+
+def is_viterbi(case: Case) -> bool:
+    """Whether the case's function returns values and an argmax."""
+    return case.semiring in ("viterbi", "minviterbi")
 
 
 def operands(case: Case) -> list[Tensor]:
@@ -291,7 +298,7 @@ def cotangent(case: Case, values: Tensor) -> Tensor:
     """
     g = torch.Generator().manual_seed(12345)
     w = torch.randn(values.shape, generator=g, dtype=torch.float64).to(values.dtype)
-    if case.semiring in ("max", "min", "viterbi", "kbest2"):
+    if case.semiring in ("max", "min", "viterbi", "minviterbi", "kbest2"):
         w = torch.where(torch.isinf(values), 0.0, w)
     if case.data == "neginf-nancot":  # as a later logsumexp over dead cells sends back
         w = torch.where(torch.isneginf(values), math.nan, w)
@@ -315,6 +322,8 @@ def call(case: Case, xs: list[Any]) -> Any:
         return func.min_einsum(eq, *xs)
     if case.semiring == "viterbi":
         return func.viterbi_einsum(eq, *xs)
+    if case.semiring == "minviterbi":
+        return func.viterbi_einsum(eq, *xs, semiring=func.MIN_PLUS)
     if case.semiring == "user":
         return func.semiring_einsum(USER_LOG, eq, *xs)
     return func.semiring_einsum(KBEST2, eq, *xs)
@@ -363,7 +372,7 @@ def run_case(case: Case, meshes: dict[tuple[int, ...], Any]) -> dict[str, Any]:
     leaves = dts
     with CommDebugMode() as forward:
         result = call(case, dts)
-    values, argmax = result if case.semiring == "viterbi" else (result, None)
+    values, argmax = result if is_viterbi(case) else (result, None)
     outputs = list(values) if isinstance(values, tuple) else [values]  # several outputs
     out: dict[str, Any] = {
         "values": [v.full_tensor() for v in outputs],

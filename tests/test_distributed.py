@@ -29,7 +29,7 @@ pytestmark = [
     ),
 ]
 
-EXACT = ("max", "min", "viterbi", "kbest2")
+EXACT = ("max", "min", "viterbi", "minviterbi", "kbest2")
 # Collectives of one combine over one mesh dimension, forward.
 COMBINE = {
     "real": {"all_reduce": 1},
@@ -40,6 +40,7 @@ COMBINE = {
     "log:0.5": {"all_reduce": 2},
     "log:0.0": {"all_reduce": 2},
     "viterbi": {"all_reduce": 2},
+    "minviterbi": {"all_reduce": 2},
     "user": {"all_gather_into_tensor": 1},
     "kbest2": {"all_gather_into_tensor": 1},
 }
@@ -61,7 +62,7 @@ def _single(case: C.Case) -> dict[str, Any]:
     """The same call on the full tensors in this process."""
     xs = [x.requires_grad_(case.grads) for x in C.operands(case)]
     result = C.call(case, xs)
-    values, argmax = result if case.semiring == "viterbi" else (result, None)
+    values, argmax = result if C.is_viterbi(case) else (result, None)
     outputs = list(values) if isinstance(values, tuple) else [values]
     out: dict[str, Any] = {"values": [v.detach() for v in outputs], "argmax": argmax}
     if case.grads:
@@ -90,7 +91,7 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
     assert len(got["values"]) == len(want["values"])
     for k, (g, w) in enumerate(zip(got["values"], want["values"])):
         _close(g, w, exact, f"values of output {k}")
-    if case.semiring == "viterbi":
+    if C.is_viterbi(case):
         assert torch.equal(got["argmax"], want["argmax"]), (got["argmax"], want["argmax"])
         assert got["argmax_placements"] == list(case.layout.output)
     # The single process agrees with the brute-force oracle.
@@ -98,8 +99,11 @@ def _check(case: C.Case, got: dict[str, Any]) -> None:
     if case.semiring in ("real", "log", "max", "min") and brute:
         expected = oracle.brute(case.semiring, case.layout.equation, *C.operands(case))
         _close(want["values"][0], expected, False, "single process vs oracle")
-    if case.semiring == "viterbi" and brute:
-        values, argmax = oracle.brute_viterbi(case.layout.equation, *C.operands(case))
+    if C.is_viterbi(case) and brute:
+        sign = -1 if case.semiring == "minviterbi" else 1  # argmin(x) = argmax(-x)
+        xs = [sign * x for x in C.operands(case)]
+        values, argmax = oracle.brute_viterbi(case.layout.equation, *xs)
+        values = sign * values
         _close(want["values"][0], values, True, "single process vs oracle")
         finite = torch.isfinite(values)
         assert torch.equal(want["argmax"][finite], argmax[finite])
@@ -245,7 +249,7 @@ def test_a_bad_equation_fails_as_on_one_device(mesh: Any) -> None:
     assert str(on_mesh.value) == str(plain.value)
 
 
-@pytest.mark.parametrize("semiring", ["real", "log", "max", "min", "viterbi", "user"])
+@pytest.mark.parametrize("semiring", ["real", "log", "max", "min", "viterbi", "minviterbi", "user"])
 def test_world_of_one_equals_one_device_and_leaves_inputs_alone(mesh: Any, semiring: str) -> None:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.debug import CommDebugMode
@@ -259,7 +263,7 @@ def test_world_of_one_equals_one_device_and_leaves_inputs_alone(mesh: Any, semir
         got = C.call(case, dts)
     assert comms.get_total_counts() == 0  # a mesh dimension of one rank: nothing to combine
     want = C.call(case, xs)
-    if semiring == "viterbi":
+    if semiring in ("viterbi", "minviterbi"):
         assert torch.equal(got[1].full_tensor(), want[1])
         got, want = got[0], want[0]
     _close(got.full_tensor(), want, semiring in EXACT, "values")

@@ -17,7 +17,7 @@ from ._engine import run
 from ._plan import (
     Plan,
 )
-from ._prepare import Prepared
+from ._prepare import Prepared, selecting_family
 from ._results import ViterbiResult
 from ._rules import (
     family_of,
@@ -193,8 +193,12 @@ def viterbi_einsum(
     *operands: Tensor,
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
+    semiring: Semiring = MAX_PLUS,
 ) -> ViterbiResult:
     """Max-plus einsum that also returns which summed indices achieved each max.
+
+    With ``semiring=MIN_PLUS``, the min-plus einsum and its argmin (the shortest
+    path and the path), by the same rule: the first minimiser in row-major order.
 
     Returns:
         A :class:`ViterbiResult` ``(values, argmax)`` (a named tuple).
@@ -221,6 +225,7 @@ def viterbi_einsum(
             30 steps over 8 states, say -- a pairwise plan breaks ties in
             its own step order instead; values and gradients are the same,
             and the argmax is still a maximising assignment.)
+        semiring: :data:`MAX_PLUS` (default) or :data:`MIN_PLUS`.
 
     Example:
         >>> import torch
@@ -231,7 +236,8 @@ def viterbi_einsum(
         tensor([[1, 0],
                 [0, 0]])
     """
-    values, argmax = run(MAX_PLUS, equation, operands, block_size, optimize, viterbi=True)
+    selecting_family(semiring, "viterbi_einsum", equation)
+    values, argmax = run(semiring, equation, operands, block_size, optimize, viterbi=True)
     return ViterbiResult(values, argmax)
 
 

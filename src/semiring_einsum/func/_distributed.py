@@ -300,7 +300,11 @@ def contract(
             values = -_MaxAll.apply(-values, groups, layout, ties)
         groups = []
     for d, group in zip(layout.combine, groups):
-        if viterbi:
+        if viterbi and semiring == MIN_PLUS:  # -max(-x), as on one device
+            assert argmax is not None
+            values, argmax = _combine_viterbi(-values, argmax, group, layout)
+            values = -values
+        elif viterbi:
             assert argmax is not None
             values, argmax = _combine_viterbi(values, argmax, group, layout)
         elif semiring == REAL:

@@ -39,7 +39,6 @@ from ._rules import (
     LOG_FAMILY,
     LOG_RULE,
     MAX_UNSUMMED,
-    MIN_FAMILY,
     REAL_BLAS,
     REAL_FAMILY,
     CustomSpec,
@@ -151,15 +150,15 @@ def contract(
             return p.finish(max_ranked(p, family, ctx, operands, backpointers))
         return p.run(max_step, operands)
 
-    if family is MIN_FAMILY:  # min(x) = -max(-x)
-        return -run_max([-x for x in p.operands])
-    values = run_max(p.operands)
-    if not viterbi:
-        return values
-    found = backtrack(p, backpointers)
-    if len(p.plan.steps) > 1:
-        found = joint_where_not_finite(p, ctx, budget, values, found, _joint_argmax)
-    return values, found
+    ops = [-x for x in p.operands] if family.negate else p.operands  # min(x) = -max(-x)
+    values = run_max(ops)
+    if viterbi:
+        found = backtrack(p, backpointers)
+        if len(p.plan.steps) > 1:
+            found = joint_where_not_finite(p, ctx, budget, ops, values, found, _joint_argmax)
+    if family.negate:
+        values = -values
+    return (values, found) if viterbi else values
 
 
 def _joint_argmax(equation: str, operands: Sequence[Tensor], block_size: BlockSize) -> Tensor:

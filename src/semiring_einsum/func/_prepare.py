@@ -43,6 +43,7 @@ from ._rules import (
     LogSpec,
     MaxSpec,
     Spec,
+    family_of,
     neg_inf_policy,
 )
 from ._semiring import Semiring
@@ -288,6 +289,23 @@ class Prepared:
 
     def finish(self, out: Tensor) -> Tensor:
         return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
+
+
+def selecting_family(semiring: object, function: str, equation: object) -> Family:
+    """The family of ``semiring`` for ``function`` (Viterbi, k-best): one whose ⊕ selects a
+    term (max-plus, min-plus); a clear error for anything else."""
+    if not isinstance(semiring, Semiring):
+        raise TypeError(
+            f"{function}: semiring must be MAX_PLUS or MIN_PLUS, got "
+            f"{type(semiring).__name__} (equation {equation!r})"
+        )
+    family = family_of(semiring)
+    if not family.selects:
+        raise ValueError(
+            f"{function}: semiring must be MAX_PLUS or MIN_PLUS (a semiring whose sum "
+            f"selects one term), got {semiring.name!r} (equation {equation!r})"
+        )
+    return family
 
 
 def budget_for(block_size: object, operands: Sequence[object], equation: object) -> Budget:

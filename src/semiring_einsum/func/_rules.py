@@ -712,12 +712,18 @@ class Family:
         kernels: Its kernels, in order of preference: a step runs the first that
             applies (:attr:`~._plan.Kernel.applies`; the last applies always).
         spec: The type of its steps' :class:`Spec`.
+        selects: Whether its ⊕ selects one of its terms (max, min): the family has an
+            argmax, so Viterbi and k-best apply.
+        negate: Whether it runs as ``-f(-x)`` on its kernels (min-plus on the max-plus
+            kernels: ties, NaN and gradients follow max-plus's rule).
     """
 
     name: str
     rule: Rule
     kernels: tuple[Kernel, ...]
     spec: type[Spec]
+    selects: bool = False
+    negate: bool = False
 
     def kernel(
         self, step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
@@ -735,8 +741,8 @@ _MAX_KERNELS = (MAX_UNSUMMED, EMPTY, MAX_TROPICAL, MAX_ROWS, MAX_SLICES, MAX_WIN
 
 REAL_FAMILY = Family("real", REAL_RULE, (REAL_BLAS, EMPTY, REAL_WINDOWS), Spec)
 LOG_FAMILY = Family("log", LOG_RULE, _LOG_KERNELS, LogSpec)
-MAX_FAMILY = Family("max_plus", MAX_RULE, _MAX_KERNELS, MaxSpec)
-MIN_FAMILY = Family("min_plus", MAX_RULE, _MAX_KERNELS, MaxSpec)  # computed as -max(-x)
+MAX_FAMILY = Family("max_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True)
+MIN_FAMILY = Family("min_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True, negate=True)
 GENERIC_FAMILY = Family("generic", CUSTOM_RULE, (EMPTY, GENERIC_WINDOWS), CustomSpec)
 
 _BUILTIN = (

@@ -36,12 +36,12 @@ from ._compile import in_graph
 from ._context import call_context
 from ._distributed import refuse as refuse_dtensors
 from ._multi import reject
-from ._parse import rankable, row_major_strides
+from ._parse import check_operands, rankable, row_major_strides
 from ._plan import Step, along_path, window_extents
-from ._prepare import Optimize, Prepared, budget_for
+from ._prepare import Optimize, Prepared, budget_for, selecting_family
 from ._results import EntropyResult, ExpectationResult, KBestResult
 from ._rules import LOG_BLAS, LOG_FAMILY, LOG_RULE, LOG_UNSUMMED, MAX_FAMILY, run_jvp
-from ._semiring import LOG, MAX_PLUS
+from ._semiring import LOG, MAX_PLUS, Semiring
 
 Tensor = torch.Tensor
 
@@ -564,8 +564,12 @@ def kbest_einsum(
     k: int,
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
+    semiring: Semiring = MAX_PLUS,
 ) -> KBestResult:
     """The ``k`` best terms of a max-plus einsum and the assignments that reach them.
+
+    With ``semiring=MIN_PLUS``, the ``k`` smallest terms (the ``k`` shortest paths),
+    ascending, by the same tie rule; empty slots then hold +inf.
 
     For each output cell, the terms (sums of the operands' entries over every
     assignment of the summed indices) are ordered by value, descending, ties
@@ -590,6 +594,7 @@ def kbest_einsum(
         block_size: A window extent (int), an :class:`AutomaticBlockSize`, or
             ``None`` for the default budget.
         optimize: opt_einsum strategy, explicit path, or ``False``.
+        semiring: :data:`MAX_PLUS` (default) or :data:`MIN_PLUS`.
 
     Returns:
         A :class:`KBestResult` ``(values, argmax)`` (a named tuple):
@@ -619,9 +624,13 @@ def kbest_einsum(
     refuse_dtensors(operands, "kbest_einsum")
     reject(equation, "kbest_einsum")
     k = _check_k(k, equation)
+    family = selecting_family(semiring, "kbest_einsum", equation)
     extent, nbytes = budget_for(block_size, operands, equation).as_ints()
+    if family.negate:  # the k smallest of x: the k largest of -x
+        check_operands(equation, operands)  # (before touching them)
+        operands = tuple(-x for x in operands)
     values, argmax = _kbest_node(equation, k, extent, nbytes, optimize, *operands)
-    return KBestResult(values, argmax)
+    return KBestResult(-values if family.negate else values, argmax)
 
 
 @in_graph

@@ -111,6 +111,7 @@ def joint_where_not_finite(
     p: Prepared,
     ctx: Context,
     budget: Budget,
+    operands: Sequence[Tensor],
     values: Tensor,
     argmax: Tensor,
     joint: Callable[[str, Sequence[Tensor], BlockSize], Tensor],
@@ -121,8 +122,9 @@ def joint_where_not_finite(
     finite; a later factor of -inf, +inf or NaN can make terms that an earlier
     step told apart tie (or turn NaN) in the whole sum.  A -inf cell has only
     -inf terms: its argmax is the first term, zeros.  The (rare) +inf and NaN
-    cells are recomputed one by one, jointly, from the operands restricted to
-    the cell (``joint(equation, operands, block_size)``: the argmax of a joint
+    cells are recomputed one by one, jointly, from ``operands`` (those the max-plus
+    plan ran on) restricted to the cell (``joint(equation, operands, block_size)``:
+    the argmax of a joint
     Viterbi contraction) -- in eager mode only: under a tracer or ``vmap`` the
     values cannot be looked at, and those cells keep the pairwise plan's choice.
     """
@@ -151,7 +153,7 @@ def joint_where_not_finite(
     for cell in odd.nonzero().tolist():
         at = dict(zip(c.output, cell))
         ops, terms = [], []
-        for term, x in zip(c.inputs, p.operands):
+        for term, x in zip(c.inputs, operands):
             for d in reversed(range(len(term))):
                 if term[d] in at:
                     x = x.select(d, at[term[d]])
