@@ -60,6 +60,7 @@ ORDER = [
     "semiring_einsum.func._results",
     "semiring_einsum.func._errors",
     "semiring_einsum.func._torch_compat",
+    "semiring_einsum.func._cache",
 ]
 """Every module of the package, from the top (imports most) to the bottom (imports none)."""
 

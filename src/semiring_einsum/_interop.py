@@ -21,7 +21,7 @@ from .equation import Equation
 from .func import _kernels as K
 from .func._autograd import apply
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize, Budget, resolve_budget
-from .func._caches import register_cache
+from .func._cache import LRU, cached
 from .func._context import Context, call_context
 from .func._distributed import refuse as refuse_dtensors
 from .func._engine import log_einsum_vjp, log_einsum_with_extras
@@ -370,9 +370,7 @@ def semiring_einsum_forward(
         shapes, dtypes = check_operands(source, args)
         found = _protocol(source, shapes, dtypes, device.type, budget)
         if key is not None:
-            if len(_PROTOCOLS) >= _PROTOCOLS_MAX:
-                _PROTOCOLS.pop(next(iter(_PROTOCOLS)))  # the oldest
-            _PROTOCOLS[key] = found
+            _PROTOCOLS.put(key, found)
     recipe, step, ranges, whole = found
     xs = apply_recipe(recipe, args)
     size = step.size
@@ -413,12 +411,11 @@ def semiring_einsum_forward(
     return func(compute_sum)
 
 
-# The protocol plans of recent calls by their raw arguments (bounded: oldest out first).
-_PROTOCOLS: dict[tuple[object, ...], tuple[Any, ...]] = {}
-_PROTOCOLS_MAX = 1024
+# The protocol plans of recent calls by their raw arguments.
+_PROTOCOLS: LRU[tuple[object, ...], tuple[Any, ...]] = LRU(1024)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def _protocol(
     source: str,
     shapes: tuple[tuple[int, ...], ...],
@@ -440,10 +437,6 @@ def _protocol(
     return recipe, step, ranges, whole
 
 
-register_cache(_PROTOCOLS.clear)
-register_cache(_protocol.cache_clear)
-
-
 def _narrowed(laid: Sequence[Tensor], nout: int, rng: Sequence[tuple[int, int]]) -> list[Tensor]:
     """Output-first operands narrowed to one window of the summed dims (not where broadcast)."""
     views = []
@@ -462,7 +455,7 @@ class _CombinedSpec:
     backward_kwargs: dict[str, Any]
 
 
-@functools.lru_cache(maxsize=256)
+@cached(maxsize=256)
 def _combined_rule(
     forward: Callable[..., Tensor],
     backward: Callable[..., Sequence[Tensor | None]],
@@ -494,9 +487,6 @@ def _combined_rule(
 
     name = f"Combined_{getattr(forward, '__name__', 'einsum')}"
     return Rule(name, forward_rule, vjp_rule, None, batched=False)
-
-
-register_cache(_combined_rule.cache_clear)
 
 
 def combine(

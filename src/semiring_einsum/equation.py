@@ -15,7 +15,6 @@ give the reference's results; our own contractions are planned by
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import string
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from .func._budget import AUTOMATIC_BLOCK_SIZE, AutomaticBlockSize
-from .func._caches import register_cache
+from .func._cache import cached
 from .func._parse import ELLIPSIS, parse_subscripts, resolve
 
 Tensor = torch.Tensor
@@ -356,8 +355,7 @@ def _implicit_output(sub: Any) -> str:
     return resolve(sub, ranks).output
 
 
-_compile_cached = functools.lru_cache(maxsize=1024)(compile_equation)
-register_cache(_compile_cached.cache_clear)
+_compile_cached = cached(maxsize=1024)(compile_equation)
 
 
 def as_equation(equation: Equation | str) -> Equation:

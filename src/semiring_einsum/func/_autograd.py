@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ._cache import LRU
 from ._context import Context, forward_over_forward
 from ._rules import (
     CUSTOM_RULE,
@@ -115,20 +116,15 @@ _FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
 }
 
 
-_PREBUILT = frozenset(_FUNCTIONS)
-
-
-def clear_functions() -> None:
-    """Forget the Functions made on demand (steps of more than ``PREBUILT_ARITY`` operands,
-    the rules of ``combine()``)."""
-    for key in [k for k in _FUNCTIONS if k not in _PREBUILT]:
-        del _FUNCTIONS[key]
+# Functions made on demand (steps of more than PREBUILT_ARITY operands, the rules of
+# combine()), least recently used out first; the prebuilt ones stay.
+_MADE: LRU[tuple[Rule, int, bool], type[torch.autograd.Function]] = LRU(1024)
 
 
 def _function(rule: Rule, n: int, compiling: bool) -> type[torch.autograd.Function]:
     with_jvp = rule.jvp is not None and not compiling
     key = (rule, n, with_jvp)
-    fn = _FUNCTIONS.get(key)
+    fn = _FUNCTIONS.get(key) or _MADE.get(key)
     if fn is None:
         if compiling:
             raise NotImplementedError(
@@ -136,8 +132,11 @@ def _function(rule: Rule, n: int, compiling: bool) -> type[torch.autograd.Functi
                 f"(got {n}); use a pairwise plan (optimize='auto') or call it eagerly once first"
             )
         for twin in (False, True) if rule.jvp is not None else (False,):
-            _FUNCTIONS[(rule, n, twin)] = _build(rule, n, twin)
-        fn = _FUNCTIONS[key]
+            made = _build(rule, n, twin)
+            _MADE.put((rule, n, twin), made)
+            if twin == with_jvp:
+                fn = made
+    assert fn is not None
     return fn
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass
 
 import torch
+
+from ._cache import cached, register
 
 # Every AutomaticBlockSize that cached free CUDA memory (weakly held): clear_caches()
 # empties their caches.
@@ -142,11 +143,12 @@ def budget_of(extent: int, nbytes: int) -> Budget:
     return _budget_of(int(extent), int(nbytes))
 
 
-@functools.lru_cache(maxsize=256)
+@cached(maxsize=256)
 def _budget_of(extent: int, nbytes: int) -> Budget:
     return Budget(extent or None, nbytes or None)
 
 
+@register
 def cache_clear() -> None:
     """Empty the cache of :func:`budget_of`, and every :class:`AutomaticBlockSize`'s cached
     free CUDA memory (``AUTOMATIC_BLOCK_SIZE``'s included)."""

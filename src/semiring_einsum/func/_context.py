@@ -9,12 +9,12 @@ only read the flags.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from ._cache import cached
 from ._torch_compat import (
     FORWARD_AD_LEVEL,
     FORWARD_AD_STATE,
@@ -115,15 +115,10 @@ def _levels() -> tuple[bool, bool]:
     return any(level.key() != vmap for level in stack), True
 
 
-@functools.lru_cache(maxsize=64)
+@cached(maxsize=64)
 def _eager(device_type: str, recorded: bool) -> Context:
     """The context of an eager call on plain tensors (one shared object per case)."""
     return Context(device_type, False, False, False, recorded, recorded)
-
-
-def cache_clear() -> None:
-    """Empty the cache of shared eager contexts."""
-    _eager.cache_clear()
 
 
 # Bound once: the plain eager check runs on every call.  (The private ones are bound in

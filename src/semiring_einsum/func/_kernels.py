@@ -29,6 +29,7 @@ from itertools import product
 
 import torch
 
+from ._cache import cached
 from ._context import untraced
 from ._plan import Step
 from ._semiring import Identity, Semiring
@@ -53,7 +54,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 """The index letters of torch.einsum's string form."""
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def einsum_product(inputs: tuple[str, ...], output: str) -> Callable[..., Tensor]:
     """The cheapest torch call computing the real einsum ``inputs -> output``."""
     if len(inputs) == 2:
@@ -139,7 +140,7 @@ def laid_out(x: Tensor, term: str, target: str) -> Tensor:
     return (x if perm is None else x.permute(perm)).reshape(view)
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def _layout(term: str, target: str) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
     """For :func:`laid_out`: the permutation of ``term``'s dims into ``target``'s order
     (``None``: as they are) and the slot of each in ``target``."""
@@ -386,7 +387,7 @@ SMALL_TERMS = 1 << 16
 JOINT_TERMS = 1 << 15
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def small_step(step: Step) -> bool:
     """Whether :func:`max_small` applies: one window over every term, and few terms."""
     size = step.size
@@ -406,7 +407,7 @@ def small_joint(step: Step) -> bool:
 _Laid = tuple[tuple[int, ...] | None, tuple[int, ...], list[int], tuple[int, ...]]
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def _small_layout(step: Step) -> tuple[tuple[_Laid, ...], list[int], list[int], int]:
     """What :func:`output_first` and :func:`max_small` need of a step, worked out once:
     per operand its :data:`_Laid`; the output shape; that shape with the summed sizes;
@@ -432,7 +433,7 @@ def _small_layout(step: Step) -> tuple[tuple[_Laid, ...], list[int], list[int], 
 _TABLE_TERMS = 1 << 12
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def small_terms(step: Step) -> bool:
     """Whether ``step`` unravels its argmax by a lookup in :func:`coordinates`.
 
@@ -440,7 +441,7 @@ def small_terms(step: Step) -> bool:
     return len(step.windows) > 1 and 0 < step.terms <= _TABLE_TERMS
 
 
-@functools.lru_cache(maxsize=256)  # at most 256 * 4096 * 8 bytes per summed index
+@cached(maxsize=256)  # at most 256 * 4096 * 8 bytes per summed index
 def coordinates(step: Step, device: torch.device) -> Tensor:
     """Every linear index of a small step's terms as coordinates: ``(terms, summed)``."""
     size = step.size
@@ -1124,13 +1125,3 @@ def encode_rank(step: Step, linear: Tensor, strides: Sequence[int]) -> Tensor:
     coords = unravel(step, linear.reshape(linear.shape or (1,)))
     rank = (coords * torch.tensor(list(strides), device=linear.device)).sum(-1)
     return rank.reshape(linear.shape)
-
-
-def cache_clear() -> None:
-    """Empty this module's caches (see :func:`semiring_einsum.func.clear_caches`)."""
-    einsum_product.cache_clear()
-    _layout.cache_clear()
-    small_step.cache_clear()
-    _small_layout.cache_clear()
-    small_terms.cache_clear()
-    coordinates.cache_clear()

@@ -33,7 +33,6 @@ matmul's right one (see :func:`_narrow`).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from . import _kernels as K
+from ._cache import cached
 from ._kernels import einsum_letters, einsum_product
 from ._native import certified_dead, dense
 from ._plan import Step
@@ -160,7 +160,7 @@ def _narrow(step: Step) -> bool:
     return n_b < _NARROW and n_a > n_b
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def program(step: Step) -> Program | None:
     """The step's :class:`Program`, or ``None`` when it cannot run on BLAS."""
     if not applicable(step):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import fcntl
-import functools
 import hashlib
 import math
 import os
@@ -46,6 +45,7 @@ from typing import Any
 import torch
 
 from . import _kernels as K
+from ._cache import cached, register
 from ._context import untraced
 from ._plan import Step
 from ._torch_compat import is_functorch_wrapped_tensor as _wrapped
@@ -119,6 +119,7 @@ class _Library:
 
 
 _STATUS: dict[str, str] = {}
+register(_STATUS.clear)  # (with the library: the next call loads it anew)
 
 
 def _cache_dir() -> Path:
@@ -278,7 +279,7 @@ def _warn_once(message: str) -> None:
         warnings.warn(f"semiring_einsum's native kernel: {message}", RuntimeWarning, stacklevel=4)
 
 
-@functools.lru_cache(maxsize=1)
+@cached(maxsize=1)
 def library() -> _Library | None:
     """The loaded kernel library, built on first use; ``None`` where it is unavailable.
 
@@ -373,14 +374,6 @@ def status() -> str:
     """Whether the native kernel is in use, and why not if it is not."""
     lib = library()
     return ("native: " if lib is not None else "pure torch: ") + _STATUS.get("reason", "")
-
-
-def cache_clear() -> None:
-    """Forget the step layouts and the loaded library (the next call loads it anew)."""
-    layout.cache_clear()
-    library.cache_clear()
-    _rank_share_of.cache_clear()
-    _STATUS.clear()
 
 
 def _mergeable(shape: Sequence[int], strides: Sequence[int], groups: Sequence[str]) -> bool:
@@ -535,7 +528,7 @@ class Layout:
 _NARROW_COLUMNS = 16
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def layout(step: Step) -> Layout | None:
     """The matrix-product form of ``step``, or ``None`` where the kernel does not apply."""
     if len(step.inputs) != 2 or not step.windows:
@@ -794,7 +787,7 @@ def _rank_share(step: Step, lay: Layout, strides: Sequence[int]) -> Tensor:
     return _rank_share_of(step, lay.a.groups[2], tuple(strides))
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def _rank_share_of(step: Step, summed: str, strides: tuple[int, ...]) -> Tensor:
     # Cached: the kernels only read it, and it is a plain CPU tensor (the native
     # kernel never runs under a tracer).

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from opt_einsum import get_symbol
 
+from ._cache import cached
 from ._errors import fail
 
 ELLIPSIS = "..."
@@ -42,7 +43,7 @@ class Subscripts:
     output: tuple[str, ...] | None
 
 
-@functools.lru_cache(maxsize=4096)  # (read on every call of a Viterbi plan)
+@cached(maxsize=4096)  # (read on every call of a Viterbi plan)
 def summed_of(inputs: tuple[str, ...], output: str) -> str:
     seen: dict[str, None] = {}
     for term in inputs:
@@ -93,7 +94,7 @@ def _tokens(source: str, term: str, where: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def parse_subscripts(equation: str) -> Subscripts:
     """Parse an equation string (``torch.einsum`` syntax) without shapes.
 
@@ -123,7 +124,7 @@ def parse_subscripts(equation: str) -> Subscripts:
     return Subscripts(equation, inputs, output)
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def resolve(subscripts: Subscripts, ranks: tuple[int, ...]) -> Equation:
     """Resolve ``...`` and the implicit output against the operand ranks."""
     source = subscripts.source
@@ -247,7 +248,7 @@ class Recipe:
 _FIRST_ELEMENT_SYMBOL = 2000
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def analyze(
     equation: str,
     shapes: tuple[tuple[int, ...], ...],

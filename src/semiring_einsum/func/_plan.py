@@ -19,6 +19,7 @@ import opt_einsum
 import torch
 
 from ._budget import Budget
+from ._cache import cached
 from ._errors import fail
 from ._parse import Contraction
 
@@ -376,7 +377,7 @@ class Sized:
     device_type: str
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def decode(key: str) -> Sized:
     """The step of :meth:`Step.key` (its ``operands`` are ``0, ..., n-1``) and its sizing."""
     equation, sizes, windows, kernel, sizing = key.split(";")
@@ -511,7 +512,7 @@ def _show_eq(eq: str) -> str:
     return "".join(_show(c) for c in eq)
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def window_extents(
     inputs: tuple[str, ...],
     output: str,
@@ -635,7 +636,7 @@ def make_plan(
     )
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def _make_plan(
     equation: str,
     contraction: Contraction,
@@ -755,13 +756,6 @@ def outer_first_path(contraction: Contraction, path: Sequence[tuple[int, ...]], 
             return False
         current.append(("".join(c for c in letters if c in later), earlier | frozenset(own)))
     return True
-
-
-def clear_plan_caches() -> None:
-    """Empty the plan, window and step-key caches."""
-    _make_plan.cache_clear()
-    window_extents.cache_clear()
-    decode.cache_clear()
 
 
 def joint_step(

@@ -7,7 +7,6 @@ the plan with its kernels chosen, each step's :class:`~._rules.Spec`, and how to
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ from ._budget import (
     Budget,
     resolve_budget,
 )
+from ._cache import LRU, cached
 from ._parse import (
     Contraction,
     Equation,
@@ -77,7 +77,7 @@ JOINT_IF_SMALL = "if small"
 PARTIAL = "partial"
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def call_setup(
     family: Family,
     semiring: str,
@@ -164,9 +164,9 @@ def call_setup(
 
 
 # Setups of recent calls by their raw arguments (see Prepared), with whether
-# their operands need no diagonal, broadcast or cast.  Bounded: emptied when full.
-_SEEN: dict[tuple[object, ...], tuple[Setup, bool]] = {}
-_SEEN_MAX = 1024
+# their operands need no diagonal, broadcast or cast.
+_SEEN: LRU[tuple[object, ...], tuple[Setup, bool]] = LRU(1024)
+_SEEN_DATA, _TICK = _SEEN.data, LRU.tick
 
 
 class Prepared:
@@ -220,7 +220,11 @@ class Prepared:
                 device,
                 *[(x.shape, x.dtype, x.device) for x in operands],
             )
-            hit = _SEEN.get(raw)
+            entry = _SEEN_DATA.get(raw)  # (LRU.get, without its frame)
+            hit = None
+            if entry is not None:
+                entry[1] = _TICK()
+                hit = entry[0]
             key = raw
         except (TypeError, AttributeError):
             hit = None
@@ -251,9 +255,7 @@ class Prepared:
                 and all(dtype == setup.compute for dtype in dtypes)
             )
             if key is not None:
-                if len(_SEEN) >= _SEEN_MAX:
-                    _SEEN.clear()
-                _SEEN[key] = (setup, as_is)
+                _SEEN.put(key, (setup, as_is))
         # Only now, with everything validated, touch the tensors.
         self.recipe = setup.recipe
         self.equation: Equation = setup.recipe.equation
@@ -313,9 +315,3 @@ def budget_for(block_size: object, operands: Sequence[object], equation: object)
     first = operands[0] if operands else None
     device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
     return resolve_budget(block_size, device, equation)
-
-
-def cache_clear() -> None:
-    """Empty the call setups."""
-    call_setup.cache_clear()
-    _SEEN.clear()

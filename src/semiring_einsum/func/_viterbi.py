@@ -9,7 +9,6 @@ and :func:`joint_where_not_finite` settles cells whose value is not finite.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -25,6 +24,7 @@ from ._budget import (
     BlockSize,
     Budget,
 )
+from ._cache import cached
 from ._context import Context, untraced
 from ._parse import (
     Contraction,
@@ -66,7 +66,7 @@ def ties_need_ranks(p: Prepared) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def outer_first(steps: tuple[Step, ...], contraction: Contraction, summed: str) -> bool:
     """Whether each step sums its indices in the global order, all before (in that
     order) every index its operands' earlier steps summed: a plan that sums from the last
@@ -87,7 +87,7 @@ def outer_first(steps: tuple[Step, ...], contraction: Contraction, summed: str) 
     return outer_first_path(contraction, [s.operands for s in steps], summed)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def _ranks_needed(steps: tuple[Step, ...], operands: int) -> list[bool]:
     """For each step, whether a later step that sums an index reads its result's rank
     (directly, or through steps that sum nothing).  (Cached: a plan's steps are values;
@@ -300,17 +300,10 @@ def backtrack(p: Prepared, backpointers: list[tuple[Step, Tensor]]) -> Tensor:
     return stacked.reshape(shape + [len(summed)])
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def _axis(n: int, stride: int, at: int, rank: int, device: torch.device) -> Tensor:
     """``arange(n) * stride`` along dim ``at`` of ``rank`` dims (the others size 1): an
     output index's share of a flat position.  (Cached: only read.)"""
     view = [1] * rank
     view[at] = n
     return (torch.arange(n, device=device) * stride).view(view)
-
-
-def cache_clear() -> None:
-    """Empty the rank and coordinate caches."""
-    _ranks_needed.cache_clear()
-    outer_first.cache_clear()
-    _axis.cache_clear()
