@@ -51,6 +51,7 @@ ORDER = [
     "semiring_einsum.func._native",
     "semiring_einsum.func._multi",
     "semiring_einsum.func._kernels",
+    "semiring_einsum.func._ties",
     "semiring_einsum.func._plan",
     "semiring_einsum.func._parse",
     "semiring_einsum.func._budget",

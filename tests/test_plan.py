@@ -15,7 +15,7 @@ def test_pairwise_path_follows_opt_einsum() -> None:
     import opt_einsum
 
     shapes = [(8, 9), (9, 10), (10, 11)]
-    p = func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG)
+    p = func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG, requires_grad=True)
     expected, _ = opt_einsum.contract_path("ab,bc,cd->ad", *shapes, shapes=True)
     assert p.path == tuple(tuple(s) for s in expected)
     assert len(p.steps) == 2
@@ -37,8 +37,11 @@ def test_explicit_path_is_honoured() -> None:
 def test_the_plan_names_each_steps_kernel() -> None:
     shapes = [(4, 5), (5, 6), (6, 7)]
     assert [s.kernel.name for s in func.plan("ab,bc,cd->ad", *shapes).steps] == ["blas", "blas"]
-    log = func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG)
+    log = func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG, requires_grad=True)
     assert [s.kernel.name for s in log.steps] == ["log_blas", "log_blas"]
+    # Values alone: this small contraction runs as one joint logsumexp.
+    values = func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG)
+    assert [s.kernel.name for s in values.steps] == ["small"]
     joint = func.plan("ab,bc,cd->ad", *shapes, optimize=False)
     assert [s.kernel.name for s in joint.steps] == ["windows"]
     user = func.Semiring("u", torch.add, torch.mul, lambda x, d: x.sum(d) if d else x, 0.0, 1.0)
@@ -52,7 +55,8 @@ def test_the_plan_names_each_steps_kernel() -> None:
     [
         # 40 terms per cell: rows; 3 terms and a big output: slices; few of both: windows
         ("bij,bjk->bik", [(3, 10, 40), (3, 40, 9)], "max", ["rows"]),
-        ("ij,jk->ik", [(100, 3), (3, 100)], "max", ["slices"]),
+        ("ij,jk->ik", [(100, 3), (3, 100)], "max", ["windows"]),  # values: no slices
+        ("ij,jk->ik", [(100, 3), (3, 100)], "max-grad", ["slices"]),
         ("ij,jk->ik", [(3, 3), (3, 3)], "max", ["windows"]),
         ("ij,ij->ij", [(3, 3), (3, 3)], "max", ["unsummed"]),
         ("ij,jk->ik", [(3, 0), (0, 4)], "max", ["empty"]),
@@ -64,8 +68,10 @@ def test_the_plan_names_each_steps_kernel() -> None:
 )
 @pytest.mark.usefixtures("pure_torch")
 def test_kernel_choice(equation: str, shapes: list, semiring: str, kernels: list[str]) -> None:
-    s = {"max": func.MAX_PLUS, "log": func.LOG}[semiring]
-    assert [step.kernel.name for step in func.plan(equation, *shapes, semiring=s).steps] == kernels
+    s = {"max": func.MAX_PLUS, "max-grad": func.MAX_PLUS, "log": func.LOG}[semiring]
+    grad = semiring == "max-grad"
+    p = func.plan(equation, *shapes, semiring=s, requires_grad=grad)
+    assert [step.kernel.name for step in p.steps] == kernels
 
 
 def test_compiled_joint_max_plus_step_with_few_cells_keeps_the_row_kernel() -> None:
@@ -109,7 +115,8 @@ def test_without_the_native_kernel_max_plus_plans_name_the_torch_ones() -> None:
 
 
 def test_the_printed_plan_shows_the_kernels() -> None:
-    text = str(func.plan("ab,bc,cd->ad", (4, 5), (5, 6), (6, 7), semiring=func.LOG))
+    shapes = (4, 5), (5, 6), (6, 7)
+    text = str(func.plan("ab,bc,cd->ad", *shapes, semiring=func.LOG, requires_grad=True))
     assert "kernel" in text and text.count("log_blas") == 2
 
 
@@ -140,7 +147,7 @@ def test_budget_too_small_for_pairwise_intermediate_sums_jointly() -> None:
     # In a triangle every pairwise intermediate has 30*30 elements (3600 bytes);
     # a 1 KiB budget forbids them all, so the three indices are summed jointly.
     shapes = [(30, 30)] * 3
-    roomy = func.plan("ab,bc,ca->", *shapes, semiring=func.LOG)
+    roomy = func.plan("ab,bc,ca->", *shapes, semiring=func.LOG, requires_grad=True)
     tight = func.plan(
         "ab,bc,ca->", *shapes, semiring=func.LOG, block_size=AutomaticBlockSize(max_cpu_bytes=1024)
     )
@@ -152,8 +159,8 @@ def test_budget_too_small_for_pairwise_intermediate_sums_jointly() -> None:
 def test_plan_is_immutable_hashable_and_cached() -> None:
     a = func.plan("ij,jk->ik", (3, 4), (4, 5), semiring=func.LOG)
     b = func.plan("ij,jk->ik", (3, 4), (4, 5), semiring=func.LOG)
-    assert a is b
-    hash(a)
+    assert a == b and hash(a) == hash(b)
+    assert a.steps is b.steps  # the cached plan's (each plan() call gives it its runner)
     with pytest.raises(AttributeError):
         a.peak_bytes = 0  # type: ignore[misc]
     func.clear_caches()

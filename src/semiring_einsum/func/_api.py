@@ -7,20 +7,17 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _distributed as D
 from . import _native as N
 from ._budget import (
     BlockSize,
-    resolve_budget,
 )
-from ._engine import run
+from ._engine import plan_call, run
 from ._plan import (
     Plan,
 )
-from ._prepare import Prepared, selecting_family
+from ._prepare import selecting_family
 from ._results import ViterbiResult
 from ._rules import (
-    family_of,
     neg_inf_policy,
 )
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
@@ -292,8 +289,23 @@ def plan(
     block_size: BlockSize = None,
     optimize: Optimize = "auto",
     compiled: bool = False,
+    grad_of_neg_inf: float | str = math.nan,
+    viterbi: bool = False,
+    requires_grad: bool | None = None,
 ) -> Plan:
-    """Inspect how a contraction would run, without running it.
+    """How a contraction will run, without running it; the plan also runs it.
+
+    The plan is the one the call makes: the steps, windows and kernels of
+    ``semiring_einsum(semiring, equation, ...)`` (``log_einsum`` with
+    ``grad_of_neg_inf``, ``viterbi_einsum`` with ``viterbi=True``) on these operands,
+    including the choices that depend on whether a derivative will be asked for (a
+    max-plus argmax, the small joint log step): by default, whether some operand
+    tensor requires grad.
+
+    A plan is callable on operands of the planned shapes and dtype:
+    ``p = func.plan("bij,bjk->bik", a, b, semiring=func.LOG); p(a, b)`` runs that
+    call, differentiably and under ``torch.func`` and ``torch.compile`` as the
+    function itself, reusing the call's cached setup (no parsing or planning again).
 
     Args:
         equation: An einsum equation.
@@ -305,61 +317,36 @@ def plan(
         optimize: As for the contraction functions.
         compiled: The plan of the call under ``torch.compile`` (the max-plus
             steps then take the kernels the compiler fuses) instead of eager.
+        grad_of_neg_inf: As for :func:`log_einsum` (log semiring only).
+        viterbi: The plan of :func:`viterbi_einsum` (max-plus or min-plus): with its
+            argmax, the ranked steps of a pairwise plan (kernel ``ranked``).
+        requires_grad: Whether a derivative will be asked for (default: whether
+            some operand tensor requires grad).
 
     Returns:
         The immutable plan, with ``path``, ``steps`` (each naming its
         ``kernel``), ``block_sizes`` and ``peak_bytes``; ``print(plan)`` shows
-        a table.
+        a table; ``plan(*operands)`` runs it.
 
     Example:
+        >>> import torch
         >>> from semiring_einsum import func
         >>> p = func.plan("ab,bc,cd->ad", (8, 9), (9, 10), (10, 11), semiring=func.LOG)
-        >>> p.path
-        ((0, 1), (0, 1))
+        >>> [step.kernel.name for step in p.steps]  # values alone: one small joint step
+        ['small']
+        >>> grads = func.plan(
+        ...     "ab,bc,cd->ad", (8, 9), (9, 10), (10, 11), semiring=func.LOG, requires_grad=True
+        ... )
+        >>> grads.path, [step.kernel.name for step in grads.steps]
+        (((0, 1), (0, 1)), ['log_blas', 'log_blas'])
+        >>> xs = [torch.zeros(8, 9), torch.zeros(9, 10), torch.zeros(10, 11)]
+        >>> torch.equal(p(*xs), func.log_einsum("ab,bc,cd->ad", *xs))
+        True
     """
-    D.refuse(operands_or_shapes, "plan")
-    first = next((t for t in operands_or_shapes if isinstance(t, torch.Tensor)), None)
-    default_dtype = first.dtype if first is not None else torch.float32
-    tensors = []
-    for k, x in enumerate(operands_or_shapes):
-        if isinstance(x, torch.Tensor):
-            tensors.append(x)
-            continue
-        shape = _shape(x)
-        if shape is None:
-            raise TypeError(
-                f"operand {k} must be a tensor or a shape (a sequence of ints), got {x!r} "
-                f"(equation {equation!r})"
-            )
-        if any(n < 0 for n in shape):
-            raise ValueError(
-                f"operand {k} has a negative size in shape {shape} (equation {equation!r})"
-            )
-        tensors.append(torch.empty(shape, dtype=dtype or default_dtype, device="meta"))
-    target = torch.device(device) if device is not None else None
-    if target is None:
-        real = next((t for t in tensors if t.device.type != "meta"), None)
-        target = real.device if real is not None else torch.device("cpu")
-    meta = [t if t.device.type == "meta" else t.to("meta") for t in tensors]
-    if dtype is not None:
-        meta = [t.to(dtype) for t in meta]
-    budget = resolve_budget(block_size, target, equation)
-    family = family_of(semiring)
-    joint = False
-    p = Prepared(
-        semiring, family, equation, meta, budget, optimize,
-        traced=compiled, joint=joint, device=target,
+    return plan_call(
+        equation, operands_or_shapes, semiring, dtype, device, block_size, optimize, compiled,
+        grad_of_neg_inf, viterbi, requires_grad,
     )  # fmt: skip
-    return p.plan
-
-
-def _shape(x: object) -> tuple[int, ...] | None:
-    """``x`` as a shape, or ``None`` if it is not a sequence of ints."""
-    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
-        return None
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in x):
-        return None
-    return tuple(x)
 
 
 def native_status() -> str:

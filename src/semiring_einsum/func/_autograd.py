@@ -23,11 +23,7 @@ import torch
 from ._cache import LRU
 from ._context import Context, forward_over_forward
 from ._rules import (
-    CUSTOM_RULE,
-    LOG_RULE,
-    MAX_RULE,
-    RANKED_RULE,
-    REAL_RULE,
+    RULES,
     Rule,
     fold_batch,
     run_forward,
@@ -110,7 +106,7 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
 
 _FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
     (rule, n, with_jvp): _build(rule, n, with_jvp)
-    for rule in (LOG_RULE, MAX_RULE, RANKED_RULE, REAL_RULE, CUSTOM_RULE)
+    for rule in RULES
     for n in range(1, PREBUILT_ARITY + 1)
     for with_jvp in (False, True)
 }

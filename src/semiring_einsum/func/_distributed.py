@@ -49,8 +49,9 @@ from typing import Any
 import torch
 
 from ._multi import reject, split_outputs
-from ._parse import analyze, rankable, row_major_strides
+from ._parse import analyze
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+from ._ties import rankable, row_major_strides
 from ._torch_compat import all_gather_tensor, functional_collectives, is_functorch_wrapped_tensor
 
 Tensor = torch.Tensor

@@ -21,35 +21,38 @@ from ._autograd import apply
 from ._budget import (
     AUTOMATIC_BLOCK_SIZE,
     BlockSize,
+    Budget,
     budget_of,
+    resolve_budget,
 )
 from ._compile import in_graph
-from ._context import call_context
+from ._context import Context, call_context
 from ._multi import reject, several
-from ._parse import (
-    rankable,
-)
 from ._plan import (
     Plan,
     Step,
 )
-from ._prepare import JOINT_IF_SMALL, PARTIAL, Prepared, budget_for
+from ._prepare import JOINT_IF_SMALL, PARTIAL, Prepared, budget_for, selecting_family
+from ._results import ViterbiResult
 from ._rules import (
     GENERIC_FAMILY,
     LOG_FAMILY,
     LOG_RULE,
+    LOG_SMALL,
     MAX_UNSUMMED,
     REAL_BLAS,
     REAL_FAMILY,
     CustomSpec,
+    Family,
     LogSpec,
     MaxSpec,
     family_of,
     max_values,
+    neg_inf_policy,
     run_vjp,
 )
 from ._semiring import LOG, MAX_PLUS, MIN_PLUS, Semiring
-from ._viterbi import backtrack, joint_where_not_finite, max_ranked, ties_need_ranks
+from ._viterbi import backtrack, joint_where_not_finite, max_ranked
 
 Tensor = torch.Tensor
 Optimize = str | bool | Sequence[Sequence[int]]
@@ -76,9 +79,8 @@ def contract(
     budget = budget_of(extent, nbytes)
     ctx = call_context(operands)
     family = family_of(semiring)
-    traced = ctx.traced
-    if family is REAL_FAMILY:
-        p = Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
+    if family is REAL_FAMILY:  # (prepare()'s last route, without its layer)
+        p = Prepared(semiring, family, equation, operands, budget, optimize, traced=ctx.traced)
 
         def real_step(s: Step, args: list[Tensor]) -> Tensor:
             # On BLAS, autograd and torch.func differentiate torch's own products.
@@ -88,40 +90,21 @@ def contract(
 
         return p.run(real_step)
     if family is LOG_FAMILY:
-        joint: bool | str = policy not in ("nan", PARTIAL)
-        # Values alone (plain eager, nothing recording: grad_of_neg_inf cannot matter),
-        # with the default strategy: a small contraction of three or more operands is
-        # one joint step, one torch.logsumexp over its terms -- a pairwise plan of
-        # log-BLAS steps costs more than such terms (the CKY step of 5k terms: 220 ->
-        # 145 us).  (Two operands keep their one step: torch.logsumexp, eight calls
-        # inside, is no faster than the log-BLAS step there.)
-        values_only = len(operands) > 2 and not (ctx.traced or ctx.transformed or ctx.derivative)
-        if values_only and isinstance(optimize, str) and optimize == "auto":
-            joint = JOINT_IF_SMALL
-        p = Prepared(
-            semiring, family, equation, operands, budget, optimize,
-            traced=traced, joint=joint, neg_inf=policy,
-        )  # fmt: skip
-        if values_only and p.single and K.small_joint(p.plan.steps[0]):
+        p = prepare(semiring, family, equation, operands, budget, optimize, policy, ctx=ctx)
+        if p.single and p.plan.steps[0].kernel is LOG_SMALL:  # values alone, no layers
             return p.finish(K.log_small(p.plan.steps[0], p.operands))
         return p.run(lambda s, args: apply(LOG_RULE, p.spec(s), ctx, *args)[0])
     if family is GENERIC_FAMILY:
-        p = Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
+        p = prepare(semiring, family, equation, operands, budget, optimize, policy, ctx=ctx)
 
         def custom_step(s: Step, args: list[Tensor]) -> Tensor:
             spec = replace(cast(CustomSpec, p.spec(s)), semiring=semiring)
             return apply(family.rule, spec, ctx, *args)[0]
 
         return p.run(custom_step)
-    # Max-plus and min-plus.  The argmax is the backward's residual: skip it
-    # when no derivative can come.  With an argmax and the default strategy, a
-    # small contraction runs as one joint step (see call_setup).
+    # Max-plus and min-plus.
     argmax = viterbi or ctx.derivative
-    small = argmax and isinstance(optimize, str) and optimize == "auto"
-    p = Prepared(
-        semiring, family, equation, operands, budget, optimize,
-        traced=traced, joint=JOINT_IF_SMALL if small else False,
-    )  # fmt: skip
+    p = prepare(semiring, family, equation, operands, budget, optimize, policy, viterbi, ctx=ctx)
     backpointers: list[tuple[Step, Tensor]] = []
 
     plain = not (ctx.traced or ctx.transformed)  # nothing records, traces or batches
@@ -129,7 +112,7 @@ def contract(
     def max_step(s: Step, args: list[Tensor]) -> Tensor:
         if plain and s.kernel is MAX_UNSUMMED:  # (no argmax, nothing to record: the sum)
             return K.add_only(s, args)
-        values, linear = apply(family.rule, p.spec(s, argmax), ctx, *args)
+        values, linear = apply(family.rule, p.spec(s), ctx, *args)
         if viterbi:
             backpointers.append((s, linear))
         return values
@@ -137,16 +120,10 @@ def contract(
     if not (argmax or ctx.traced or ctx.transformed):
         # Values of plain eager operands, nothing recording: straight to the kernels.
         def max_step(s: Step, args: list[Tensor]) -> Tensor:
-            return max_values(cast(MaxSpec, p.spec(s, False)), ctx, args)
+            return max_values(cast(MaxSpec, p.spec(s)), ctx, args)
 
     def run_max(operands: list[Tensor]) -> Tensor:
-        if (
-            argmax
-            and len(p.plan.steps) > 1
-            and ties_need_ranks(p)
-            and rankable(p.contraction, p.equation.summed)
-        ):
-            # Where ties decide: the global rule.
+        if p.ranked:  # where ties decide: the global rule
             return p.finish(max_ranked(p, family, ctx, operands, backpointers))
         return p.run(max_step, operands)
 
@@ -159,6 +136,53 @@ def contract(
     if family.negate:
         values = -values
     return (values, found) if viterbi else values
+
+
+def prepare(
+    semiring: Semiring,
+    family: Family,
+    equation: str,
+    operands: Sequence[Tensor],
+    budget: Budget,
+    optimize: Optimize,
+    policy: float | str = "nan",
+    viterbi: bool = False,
+    *,
+    ctx: Context,
+    device: torch.device | None = None,
+) -> Prepared:
+    """The call's setup, with the options every route resolves the same way (so that
+    :func:`~._api.plan` shows what runs):
+
+    * log: a ``grad_of_neg_inf`` other than NaN sums every index jointly (its weights are
+      defined on the terms of the whole contraction).  Values alone (nothing traces,
+      transforms or differentiates: the policy cannot matter) with the default strategy:
+      a small contraction of three or more operands is one joint step, ``log.small`` --
+      a pairwise plan of log-BLAS steps costs more than such terms (the CKY step of 5k
+      terms: 220 -> 145 us).  (Two operands keep their one step: torch.logsumexp, eight
+      calls inside, is no faster than the log-BLAS step there.)
+    * max-plus and min-plus: the argmax is the backward's residual, computed only for
+      Viterbi or where a derivative can come; with an argmax and the default strategy, a
+      small contraction is one joint step (see :func:`._prepare.call_setup`).
+    """
+    traced = ctx.traced
+    if family is LOG_FAMILY:
+        joint: bool | str = policy not in ("nan", PARTIAL)
+        values_only = len(operands) > 2 and not (ctx.traced or ctx.transformed or ctx.derivative)
+        if values_only and isinstance(optimize, str) and optimize == "auto":
+            joint = JOINT_IF_SMALL
+        return Prepared(
+            semiring, family, equation, operands, budget, optimize,
+            traced=traced, joint=joint, neg_inf=policy, device=device,
+        )  # fmt: skip
+    if family.selects:
+        argmax = viterbi or ctx.derivative
+        small = argmax and isinstance(optimize, str) and optimize == "auto"
+        return Prepared(
+            semiring, family, equation, operands, budget, optimize, traced=traced,
+            joint=JOINT_IF_SMALL if small else False, argmax=argmax, device=device,
+        )  # fmt: skip
+    return Prepared(semiring, family, equation, operands, budget, optimize, traced=traced)
 
 
 def _joint_argmax(equation: str, operands: Sequence[Tensor], block_size: BlockSize) -> Tensor:
@@ -296,3 +320,136 @@ def log_einsum_vjp(
         LOG_RULE, spec, clean, (out.to(dtype),), (cotangent.to(dtype),), [True] * len(clean)
     )
     return tuple(pull(tuple(grads)))
+
+
+def plan_call(
+    equation: str,
+    operands_or_shapes: Sequence[Tensor | Sequence[int]],
+    semiring: Semiring,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    block_size: BlockSize,
+    optimize: Optimize,
+    compiled: bool,
+    grad_of_neg_inf: float | str,
+    viterbi: bool,
+    requires_grad: bool | None,
+) -> Plan:
+    """:func:`~._api.plan`: the plan :func:`run` would make for the call, callable."""
+    D.refuse(operands_or_shapes, "plan")
+    if not isinstance(semiring, Semiring):
+        raise TypeError(
+            f"semiring must be a Semiring, got {type(semiring).__name__} (equation {equation!r})"
+        )
+    family = family_of(semiring)
+    if viterbi:
+        selecting_family(semiring, "plan(viterbi=True)", equation)
+    policy = neg_inf_policy(grad_of_neg_inf, equation)
+    if policy != "nan" and family is not LOG_FAMILY:
+        raise ValueError(
+            f"grad_of_neg_inf is an option of the log semiring, not of {semiring.name!r} "
+            f"(equation {equation!r})"
+        )
+    first = next((t for t in operands_or_shapes if isinstance(t, torch.Tensor)), None)
+    default_dtype = first.dtype if first is not None else torch.float32
+    tensors = []
+    for k, x in enumerate(operands_or_shapes):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            continue
+        shape = _shape(x)
+        if shape is None:
+            raise TypeError(
+                f"operand {k} must be a tensor or a shape (a sequence of ints), got {x!r} "
+                f"(equation {equation!r})"
+            )
+        if any(n < 0 for n in shape):
+            raise ValueError(
+                f"operand {k} has a negative size in shape {shape} (equation {equation!r})"
+            )
+        tensors.append(torch.empty(shape, dtype=dtype or default_dtype, device="meta"))
+    if requires_grad is None:
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    target = torch.device(device) if device is not None else None
+    if target is None:
+        real = next((t for t in tensors if t.device.type != "meta"), None)
+        target = real.device if real is not None else torch.device("cpu")
+    meta = [t.detach().to("meta") for t in tensors]
+    if dtype is not None:
+        meta = [t.to(dtype) for t in meta]
+    budget = resolve_budget(block_size, target, equation)
+    ctx = Context(
+        target.type,
+        traced=compiled,
+        compiling=compiled,
+        batched=False,
+        derivative=requires_grad,
+        transformed=requires_grad,
+    )
+    p = prepare(
+        semiring, family, equation, meta, budget, optimize, policy, viterbi, ctx=ctx, device=target
+    )
+    shapes = tuple(tuple(t.shape) for t in meta)
+    runner = _Planned(
+        semiring, equation, shapes, meta[0].dtype if meta else None, block_size, optimize,
+        policy, viterbi,
+    )  # fmt: skip
+    return replace(p.plan, runner=runner)
+
+
+def _shape(x: object) -> tuple[int, ...] | None:
+    """``x`` as a shape, or ``None`` if it is not a sequence of ints."""
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in x):
+        return None
+    return tuple(x)
+
+
+class _Planned:
+    """What a :class:`Plan` made by :func:`plan` runs: the call it was planned for, on
+    operands of the planned shapes and dtype (a plain object: plans pickle)."""
+
+    def __init__(
+        self,
+        semiring: Semiring,
+        equation: str,
+        shapes: tuple[tuple[int, ...], ...],
+        dtype: torch.dtype | None,
+        block_size: BlockSize,
+        optimize: Optimize,
+        policy: float | str,
+        viterbi: bool,
+    ) -> None:
+        self.semiring = semiring
+        self.equation = equation
+        self.shapes = shapes
+        self.dtype = dtype
+        self.block_size = block_size
+        self.optimize = optimize
+        self.policy = policy
+        self.viterbi = viterbi
+
+    def __call__(self, *operands: Tensor) -> Any:
+        shapes = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in operands)
+        if shapes != self.shapes:
+            raise ValueError(
+                f"this plan of {self.equation!r} is for operands of shapes {self.shapes}, "
+                f"got {shapes}"
+            )
+        dtypes = {x.dtype for x in operands}
+        if self.dtype is not None and dtypes != {self.dtype}:
+            raise TypeError(
+                f"this plan of {self.equation!r} is for {self.dtype} operands, got "
+                f"{sorted(map(str, dtypes))}"
+            )
+        found = run(
+            self.semiring,
+            self.equation,
+            operands,
+            self.block_size,
+            self.optimize,
+            self.policy,
+            self.viterbi,
+        )
+        return ViterbiResult(*found) if self.viterbi else found

@@ -194,32 +194,6 @@ class Contraction:
         return "".join(c for c, _ in self.sizes if c not in self.output)
 
 
-RANKABLE = 1 << 62
-"""Assignments of the summed indices beyond which a global row-major rank does not fit an
-int64 (with room for sums of partial ranks and the "no rank" mark)."""
-
-
-def row_major_strides(size: dict[str, int], summed: str) -> dict[str, int]:
-    """Each summed index's weight in the row-major rank of an assignment (the global order)."""
-    stride: dict[str, int] = {}
-    acc = 1
-    for c in reversed(summed):
-        stride[c] = acc
-        acc *= size[c]
-    return stride
-
-
-def rankable(contraction: Contraction, summed: str, limit: int = RANKABLE) -> bool:
-    """Whether every assignment of the summed indices has an int64 rank below ``limit``."""
-    size = contraction.size
-    total = 1
-    for c in summed:
-        total *= size[c]
-        if total >= limit:
-            return False
-    return True
-
-
 @dataclass(frozen=True, slots=True)
 class Recipe:
     """How to turn the user's operands into the clean ones (no tensors inside).

@@ -11,7 +11,7 @@ import functools
 import math
 import types
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import product
 from typing import Any, TypeVar
 
@@ -442,6 +442,17 @@ class Plan:
     steps: tuple[Step, ...]
     itemsize: int
     peak_bytes: int
+    runner: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+
+    def __call__(self, *operands: Any) -> Any:
+        """Run the planned call on operands of the planned shapes and dtype (see
+        :func:`~semiring_einsum.func.plan`): the function and options it was planned for,
+        differentiable and composable as that function is."""
+        if self.runner is None:
+            raise TypeError(
+                "this plan cannot run: only plans made by semiring_einsum.func.plan() do"
+            )
+        return self.runner(*operands)
 
     @property
     def block_sizes(self) -> tuple[dict[str, int], ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +36,8 @@ from ._plan import (
     with_kernels,
 )
 from ._rules import (
+    LOG_SMALL,
+    MAX_RANKED,
     MAX_SLICES,
     MAX_WINDOWS,
     REAL_FAMILY,
@@ -47,6 +49,7 @@ from ._rules import (
     neg_inf_policy,
 )
 from ._semiring import Semiring
+from ._ties import rankable, ranked_steps, ties_need_ranks
 
 Tensor = torch.Tensor
 Optimize = str | bool | Sequence[Sequence[int]]
@@ -63,12 +66,13 @@ class Setup:
     plan: Plan
     compute: torch.dtype
     specs: dict[int, Spec]  # id(step) -> the step's Spec
-    values_only: dict[int, Spec]  # max-plus: id(step) -> its Spec without an argmax
     single: bool  # one step over every operand, in order
+    ranked: bool  # a max-plus argmax whose steps carry ranks (see _ties)
     out_dtype: torch.dtype  # the result's dtype
 
 
-# ``joint=`` of a max-plus call with an argmax: one joint step where the contraction is small.
+# ``joint=`` of a max-plus call with an argmax, or of a log call nothing differentiates:
+# one joint step where the contraction is small.
 JOINT_IF_SMALL = "if small"
 
 # The grad_of_neg_inf policy of a contraction whose result is a partial sum (one rank's
@@ -92,8 +96,16 @@ def call_setup(
     extras: bool,
     traced: bool,
     element: tuple[int, ...] = (),
+    argmax: bool = False,
 ) -> Setup:
-    """Validate, canonicalize and plan a call, kernels included (cached: one lookup per call)."""
+    """Validate, canonicalize and plan a call, kernels included (cached: one lookup per call).
+
+    The plan is what runs: besides each step's kernel as its family chooses it, a small
+    joint log step of a call nothing differentiates is ``log.small``; a max-plus call
+    without an argmax runs ``windows`` where an argmax would take ``slices``; and with an
+    argmax on a pairwise plan whose ties need ranks, the steps that carry them are
+    ``max_plus.ranked`` (see :mod:`._ties`).
+    """
     recipe = analyze(equation, shapes, dtypes, element)
     small = joint == JOINT_IF_SMALL
     joint = small or bool(joint)
@@ -137,9 +149,24 @@ def call_setup(
     plan = with_kernels(
         plan, lambda step: family.kernel(step, compute, device_type, traced, extras)
     )
+    contraction, summed = recipe.contraction, recipe.equation.summed
+    ranked = False
+    if small and family.spec is LogSpec and len(plan.steps) == 1 and K.small_joint(plan.steps[0]):
+        plan = with_kernels(plan, lambda step: LOG_SMALL)
+    elif family.selects and not argmax:
+        # Without an argmax, a slice loop gains nothing over the windows.
+        plan = with_kernels(plan, lambda s: MAX_WINDOWS if s.kernel is MAX_SLICES else s.kernel)
+    elif (
+        family.selects
+        and len(plan.steps) > 1
+        and ties_need_ranks(plan.steps, contraction, summed)
+        and rankable(contraction, summed)
+    ):
+        flags = iter(ranked_steps(plan.steps, len(contraction.inputs), summed))
+        plan = with_kernels(plan, lambda s: MAX_RANKED if next(flags) else s.kernel)
+        ranked = True
     last = plan.steps[-1]
     specs: dict[int, Spec] = {}
-    values_only: dict[int, Spec] = {}
     for step in plan.steps:
         common = (step, budget, itemsize, device_type)
         if family.spec is LogSpec:
@@ -153,14 +180,11 @@ def call_setup(
             neg_inf = policy if step is last and policy != PARTIAL else K.THROUGH
             specs[id(step)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
         elif family.spec is MaxSpec:
-            specs[id(step)] = MaxSpec(*common, argmax=True)
-            # Without an argmax, a slice loop gains nothing over the windows.
-            plain = replace(step, kernel=MAX_WINDOWS) if step.kernel is MAX_SLICES else step
-            values_only[id(step)] = MaxSpec(plain, *common[1:], argmax=False)
+            specs[id(step)] = MaxSpec(*common, argmax=argmax)
         else:
             specs[id(step)] = family.spec(*common)
     single = len(plan.steps) == 1 and plan.steps[0].operands == tuple(range(len(shapes)))
-    return Setup(recipe, plan, compute, specs, values_only, single, out_dtype)
+    return Setup(recipe, plan, compute, specs, single, ranked, out_dtype)
 
 
 # Setups of recent calls by their raw arguments (see Prepared), with whether
@@ -179,10 +203,10 @@ class Prepared:
         "operands",
         "plan",
         "specs",
-        "values_only",
         "out_dtype",
         "compute_dtype",
         "single",
+        "ranked",
     )
 
     def __init__(
@@ -199,6 +223,7 @@ class Prepared:
         neg_inf: object = math.nan,
         extras: bool = False,
         device: torch.device | None = None,
+        argmax: bool = False,
     ) -> None:
         # The common case first: a call like one seen before (same options,
         # shapes, dtypes and devices) reuses its validated setup without
@@ -218,6 +243,7 @@ class Prepared:
                 neg_inf,
                 extras,
                 device,
+                argmax,
                 *[(x.shape, x.dtype, x.device) for x in operands],
             )
             entry = _SEEN_DATA.get(raw)  # (LRU.get, without its frame)
@@ -247,6 +273,7 @@ class Prepared:
                 extras,
                 traced,
                 semiring.shape,
+                argmax,
             )
             recipe = setup.recipe
             as_is = (
@@ -266,12 +293,12 @@ class Prepared:
         ops = list(operands) if as_is else apply_recipe(setup.recipe, operands, setup.compute)
         self.operands = ops
         self.specs = setup.specs
-        self.values_only = setup.values_only
         self.single = setup.single
+        self.ranked = setup.ranked
 
-    def spec(self, step: Step, argmax: bool = True) -> Spec:
-        """The step's spec (max-plus: the one with or without an argmax)."""
-        return self.specs[id(step)] if argmax else self.values_only[id(step)]
+    def spec(self, step: Step) -> Spec:
+        """The step's spec."""
+        return self.specs[id(step)]
 
     def canonical(self, operands: Sequence[Tensor]) -> list[Tensor]:
         """The clean operands of ``operands`` (differentiably), as in ``__init__``."""

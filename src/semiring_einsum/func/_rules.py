@@ -260,6 +260,14 @@ LOG_ROWS = Kernel(
     forward=_log_rows,
     operator=OPS.LOG_ROWS,
 )
+LOG_SMALL = Kernel(
+    "log",
+    "small",
+    "values only, at most JOINT_TERMS joint terms in one step of three or more operands: "
+    "one torch.logsumexp over the joint terms, laid out row-major; chosen by the plan of "
+    "a call nothing differentiates, not by applies",
+    forward=lambda spec, ctx, *xs: (K.log_small(spec.step, list(xs)),),
+)
 LOG_WINDOWS = Kernel(
     "log",
     "windows",
@@ -384,6 +392,15 @@ MAX_WINDOWS = Kernel(
     "windows",
     "the blocked loop over windows of the summed indices",
     operator=OPS.MAX_WINDOWS,
+)
+
+
+MAX_RANKED = Kernel(
+    "max_plus",
+    "ranked",
+    "a step of a pairwise plan whose argmax follows the joint tie rule: values compared, "
+    "then partial row-major ranks (the native kernel for two CPU operands in a "
+    "matrix-product shape, else torch); chosen by the plan of an argmax, not by applies",
 )
 
 
@@ -716,6 +733,11 @@ class Family:
             argmax, so Viterbi and k-best apply.
         negate: Whether it runs as ``-f(-x)`` on its kernels (min-plus on the max-plus
             kernels: ties, NaN and gradients follow max-plus's rule).
+        extra_rules: Other rules its routes run (max-plus: the ranked steps of Viterbi);
+            :mod:`._autograd` builds the Functions of every family's rules at import.
+        assigned: Kernels a plan assigns for a route of the call, not chosen by
+            ``applies`` (``log.small`` for values alone, ``max_plus.ranked`` for an
+            argmax whose ties need ranks; see :func:`._prepare.call_setup`).
     """
 
     name: str
@@ -724,6 +746,8 @@ class Family:
     spec: type[Spec]
     selects: bool = False
     negate: bool = False
+    extra_rules: tuple[Rule, ...] = ()
+    assigned: tuple[Kernel, ...] = ()
 
     def kernel(
         self, step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
@@ -740,9 +764,15 @@ _LOG_KERNELS = (LOG_UNSUMMED, EMPTY, LOG_BLAS, LOG_ROWS, LOG_WINDOWS)
 _MAX_KERNELS = (MAX_UNSUMMED, EMPTY, MAX_TROPICAL, MAX_ROWS, MAX_SLICES, MAX_WINDOWS)
 
 REAL_FAMILY = Family("real", REAL_RULE, (REAL_BLAS, EMPTY, REAL_WINDOWS), Spec)
-LOG_FAMILY = Family("log", LOG_RULE, _LOG_KERNELS, LogSpec)
-MAX_FAMILY = Family("max_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True)
-MIN_FAMILY = Family("min_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True, negate=True)
+LOG_FAMILY = Family("log", LOG_RULE, _LOG_KERNELS, LogSpec, assigned=(LOG_SMALL,))
+MAX_FAMILY = Family(
+    "max_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True,
+    extra_rules=(RANKED_RULE,), assigned=(MAX_RANKED,),
+)  # fmt: skip
+MIN_FAMILY = Family(
+    "min_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True, negate=True,
+    extra_rules=(RANKED_RULE,), assigned=(MAX_RANKED,),
+)  # fmt: skip
 GENERIC_FAMILY = Family("generic", CUSTOM_RULE, (EMPTY, GENERIC_WINDOWS), CustomSpec)
 
 _BUILTIN = (
@@ -751,6 +781,12 @@ _BUILTIN = (
     (MAX_PLUS, MAX_FAMILY),
     (MIN_PLUS, MIN_FAMILY),
 )
+
+FAMILIES = (REAL_FAMILY, LOG_FAMILY, MAX_FAMILY, MIN_FAMILY, GENERIC_FAMILY)
+"""Every family."""
+
+RULES = tuple(dict.fromkeys(r for f in FAMILIES for r in (f.rule, *f.extra_rules)))
+"""Every family's rules, once each."""
 
 
 def family_of(semiring: Semiring) -> Family:

@@ -36,12 +36,13 @@ from ._compile import in_graph
 from ._context import call_context
 from ._distributed import refuse as refuse_dtensors
 from ._multi import reject
-from ._parse import check_operands, rankable, row_major_strides
+from ._parse import check_operands
 from ._plan import Step, along_path, window_extents
 from ._prepare import Optimize, Prepared, budget_for, selecting_family
 from ._results import EntropyResult, ExpectationResult, KBestResult
 from ._rules import LOG_BLAS, LOG_FAMILY, LOG_RULE, LOG_UNSUMMED, MAX_FAMILY, run_jvp
 from ._semiring import LOG, MAX_PLUS, Semiring
+from ._ties import KBEST_NAN_FIRST, KBEST_PAD_RANK, KBEST_RANKABLE, rankable, row_major_strides
 
 Tensor = torch.Tensor
 
@@ -296,9 +297,6 @@ def entropy_einsum(
 
 
 # ------------------------------------------------------------------- k-best
-_PAD_RANK = 1 << 56  # the rank of "no term" (sums of a few stay far below 2**63)
-_NAN_FIRST = 1 << 60  # taken off a NaN term's rank while choosing: NaN terms win
-_MAX_RANK = 1 << 55  # assignments beyond this many cannot be ranked exactly
 _INT_MIN = torch.iinfo(torch.int64).min
 _INT_MAX = torch.iinfo(torch.int64).max
 
@@ -323,7 +321,7 @@ def _select(values: Tensor, ranks: Tensor, k: int) -> Tensor:
     """
     nan = torch.isnan(values)
     u = values.masked_fill(nan, math.inf)
-    key_rank = torch.where(nan, ranks - _NAN_FIRST, ranks)
+    key_rank = torch.where(nan, ranks - KBEST_NAN_FIRST, ranks)
     kth = u.topk(k, dim=-1).values[..., -1:]
     # Everything above the k-th value is in; among the ties at it, the smallest ranks.
     key = torch.where(u > kth, _INT_MIN, torch.where(u == kth, key_rank, _INT_MAX))
@@ -398,9 +396,8 @@ def _kbest_step(
         if shortcut is not None:
             return shortcut
     if fast and len(items) == 2:
-        native = N.kbest(
-            step, [it.values for it in items], [it.ranks for it in items], k, ks.strides, _PAD_RANK
-        )
+        xs, ranks = [it.values for it in items], [it.ranks for it in items]
+        native = N.kbest(step, xs, ranks, k, ks.strides, KBEST_PAD_RANK)
         if native is not None:
             return native
     size = step.size
@@ -484,7 +481,7 @@ def _kbest_step(
         if chosen is None:  # every candidate's rank, then the exact choice
             pos = torch.arange(m, device=device).expand(cells + [m])
             r, i = ranks_and_ids(pos, rng)
-            r = torch.where(pos >= math.prod(shape[nc:]), _PAD_RANK, r)
+            r = torch.where(pos >= math.prod(shape[nc:]), KBEST_PAD_RANK, r)
             if best is not None:
                 r, i = torch.cat([best[1], r], -1), torch.cat([best[2], i], -1)
             chosen = _select(v, r, k)
@@ -493,7 +490,7 @@ def _kbest_step(
         fresh = chosen - kept
         real = fresh.clamp(0, math.prod(shape[nc:]) - 1)
         r, i = ranks_and_ids(real, rng)
-        r = torch.where(fresh >= math.prod(shape[nc:]), _PAD_RANK, r)
+        r = torch.where(fresh >= math.prod(shape[nc:]), KBEST_PAD_RANK, r)
         if best is not None:
             old = chosen.clamp(max=k - 1)
             r = torch.where(fresh < 0, best[1].gather(-1, old), r)
@@ -504,11 +501,11 @@ def _kbest_step(
     if best is None:  # no window at all: a summed index of size 0
         return (
             torch.full(cells + [k], -math.inf, device=device, dtype=values[0].dtype),
-            torch.full(cells + [k], _PAD_RANK, device=device, dtype=torch.int64),
+            torch.full(cells + [k], KBEST_PAD_RANK, device=device, dtype=torch.int64),
             torch.full(cells + [k], -1, device=device, dtype=torch.int64),
         )
     v, r, i = best
-    return v, r, torch.where(r >= _PAD_RANK, -1, i)
+    return v, r, torch.where(r >= KBEST_PAD_RANK, -1, i)
 
 
 def _kbest_unsummed(
@@ -551,7 +548,7 @@ def _kbest_unsummed(
     first = added.expand(cells).unsqueeze(-1)
     pad = first.new_full(cells + [k - 1], -math.inf)
     values = torch.cat([first, pad], dim=-1)
-    ranks = torch.full(cells + [k], _PAD_RANK, dtype=torch.int64, device=values.device)
+    ranks = torch.full(cells + [k], KBEST_PAD_RANK, dtype=torch.int64, device=values.device)
     ranks[..., 0] = 0
     ids = torch.full(cells + [k], -1, dtype=torch.int64, device=values.device)
     ids[..., 0] = 0
@@ -645,7 +642,7 @@ def _kbest_node(
     summed = p.equation.summed
     # Ranks order ties; past int64 (with room for the marks) every rank is 0, and ties
     # fall in the plan's own order (the lists are still k best, of real assignments).
-    ranked = rankable(p.contraction, summed, _MAX_RANK)
+    ranked = rankable(p.contraction, summed, KBEST_RANKABLE)
     stride = row_major_strides(size, summed)
     if not ranked:
         stride = dict.fromkeys(stride, 0)

@@ -26,85 +26,22 @@ from ._budget import (
 )
 from ._cache import cached
 from ._context import Context, untraced
-from ._parse import (
-    Contraction,
-    row_major_strides,
-)
 from ._plan import (
-    EMPTY,
     Step,
     along_path,
-    outer_first_path,
 )
 from ._prepare import Prepared
 from ._rules import (
+    MAX_RANKED,
     RANKED_RULE,
     Family,
     MaxSpec,
     RankedSpec,
 )
+from ._ties import ranks_needed, row_major_strides, sole_summing_step
 
 Tensor = torch.Tensor
 Optimize = str | bool | Sequence[Sequence[int]]
-
-
-def sole_summing_step(steps: Sequence[Step], summed: str) -> int | None:
-    """The position of the one step of ``steps`` that sums, where it sums every index of
-    ``summed`` in that (global) order: its own first maximiser is then the joint rule's,
-    and its argmax the whole plan's (the other steps only multiply).  ``None`` otherwise."""
-    summing = [k for k, s in enumerate(steps) if s.windows]
-    if len(summing) == 1 and "".join(c for c, _ in steps[summing[0]].windows) == summed:
-        return summing[0]
-    return None
-
-
-def ties_need_ranks(p: Prepared) -> bool:
-    """Whether a plan's argmax needs partial ranks to follow the joint tie rule."""
-    steps = p.plan.steps
-    return any(s.windows for s in steps) and not outer_first(
-        steps, p.contraction, p.equation.summed
-    )
-
-
-@cached(maxsize=1024)
-def outer_first(steps: tuple[Step, ...], contraction: Contraction, summed: str) -> bool:
-    """Whether each step sums its indices in the global order, all before (in that
-    order) every index its operands' earlier steps summed: a plan that sums from the last
-    index out (``ab,bc,cd->ad`` summing c, then b; see :func:`._plan.outer_first_path`).
-
-    Then no step needs ranks.  A step's terms differ in its own indices only (its
-    operands' cells carry one choice each for the rest), so its first maximiser is
-    the joint rule's choice of those indices, the most significant of the cell's; for
-    that choice, the maximisers of the rest are the product of the operands' own sets,
-    whose first in the global order is each one's first (each operand's own argmax, by
-    the same argument one step down).  In a cell whose value is finite, no NaN or +inf
-    took part; other cells are redone jointly (see :func:`joint_where_not_finite`).
-    """
-    for step in steps:
-        own = [c for c, _ in step.windows]
-        if own != sorted(own, key=summed.index):
-            return False
-    return outer_first_path(contraction, [s.operands for s in steps], summed)
-
-
-@cached(maxsize=1024)
-def _ranks_needed(steps: tuple[Step, ...], operands: int) -> list[bool]:
-    """For each step, whether a later step that sums an index reads its result's rank
-    (directly, or through steps that sum nothing).  (Cached: a plan's steps are values;
-    the caller only reads the list.)"""
-    readers: dict[int, list[int]] = {}
-
-    def record(k: int, step: Step, made: list[int | None]) -> int:
-        for m in made:  # which step made each operand (None: an input)
-            if m is not None:
-                readers.setdefault(m, []).append(k)
-        return k
-
-    along_path(steps, [None] * operands, record)
-    needed = [False] * len(steps)
-    for k in reversed(range(len(steps))):
-        needed[k] = any(steps[j].windows or needed[j] for j in readers.get(k, []))
-    return needed
 
 
 def joint_where_not_finite(
@@ -186,12 +123,14 @@ def max_ranked(
     exactly as the full rank would, since every index not yet summed is fixed
     within an output cell.  A step without ranked operands whose summed indices
     are in the global order needs no ranks (its first maximiser is the one), and
-    runs on its usual kernel; its result's rank is read off its argmax.
+    runs on its usual kernel; its result's rank is read off its argmax.  The plan
+    says which is which: the ranked steps' kernel is ``max_plus.ranked``
+    (:func:`._ties.ranked_steps`).
     """
     size = p.contraction.size
     summed = p.equation.summed
     stride = row_major_strides(size, summed)
-    needed = _ranks_needed(p.plan.steps, len(operands))
+    needed = ranks_needed(p.plan.steps, len(operands))
 
     def ranked_step(
         k: int, step: Step, pairs: list[tuple[Tensor, Tensor | None]]
@@ -201,10 +140,9 @@ def max_ranked(
         present = [r for r in rargs if r is not None]
         own = [c for c, _ in step.windows]
         strides = tuple(stride[c] for c in own)
-        spec = cast(MaxSpec, p.spec(step, True))
-        in_order = own == sorted(own, key=summed.index)
+        spec = cast(MaxSpec, p.spec(step))
         rank: Tensor | None = None
-        if own and step.kernel is not EMPTY and (present or not in_order):
+        if step.kernel is MAX_RANKED:
             ranked = RankedSpec(
                 step,
                 spec.budget,
