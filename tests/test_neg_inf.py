@@ -303,3 +303,17 @@ def test_drop_in_einsum_on_bool_and_integers_matches_the_reference(
     got = semiring_einsum.einsum(semiring_einsum.compile_equation(equation), *xs, block_size=2)
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
+
+
+def test_the_policy_is_one_value_type_that_round_trips_through_operators() -> None:
+    from semiring_einsum.func import _kernels as K
+
+    for user, kind in [(math.nan, "nan"), ("nan", "nan"), ("uniform", "uniform"), (0.0, "weight")]:
+        assert K.NegInf.of(user).kind == kind
+    policies = [K.NAN, K.UNIFORM, K.THROUGH, K.NegInf.of(0.0), K.NegInf.of(0.1), K.NegInf.of(-2.5)]
+    for policy in policies:
+        again = K.NegInf.from_key(policy.key)
+        assert again == policy and hash(again) == hash(policy)
+    assert K.NegInf.of(0.0).ignores_cotangent and not K.THROUGH.ignores_cotangent
+    assert K.THROUGH.dead_weight(4) == 0.0 and K.UNIFORM.dead_weight(4) == 0.25
+    assert K.NegInf.of(0.1).dead_weight(4) == 0.1 and K.NAN.is_nan

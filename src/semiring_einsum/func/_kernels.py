@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import product
 
 import torch
@@ -964,29 +964,64 @@ def argmax_tangent(
     return total
 
 
-# A grad_of_neg_inf policy: a float, 'nan', 'uniform', or THROUGH (below).
-NegInf = float | str
+@dataclass(frozen=True, slots=True)
+class NegInf:
+    """A log step's ``grad_of_neg_inf`` policy: the gradient weight of each term of a cell
+    whose terms are all -inf.  One of :data:`NAN` (as :func:`torch.logsumexp`),
+    :data:`UNIFORM` (``1/N`` for ``N`` terms), :data:`THROUGH` (below), or a user's
+    weight, ``NegInf.of(c)``.
 
-# The policy of a pairwise plan's intermediate steps and of a rank's partial sum: the terms
-# of an all -inf cell weigh 0, and the cotangent is still multiplied by that weight, so a NaN
-# that the final cell's policy sends back reaches the operands as the joint sum would send it.
-# A user's weight 0 is different: there the cotangent is not used at all (0, whatever it holds).
-THROUGH = "through"
+    Attributes:
+        kind: ``"nan"``, ``"uniform"``, ``"through"`` or ``"weight"``.
+        weight: The weight of a ``"weight"`` policy (0 otherwise).
+    """
+
+    kind: str
+    weight: float = 0.0
+
+    @staticmethod
+    def of(value: float | str) -> NegInf:
+        """The policy of a validated ``grad_of_neg_inf`` (a float, ``'nan'``, ``'uniform'``)."""
+        if isinstance(value, str):
+            return NAN if value == "nan" else UNIFORM
+        return NAN if math.isnan(value) else NegInf("weight", float(value))
+
+    @property
+    def is_nan(self) -> bool:
+        return self.kind == "nan"
+
+    @property
+    def ignores_cotangent(self) -> bool:
+        """Whether it is a user's weight 0, whose all -inf cells do not use their cotangent,
+        whatever it holds (not :data:`THROUGH`)."""
+        return self.kind == "weight" and self.weight == 0.0
+
+    def dead_weight(self, terms: int) -> float:
+        """The weight of each of the ``terms`` terms of an all -inf cell (not for NaN)."""
+        if self.kind == "uniform":
+            return 1.0 / terms if terms else 0.0
+        return self.weight
+
+    @property
+    def key(self) -> str:
+        """The policy as an operator argument (operators take no Python objects)."""
+        return repr(self.weight) if self.kind == "weight" else self.kind
+
+    @staticmethod
+    def from_key(key: str) -> NegInf:
+        """The policy of :attr:`key`."""
+        return _NAMED[key] if key in _NAMED else NegInf("weight", float(key))
 
 
-def dead_weight(neg_inf: NegInf, terms: int) -> float:
-    """The weight of each term of an all -inf cell under a policy other than NaN."""
-    if neg_inf == "uniform":
-        return 1.0 / terms if terms else 0.0
-    if neg_inf == THROUGH:
-        return 0.0
-    return float(neg_inf)
-
-
-def ignores_cotangent(neg_inf: NegInf) -> bool:
-    """Whether the policy is a user's weight 0, whose all -inf cells do not use their
-    cotangent, whatever it holds (not :data:`THROUGH`)."""
-    return not isinstance(neg_inf, str) and neg_inf == 0.0
+NAN = NegInf("nan")
+UNIFORM = NegInf("uniform")
+THROUGH = NegInf("through")
+"""The policy of a pairwise plan's intermediate steps and of a rank's partial sum: the terms
+of an all -inf cell weigh 0, and the cotangent is still multiplied by that weight, so a NaN
+that the final cell's policy sends back reaches the operands as the joint sum would send it.
+A user's weight 0 is different: there the cotangent is not used at all (0, whatever it
+holds)."""
+_NAMED = {p.kind: p for p in (NAN, UNIFORM, THROUGH)}
 
 
 def used_cotangent(neg_inf: NegInf, out: Tensor, g: Tensor) -> Tensor:
@@ -996,7 +1031,7 @@ def used_cotangent(neg_inf: NegInf, out: Tensor, g: Tensor) -> Tensor:
     it holds: a NaN or inf sent back by a later operation stays there, rather
     than turning the operands' gradients into ``0 * NaN``.
     """
-    if not ignores_cotangent(neg_inf):
+    if not neg_inf.ignores_cotangent:
         return g
     return torch.where(torch.isneginf(out), 0.0, g)
 
@@ -1012,10 +1047,10 @@ def log_weights(
     for such cells so that no NaN is created (and none leaks into second
     derivatives through ``torch.where``).
     """
-    if neg_inf == "nan":
+    if neg_inf.is_nan:
         return lambda views, rng: torch.exp(sum(views[1:], views[0]) - out)
     dead = torch.isneginf(out)
-    weight = dead_weight(neg_inf, step.terms)
+    weight = neg_inf.dead_weight(step.terms)
     finite_out = torch.where(dead, 0.0, out)
 
     def weights(views: list[Tensor], rng: Range) -> Tensor:

@@ -666,7 +666,7 @@ def _dead_cells(
     those entries are NaN.  A user's weight 0 sends nothing (the cotangent was
     zeroed there by :func:`._kernels.used_cotangent`).
     """
-    if K.ignores_cotangent(neg_inf):
+    if neg_inf.ignores_cotangent:
         return [None, None]
     if not bool(dead.any()):
         return [None, None]
@@ -677,13 +677,13 @@ def _dead_cells(
             grads.append(None)
             continue
         lacks = tuple(d for d, c in enumerate(out) if c not in term)
-        if neg_inf == "nan":
+        if neg_inf.is_nan:
             hit = dead.sum(lacks) if lacks else dead
             part = torch.where(hit > 0, math.nan, 0.0).to(g.dtype)
         else:
             part = torch.where(dead, g, 0.0)
             part = part.sum(lacks) if lacks else part
-            part = part * K.dead_weight(neg_inf, step.terms)
+            part = part * neg_inf.dead_weight(step.terms)
         kept = "".join(c for c in out if c in term)
         part = K.laid_out(part, kept, term).expand([size[c] for c in term])
         grads.append(part.sum_to_size(x.shape))  # (a broadcast operand sums its terms)

@@ -310,11 +310,11 @@ def _log_blas_vjp(
     grads: Sequence[Tensor | None]
     state = int(certified)
     if state != NOT_CERTIFIED:
-        policy = _policy(neg_inf)
+        policy = K.NegInf.from_key(neg_inf)
         dead = state == CERTIFIED_DEAD
         grads = LB.vjp_certified(step, policy, a, b, out, res_a, res_b, sumexp, g, needs, dead)
     else:
-        grads = LB.vjp_exact(step, _policy(neg_inf), (a, b), out, g, needs, plain=True)
+        grads = LB.vjp_exact(step, K.NegInf.from_key(neg_inf), (a, b), out, g, needs, plain=True)
     ga, gb = (gk if gk is not None else x.new_empty((0,)) for gk, x in zip(grads, (a, b)))
     return ga, gb
 
@@ -337,15 +337,6 @@ def _log_blas_vjp_fake(
         a.new_empty(a.shape if need_a else (0,)),
         b.new_empty(b.shape if need_b else (0,)),
     )
-
-
-def policy_key(neg_inf: K.NegInf) -> str:
-    """A ``grad_of_neg_inf`` policy as an operator argument (see :func:`_policy`)."""
-    return neg_inf if isinstance(neg_inf, str) else repr(float(neg_inf))
-
-
-def _policy(text: str) -> K.NegInf:
-    return text if text in ("nan", "uniform", K.THROUGH) else float(text)
 
 
 # --------------------------------------------------------------- log kernels

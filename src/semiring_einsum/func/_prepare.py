@@ -177,7 +177,8 @@ def call_setup(
             # step's policy already reaches the intermediate through the chain rule.
             # So intermediate steps use weight 0, multiplying the cotangent so that a NaN
             # the final step's policy sends back passes on (K.THROUGH).
-            neg_inf = policy if step is last and policy != PARTIAL else K.THROUGH
+            final = step is last and policy != PARTIAL
+            neg_inf = K.NegInf.of(policy) if final else K.THROUGH
             specs[id(step)] = LogSpec(*common, neg_inf=neg_inf, extras=extras)
         elif family.spec is MaxSpec:
             specs[id(step)] = MaxSpec(*common, argmax=argmax)

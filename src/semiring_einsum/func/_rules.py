@@ -75,14 +75,15 @@ class LogSpec(Spec):
     """The log semiring's options.
 
     Attributes:
-        neg_inf: Softmax weight of each term of an all -inf cell in the derivatives:
-            ``'nan'``, ``'uniform'``, a float (0: the cell's cotangent is not used), or
-            :data:`._kernels.THROUGH` (an intermediate step's: weight 0 times the cotangent).
+        neg_inf: Softmax weight of each term of an all -inf cell in the derivatives, a
+            :class:`._kernels.NegInf`: NaN, uniform, a user's weight (0: the cell's
+            cotangent is not used), or :data:`._kernels.THROUGH` (an intermediate step's:
+            weight 0 times the cotangent).
         extras: Also return the per-cell max and scaled sum.
         residuals: A BLAS step returns its residuals for a first-order backward.
     """
 
-    neg_inf: NegInf = "nan"
+    neg_inf: NegInf = K.NAN
     extras: bool = False
     residuals: bool = True
 
@@ -292,7 +293,7 @@ def _log_vjp(
     ctx = _rule_ctx(*xs, gs[0])
     if len(outs) == 5 and not ctx.differentiated and not ctx.batched:
         # A first-order backward of a BLAS step: from the forward's residuals.
-        policy = OPS.policy_key(spec.neg_inf)
+        policy = spec.neg_inf.key
         ga, gb = OPS.LOG_BLAS_VJP(ctx, spec, policy, xs[0], xs[1], *outs, gs[0], *needs)
         return [ga if needs[0] else None, gb if needs[1] else None]
     return LB.vjp_exact(spec.step, spec.neg_inf, xs, outs[0], gs[0], needs, ctx.plain)
@@ -802,8 +803,9 @@ def family_of(semiring: Semiring) -> Family:
     return GENERIC_FAMILY
 
 
-def neg_inf_policy(grad_of_neg_inf: object, equation: object = None) -> NegInf:
-    """Validate ``grad_of_neg_inf`` and turn it into a hashable policy."""
+def neg_inf_policy(grad_of_neg_inf: object, equation: object = None) -> float | str:
+    """Validate ``grad_of_neg_inf``: ``'nan'``, ``'uniform'`` or a float (hashable, and a
+    constant to ``torch.compile``); each log step holds it as a :class:`NegInf`."""
     where = "" if equation is None else f" (equation {equation!r})"
     if isinstance(grad_of_neg_inf, str):
         if grad_of_neg_inf in ("uniform", "nan"):
