@@ -50,7 +50,8 @@ import torch
 
 from ._multi import reject, split_outputs
 from ._parse import analyze
-from ._semiring import LOG, MAX_PLUS, MIN_PLUS, REAL, Semiring
+from ._rules import Combine, family_of
+from ._semiring import Semiring
 from ._ties import rankable, row_major_strides
 from ._torch_compat import all_gather_tensor, functional_collectives, is_functorch_wrapped_tensor
 
@@ -293,24 +294,20 @@ def contract(
     if argmax is not None:
         argmax = _global_argmax(argmax, layout, mesh)
     groups = [(mesh, d) for d in layout.combine]
-    if groups and semiring in (MAX_PLUS, MIN_PLUS) and not viterbi:
+    family = family_of(semiring)
+    flip = _negated if family.negate else _same  # -max(-x), as on one device: NaN wins too
+    if groups and family.combine is Combine.MAX and not viterbi:
         ties = _ties(equation, shards, layout, mesh, local_argmax)
-        if semiring == MAX_PLUS:
-            values = _MaxAll.apply(values, groups, layout, ties)
-        else:  # -max(-x), as on one device: a NaN wins here too
-            values = -_MaxAll.apply(-values, groups, layout, ties)
+        values = flip(_MaxAll.apply(flip(values), groups, layout, ties))
         groups = []
     for d, group in zip(layout.combine, groups):
-        if viterbi and semiring == MIN_PLUS:  # -max(-x), as on one device
+        if viterbi:
             assert argmax is not None
-            values, argmax = _combine_viterbi(-values, argmax, group, layout)
-            values = -values
-        elif viterbi:
-            assert argmax is not None
-            values, argmax = _combine_viterbi(values, argmax, group, layout)
-        elif semiring == REAL:
+            values, argmax = _combine_viterbi(flip(values), argmax, group, layout)
+            values = flip(values)
+        elif family.combine is Combine.SUM:
             values = _SumAll.apply(values, group)
-        elif semiring == LOG:
+        elif family.combine is Combine.LOG_SUM_EXP:
             values = _LogAll.apply(values, group, _dead_weight(policy, layout, mesh, d))
         else:
             gathered = _GatherAll.apply(values, group, mesh.get_local_rank(d))
@@ -319,6 +316,14 @@ def contract(
     if argmax is None:
         return out
     return out, _global(argmax, mesh, layout.output, (*layout.output_shape, argmax.shape[-1]))
+
+
+def _negated(x: Tensor) -> Tensor:
+    return -x
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
 
 
 def _global(local: Tensor, mesh: Any, placements: Sequence[Any], shape: Sequence[int]) -> Any:

@@ -51,7 +51,7 @@ from ._rules import (
     neg_inf_policy,
     run_vjp,
 )
-from ._semiring import LOG, MAX_PLUS, MIN_PLUS, Semiring
+from ._semiring import LOG, MAX_PLUS, Semiring
 from ._viterbi import backtrack, joint_where_not_finite, max_ranked
 
 Tensor = torch.Tensor
@@ -226,13 +226,14 @@ def _distributed(
 
     # NaN for cells all -inf on every rank comes from the combine; a cell all -inf on one
     # rank only weighs 0 there (like an intermediate step's cell).
-    local_policy = PARTIAL if policy == "nan" and semiring == LOG else policy
+    family = family_of(semiring)
+    local_policy = PARTIAL if policy == "nan" and family is LOG_FAMILY else policy
 
     def local(eq: str, *shards: Tensor) -> Any:
         return run(semiring, eq, shards, block_size, optimize, local_policy, viterbi)
 
     def local_argmax(eq: str, *shards: Tensor) -> Tensor:
-        if semiring == MIN_PLUS:
+        if family.negate:  # the argmin of x: the argmax of -x
             shards = tuple(-x for x in shards)
         return cast(Tensor, run(MAX_PLUS, eq, shards, block_size, optimize, viterbi=True)[1])
 

@@ -22,6 +22,7 @@ classes.
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -719,6 +720,16 @@ GENERIC_WINDOWS = Kernel(
 
 
 # ------------------------------------------------------------------ families
+class Combine(enum.Enum):
+    """How a family's ⊕ combines the partial results of ranks that each summed a share of
+    an index (:mod:`._distributed`)."""
+
+    SUM = "an all-reduce SUM"
+    LOG_SUM_EXP = "an all-reduce MAX, then a SUM of the rescaled exponentials"
+    MAX = "an all-reduce MAX of an order-preserving integer image (ties: the first rank)"
+    GATHER = "an all-gather, then the semiring's own sum"
+
+
 @dataclass(frozen=True)
 class Family:
     """How one kind of semiring runs: its kernels, its rule and its spec type.
@@ -736,6 +747,8 @@ class Family:
             kernels: ties, NaN and gradients follow max-plus's rule).
         extra_rules: Other rules its routes run (max-plus: the ranked steps of Viterbi);
             :mod:`._autograd` builds the Functions of every family's rules at import.
+        combine: How its ⊕ combines ranks' partial results (DTensor operands); a
+            negating family combines the negated partials.
         assigned: Kernels a plan assigns for a route of the call, not chosen by
             ``applies`` (``log.small`` for values alone, ``max_plus.ranked`` for an
             argmax whose ties need ranks; see :func:`._prepare.call_setup`).
@@ -749,6 +762,7 @@ class Family:
     negate: bool = False
     extra_rules: tuple[Rule, ...] = ()
     assigned: tuple[Kernel, ...] = ()
+    combine: Combine = Combine.GATHER
 
     def kernel(
         self, step: Step, dtype: torch.dtype, device_type: str, traced: bool, extras: bool
@@ -764,15 +778,19 @@ class Family:
 _LOG_KERNELS = (LOG_UNSUMMED, EMPTY, LOG_BLAS, LOG_ROWS, LOG_WINDOWS)
 _MAX_KERNELS = (MAX_UNSUMMED, EMPTY, MAX_TROPICAL, MAX_ROWS, MAX_SLICES, MAX_WINDOWS)
 
-REAL_FAMILY = Family("real", REAL_RULE, (REAL_BLAS, EMPTY, REAL_WINDOWS), Spec)
-LOG_FAMILY = Family("log", LOG_RULE, _LOG_KERNELS, LogSpec, assigned=(LOG_SMALL,))
+REAL_FAMILY = Family(
+    "real", REAL_RULE, (REAL_BLAS, EMPTY, REAL_WINDOWS), Spec, combine=Combine.SUM
+)
+LOG_FAMILY = Family(
+    "log", LOG_RULE, _LOG_KERNELS, LogSpec, assigned=(LOG_SMALL,), combine=Combine.LOG_SUM_EXP
+)
 MAX_FAMILY = Family(
     "max_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True,
-    extra_rules=(RANKED_RULE,), assigned=(MAX_RANKED,),
+    extra_rules=(RANKED_RULE,), assigned=(MAX_RANKED,), combine=Combine.MAX,
 )  # fmt: skip
 MIN_FAMILY = Family(
     "min_plus", MAX_RULE, _MAX_KERNELS, MaxSpec, selects=True, negate=True,
-    extra_rules=(RANKED_RULE,), assigned=(MAX_RANKED,),
+    extra_rules=(RANKED_RULE,), assigned=(MAX_RANKED,), combine=Combine.MAX,
 )  # fmt: skip
 GENERIC_FAMILY = Family("generic", CUSTOM_RULE, (EMPTY, GENERIC_WINDOWS), CustomSpec)
 
