@@ -138,3 +138,12 @@ def test_no_code_compares_a_kernel_with_a_string() -> None:
             if "kernel" in names and strings:
                 offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
     assert not offenders, f"kernel compared with a string at {offenders}"
+
+
+def test_a_semiring_runs_on_one_family() -> None:
+    from semiring_einsum.func import _autograd
+
+    with pytest.raises(ValueError, match="'max_plus' already runs on the max_plus family"):
+        _autograd.register_family(func.MAX_PLUS, R.LOG_FAMILY)
+    _autograd.register_family(func.MAX_PLUS, R.MAX_FAMILY)  # (the same pair again: nothing)
+    assert R.family_of(func.MAX_PLUS) is R.MAX_FAMILY

@@ -24,12 +24,15 @@ from ._cache import LRU
 from ._context import Context, forward_over_forward
 from ._rules import (
     RULES,
+    Family,
     Rule,
+    add_builtin,
     fold_batch,
     run_forward,
     run_jvp,
     run_vjp,
 )
+from ._semiring import Semiring
 from ._torch_compat import are_functorch_transforms_active as _functorch_active
 from ._torch_compat import function_apply as _c_apply
 from ._torch_compat import unwrap_dead_wrappers as _unwrap_dead
@@ -110,6 +113,18 @@ _FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
     for n in range(1, PREBUILT_ARITY + 1)
     for with_jvp in (False, True)
 }
+
+
+def register_family(semiring: Semiring, family: Family) -> None:
+    """Run ``semiring`` on ``family`` (its kernels, rule and combine), as the built-in
+    semirings run on theirs, and build the Functions of the family's rules now (as for the
+    built-in families at import: ``torch.compile`` needs them made before it traces)."""
+    add_builtin(semiring, family)
+    for rule in (family.rule, *family.extra_rules):
+        for n in range(1, PREBUILT_ARITY + 1):
+            for with_jvp in (False, True):
+                if (rule, n, with_jvp) not in _FUNCTIONS:
+                    _FUNCTIONS[(rule, n, with_jvp)] = _build(rule, n, with_jvp)
 
 
 # Functions made on demand (steps of more than PREBUILT_ARITY operands, the rules of

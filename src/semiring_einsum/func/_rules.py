@@ -778,9 +778,7 @@ class Family:
 _LOG_KERNELS = (LOG_UNSUMMED, EMPTY, LOG_BLAS, LOG_ROWS, LOG_WINDOWS)
 _MAX_KERNELS = (MAX_UNSUMMED, EMPTY, MAX_TROPICAL, MAX_ROWS, MAX_SLICES, MAX_WINDOWS)
 
-REAL_FAMILY = Family(
-    "real", REAL_RULE, (REAL_BLAS, EMPTY, REAL_WINDOWS), Spec, combine=Combine.SUM
-)
+REAL_FAMILY = Family("real", REAL_RULE, (REAL_BLAS, EMPTY, REAL_WINDOWS), Spec, combine=Combine.SUM)
 LOG_FAMILY = Family(
     "log", LOG_RULE, _LOG_KERNELS, LogSpec, assigned=(LOG_SMALL,), combine=Combine.LOG_SUM_EXP
 )
@@ -794,18 +792,31 @@ MIN_FAMILY = Family(
 )  # fmt: skip
 GENERIC_FAMILY = Family("generic", CUSTOM_RULE, (EMPTY, GENERIC_WINDOWS), CustomSpec)
 
-_BUILTIN = (
+_BUILTIN: list[tuple[Semiring, Family]] = [
     (REAL, REAL_FAMILY),
     (LOG, LOG_FAMILY),
     (MAX_PLUS, MAX_FAMILY),
     (MIN_PLUS, MIN_FAMILY),
-)
+]
 
 FAMILIES = (REAL_FAMILY, LOG_FAMILY, MAX_FAMILY, MIN_FAMILY, GENERIC_FAMILY)
 """Every family."""
 
 RULES = tuple(dict.fromkeys(r for f in FAMILIES for r in (f.rule, *f.extra_rules)))
 """Every family's rules, once each."""
+
+
+def add_builtin(semiring: Semiring, family: Family) -> None:
+    """Run ``semiring`` (and every semiring equal to it) on ``family``; see
+    :func:`._autograd.register_family`, which also builds its rules' Functions."""
+    for known, had in _BUILTIN:
+        if known == semiring:
+            if had is family:
+                return
+            raise ValueError(
+                f"the semiring {semiring.name!r} already runs on the {had.name} family"
+            )
+    _BUILTIN.append((semiring, family))
 
 
 def family_of(semiring: Semiring) -> Family:
