@@ -1,7 +1,9 @@
 """Adapters from torch-semiring-einsum 1.2.0's API to the functional core.
 
-Nothing here computes a contraction: every function adapts its arguments and
-calls :mod:`semiring_einsum.func`.  What the reference returns, we return
+Every function adapts its arguments and calls :mod:`semiring_einsum.func`, except
+the reference's callback protocol (``semiring_einsum_forward`` with a user's
+``compute_sum``), whose windows are walked here, since the user's function computes
+each one.  What the reference returns, we return
 (including its flag-dependent tuples); where the reference is wrong or
 unimplemented, we are right instead (see each docstring).
 """

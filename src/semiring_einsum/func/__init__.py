@@ -1,8 +1,11 @@
 """Functional core: pure semiring einsum functions that compose with torch.func.
 
-Every function here is stateless (apart from a bounded plan cache, see
-:func:`clear_caches`), never modifies its inputs, returns fresh tensors, and
-works under ``torch.func`` transforms and ordinary autograd.
+Every contraction function here is pure: its result depends on its arguments
+alone (the package's caches -- parsed equations, plans, call setups, all bounded
+and emptied by :func:`clear_caches` -- only spare recomputation), it never
+modifies its inputs, returns fresh tensors, and works under ``torch.func``
+transforms, ``torch.compile`` and ordinary autograd.  :func:`register_kernel`
+is the one call that changes how later calls run (on the device it names).
 """
 
 from ._api import (
