@@ -31,7 +31,7 @@ CASES = [
 SEMIRINGS = [func.REAL, func.LOG, func.MAX_PLUS, func.MIN_PLUS, func.kbest_semiring(2)]
 
 
-@pytest.mark.parametrize("case, semiring", itertools.product(CASES, SEMIRINGS))
+@pytest.mark.parametrize("case, semiring", list(itertools.product(CASES, SEMIRINGS)))
 def test_every_planned_step_names_a_kernel_of_its_family(case: tuple, semiring: object) -> None:
     equation, shapes, options = case
     if semiring is SEMIRINGS[-1]:
