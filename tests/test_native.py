@@ -929,6 +929,7 @@ def test_no_compiler_found(
     empty = tmp_path / "bin"
     empty.mkdir()
     cache = tmp_path / "cache"
+    monkeypatch.delenv("SEMIRING_EINSUM_REQUIRE_NATIVE", raising=False)  # (CI sets it)
     monkeypatch.delenv("SEMIRING_EINSUM_NATIVE", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
@@ -952,6 +953,7 @@ def test_failing_compiler(
     cc.write_text("#!/bin/sh\nexit 1\n")
     cc.chmod(cc.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     cache = tmp_path / "cache"
+    monkeypatch.delenv("SEMIRING_EINSUM_REQUIRE_NATIVE", raising=False)  # (CI sets it)
     monkeypatch.delenv("SEMIRING_EINSUM_NATIVE", raising=False)
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(cache))
@@ -1204,12 +1206,59 @@ def test_planning_starts_no_compiler(
     assert taken and all(taken)
 
 
+def _failing_cc(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cc = bin_dir / "cc"
+    cc.write_text("#!/bin/sh\nexit 1\n")
+    cc.chmod(cc.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return cc
+
+
+@pytest.mark.skipif(not LINUX, reason="the native kernel is built on Linux only")
+def test_require_native_turns_a_failed_build_into_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None
+) -> None:
+    """``SEMIRING_EINSUM_REQUIRE_NATIVE=1``: the first max-plus step raises, naming why the
+    kernel cannot load (a failing compiler; no compiler at all, found while planning)."""
+    monkeypatch.setenv("SEMIRING_EINSUM_REQUIRE_NATIVE", "1")
+    monkeypatch.delenv("SEMIRING_EINSUM_NATIVE", raising=False)
+    monkeypatch.setenv("CC", str(_failing_cc(tmp_path)))
+    monkeypatch.setenv("SEMIRING_EINSUM_CACHE", str(tmp_path / "cache"))
+    func.clear_caches()
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match=r"REQUIRE_NATIVE=1, but .* cannot load: build or load"):
+        func.max_einsum("ij,jk->ik", a, b)
+    torch.testing.assert_close(  # other semirings are not concerned
+        func.log_einsum("ij,jk->ik", a, b), torch.logsumexp(a[:, :, None] + b, 1)
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PATH", str(empty))
+    func.clear_caches()
+    with pytest.raises(RuntimeError, match="cannot load: no C compiler found"):
+        func.plan("ij,jk->ik", a, b, semiring=func.MAX_PLUS)
+
+
+def test_require_native_leaves_a_deliberate_native_0_alone(
+    monkeypatch: pytest.MonkeyPatch, fresh: None
+) -> None:
+    monkeypatch.setenv("SEMIRING_EINSUM_REQUIRE_NATIVE", "1")
+    monkeypatch.setenv("SEMIRING_EINSUM_NATIVE", "0")
+    func.clear_caches()
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    torch.testing.assert_close(func.max_einsum("ij,jk->ik", a, b), (a[:, :, None] + b).amax(1))
+    assert func.native_status() == "pure torch: disabled by SEMIRING_EINSUM_NATIVE=0"
+
+
 @pytest.mark.skipif(not LINUX, reason="the native kernel is built on Linux only")
 def test_a_planned_native_step_whose_build_fails_runs_the_torch_kernels(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None
 ) -> None:
     """Planned before the first build, which then fails: the forward and the backward of
     the step run the torch kernels, with the oracle's values and gradients."""
+    monkeypatch.delenv("SEMIRING_EINSUM_REQUIRE_NATIVE", raising=False)  # (CI sets it)
     a, b, _, g = _planned(monkeypatch, tmp_path, None, F64)
     eq = EQ
     _check_against_oracle(eq, [a, b])

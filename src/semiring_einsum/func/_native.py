@@ -289,6 +289,7 @@ def library() -> _Library | None:
     reason, cc = _unavailable()
     if cc is None:
         _STATUS["reason"] = reason
+        _require(reason)
         return None
     try:
         key = hashlib.sha256(
@@ -311,16 +312,31 @@ def library() -> _Library | None:
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         _STATUS["reason"] = f"build or load failed: {detail.strip()[:500]}"
+        _require(_STATUS["reason"])
         return None
     _STATUS["reason"] = f"loaded {target}"
     return lib
+
+
+_DISABLED = "disabled by SEMIRING_EINSUM_NATIVE=0"
+
+
+def _require(reason: str) -> None:
+    """Under ``SEMIRING_EINSUM_REQUIRE_NATIVE=1``, a library that cannot load is an error
+    (CI sets it wherever there is a C compiler, so a lost kernel fails the run);
+    ``SEMIRING_EINSUM_NATIVE=0`` still turns the kernel off on purpose."""
+    if reason != _DISABLED and os.environ.get("SEMIRING_EINSUM_REQUIRE_NATIVE") == "1":
+        raise RuntimeError(
+            "SEMIRING_EINSUM_REQUIRE_NATIVE=1, but the native max-plus kernel cannot "
+            f"load: {reason}"
+        )
 
 
 def _unavailable() -> tuple[str, list[str] | None]:
     """Why the library cannot be built here, or ``("", the compiler's command)`` where it
     can be tried (checked without running anything)."""
     if os.environ.get("SEMIRING_EINSUM_NATIVE", "1") == "0":
-        return "disabled by SEMIRING_EINSUM_NATIVE=0", None
+        return _DISABLED, None
     if not sys.platform.startswith("linux"):
         return f"not built on {sys.platform} (Linux only)", None
     cc = _compiler()
@@ -338,7 +354,10 @@ def expected() -> bool:
     first build then fails, the steps planned on it run the torch kernels."""
     if library.cache_info().currsize:
         return library() is not None
-    return _unavailable()[1] is not None
+    reason, cc = _unavailable()
+    if cc is None:
+        _require(reason)
+    return cc is not None
 
 
 def _load(target: Path) -> _Library:
