@@ -194,20 +194,25 @@ def run_vjp(
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> Sequence[Tensor | None]:
-    """A rule's vjp; an empty step's outputs depend on no operand: zero gradients."""
+    """A rule's vjp (the step's kernel's own, where it has one); an empty step's outputs
+    depend on no operand: zero gradients."""
     if is_empty(spec):
         return [torch.zeros_like(x) if need else None for x, need in zip(xs, needs)]
-    return rule.vjp(spec, xs, outs, gs, needs)
+    own = spec.step.kernel.vjp if isinstance(spec, Spec) else None
+    return (own or rule.vjp)(spec, xs, outs, gs, needs)
 
 
 def run_jvp(
     rule: Rule, spec: Any, xs: Sequence[Tensor], outs: Sequence[Tensor], ts: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
-    """A rule's jvp; an empty step's outputs depend on no operand: a zero tangent."""
+    """A rule's jvp (the step's kernel's own, where it has one); an empty step's outputs
+    depend on no operand: a zero tangent."""
     if is_empty(spec):
         return (torch.zeros_like(outs[0]),) + (None,) * (len(outs) - 1)
-    assert rule.jvp is not None
-    return rule.jvp(spec, xs, outs, ts)
+    own = spec.step.kernel.jvp if isinstance(spec, Spec) else None
+    jvp = own or rule.jvp
+    assert jvp is not None
+    return jvp(spec, xs, outs, ts)
 
 
 def _rule_ctx(*tensors: Tensor | None) -> Context:
@@ -443,9 +448,7 @@ def _max_vjp(
     gs: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> Sequence[Tensor | None]:
-    vjp = spec.step.kernel.vjp
-    if vjp is not None:
-        return vjp(spec, xs, outs, gs, needs)
+    # (A kernel with its own vjp -- the native one -- runs it instead: see run_vjp.)
     return K.argmax_pullback(spec.step, xs, outs[1], gs[0], needs)
 
 
