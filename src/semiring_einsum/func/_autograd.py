@@ -16,6 +16,7 @@ Following the findings recorded for torch 2.13 (``shared/notes/torch-func.md``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -107,24 +108,28 @@ def _build(rule: Rule, n: int, with_jvp: bool) -> type[torch.autograd.Function]:
     return type(f"{rule.name}{n}{suffix}", (torch.autograd.Function,), attrs)
 
 
-_FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {
-    (rule, n, with_jvp): _build(rule, n, with_jvp)
-    for rule in RULES
-    for n in range(1, PREBUILT_ARITY + 1)
-    for with_jvp in (False, True)
-}
+_FUNCTIONS: dict[tuple[Rule, int, bool], type[torch.autograd.Function]] = {}
 
 
-def register_family(semiring: Semiring, family: Family) -> None:
-    """Run ``semiring`` on ``family`` (its kernels, rule and combine), as the built-in
-    semirings run on theirs, and build the Functions of the family's rules now (as for the
-    built-in families at import: ``torch.compile`` needs them made before it traces)."""
-    add_builtin(semiring, family)
-    for rule in (family.rule, *family.extra_rules):
+def _prebuild(rules: Sequence[Rule]) -> None:
+    """Build the Functions of ``rules`` for up to ``PREBUILT_ARITY`` operands, with and
+    without jvp (``torch.compile`` needs them made before it traces)."""
+    for rule in rules:
         for n in range(1, PREBUILT_ARITY + 1):
             for with_jvp in (False, True):
                 if (rule, n, with_jvp) not in _FUNCTIONS:
                     _FUNCTIONS[(rule, n, with_jvp)] = _build(rule, n, with_jvp)
+
+
+_prebuild(RULES)
+
+
+def register_family(semiring: Semiring, family: Family) -> None:
+    """Run ``semiring`` on ``family`` (its kernels, rule and combine), as the built-in
+    semirings run on theirs, and build the Functions of the family's rules now, as the
+    built-in families' are at import."""
+    add_builtin(semiring, family)
+    _prebuild((family.rule, *family.extra_rules))
 
 
 # Functions made on demand (steps of more than PREBUILT_ARITY operands, the rules of

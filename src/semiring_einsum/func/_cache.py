@@ -100,8 +100,3 @@ def clear() -> None:
     """Empty every registered cache."""
     for clear_one in _CLEARS:
         clear_one()
-
-
-def registered() -> int:
-    """How many caches are registered (for tests)."""
-    return len(_CLEARS)
