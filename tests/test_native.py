@@ -944,14 +944,20 @@ def test_no_compiler_found(
     assert not any(taken)
 
 
-def test_failing_compiler(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
-) -> None:
+def _failing_cc(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     cc = bin_dir / "cc"
     cc.write_text("#!/bin/sh\nexit 1\n")
     cc.chmod(cc.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return cc
+
+
+def test_failing_compiler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh: None, taken: list[bool]
+) -> None:
+    cc = _failing_cc(tmp_path)
+    bin_dir = cc.parent
     cache = tmp_path / "cache"
     monkeypatch.delenv("SEMIRING_EINSUM_REQUIRE_NATIVE", raising=False)  # (CI sets it)
     monkeypatch.delenv("SEMIRING_EINSUM_NATIVE", raising=False)
@@ -1204,15 +1210,6 @@ def test_planning_starts_no_compiler(
     _check_against_oracle(EQ, [a, b])
     assert any("-shared" in line for line in log.read_text().splitlines())
     assert taken and all(taken)
-
-
-def _failing_cc(tmp_path: Path) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    cc = bin_dir / "cc"
-    cc.write_text("#!/bin/sh\nexit 1\n")
-    cc.chmod(cc.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return cc
 
 
 @pytest.mark.skipif(not LINUX, reason="the native kernel is built on Linux only")
