@@ -342,9 +342,10 @@ def plan_call(
         raise TypeError(
             f"semiring must be a Semiring, got {type(semiring).__name__} (equation {equation!r})"
         )
-    family = family_of(semiring)
     if viterbi:
-        selecting_family(semiring, "plan(viterbi=True)", equation)
+        family = selecting_family(semiring, "plan(viterbi=True)", equation)
+    else:
+        family = family_of(semiring)
     policy = neg_inf_policy(grad_of_neg_inf, equation)
     if policy != "nan" and family is not LOG_FAMILY:
         raise ValueError(
